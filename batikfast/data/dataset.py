@@ -1,0 +1,286 @@
+"""Image datasets read from a folder or a zip archive, as NVIDIA's StyleGAN2-ADA loader reads them.
+
+Items are ``(image, label)``: ``image`` a ``uint8`` array ``[C, H, W]`` and ``label`` a
+``float32`` vector of length ``label_dim`` (empty without labels). Labels come from an optional
+``dataset.json`` at the root (``{"labels": [["relative/path.png", 3], ...]}``, as NVIDIA's
+``dataset_tool.py`` writes): integers become one-hot vectors, lists stay as given.
+
+Bad files never crash deep inside a loader worker without a name:
+
+* files that are not images (junk in a zip, unreadable headers) are skipped at scan time with a
+  warning naming them;
+* images whose pixels turn out to be truncated or corrupt are skipped when first read, with a
+  warning naming them, and the next good image is returned in their place;
+* grayscale, palette and RGBA images are converted (alpha composited over white);
+* images of another size are centre-cropped and resized, or rejected with an error naming the
+  file when ``resize=False``; images smaller than ``min_size`` are skipped with a warning;
+* an empty folder or archive, or a file that is not a zip archive, is a ``ValueError``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used; the message names the file and what is wrong."""
+
+
+class Dataset:
+    """Common interface of the image datasets: length, ``(image, label)`` items, x-flips."""
+
+    name = "dataset"
+    resolution: int
+    num_channels: int
+    label_dim: int = 0
+
+    def __init__(self, raw_size: int, xflip: bool = False):
+        self._raw_size = int(raw_size)
+        self.xflip = bool(xflip)
+
+    def __len__(self) -> int:
+        return self._raw_size * (2 if self.xflip else 1)
+
+    @property
+    def image_shape(self) -> list[int]:
+        return [self.num_channels, self.resolution, self.resolution]
+
+    @property
+    def has_labels(self) -> bool:
+        return self.label_dim > 0
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        raw_index = index % self._raw_size
+        image, label = self._load_item(raw_index)
+        if self.xflip and index >= self._raw_size:
+            image = image[:, :, ::-1]
+        return np.ascontiguousarray(image), label
+
+    def _load_item(self, raw_index: int):
+        raise NotImplementedError
+
+
+def _to_rgb(img: Image.Image, channels: int) -> Image.Image:
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        ground = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(ground, rgba)
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def _centre_crop_resize(img: Image.Image, resolution: int) -> Image.Image:
+    w, h = img.size
+    if w != h:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    if img.size != (resolution, resolution):
+        img = img.resize((resolution, resolution), Image.LANCZOS)
+    return img
+
+
+class ImageFolderDataset(Dataset):
+    """Images from a folder (searched recursively) or a ``.zip`` archive.
+
+    Args:
+        path: folder or zip archive.
+        resolution: output size (square); None takes the size of the first image, which must
+            then be square.
+        use_labels: read labels from ``dataset.json`` (an error when it is missing).
+        xflip: double the dataset with mirrored copies.
+        max_size: use at most this many images (the first ones in sorted order).
+        channels: 3 (RGB) or 1 (grayscale).
+        resize: centre-crop and resize images of another size; False rejects them.
+        min_size: images whose shorter side is smaller are skipped with a warning.
+        verify: decode every image at construction (slow) so that truncated files are found
+            before training rather than when first read.
+    """
+
+    def __init__(self, path, resolution: int | None = None, use_labels: bool = False,
+                 xflip: bool = False, max_size: int | None = None, channels: int = 3,
+                 resize: bool = True, min_size: int = 8, verify: bool = False):
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        if resolution is not None and (int(resolution) != resolution or resolution < 1):
+            raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+        self.path = str(path)
+        self.num_channels = channels
+        self.resize = resize
+        self.min_size = int(min_size)
+        self._zipfile = None
+        self._type = self._detect_type(self.path)
+        self.name = Path(self.path).stem
+        names = sorted(n for n in self._all_names() if n.lower().endswith(IMAGE_EXTENSIONS))
+        if not names:
+            raise DatasetError(
+                f"no images found in {self.path!r} (looked for files ending in "
+                f"{', '.join(IMAGE_EXTENSIONS)})")
+        names, sizes = self._scan(names, resolution, verify)
+        if not names:
+            raise DatasetError(f"no readable images in {self.path!r}: every file was skipped "
+                               "(see the warnings above)")
+        if resolution is None:
+            w, h = sizes[0]
+            if w != h:
+                raise DatasetError(
+                    f"{self._describe(names[0])} is {w}x{h}, not square: pass resolution= "
+                    "(--resolution) to centre-crop and resize every image")
+            resolution = w
+        self.resolution = int(resolution)
+        if not resize:
+            for name, (w, h) in zip(names, sizes):
+                if (w, h) != (self.resolution, self.resolution):
+                    raise DatasetError(
+                        f"{self._describe(name)} is {w}x{h} but the dataset is "
+                        f"{self.resolution}x{self.resolution}; resize it or allow resizing")
+        if max_size is not None:
+            names = names[:max_size]
+        self._names = names
+        self._bad: set[int] = set()
+        self._labels = self._read_labels(names) if use_labels else None
+        self.label_dim = 0 if self._labels is None else self._labels.shape[1]
+        super().__init__(len(names), xflip)
+
+    # ---- file access (folder or zip) -------------------------------------------------------
+    @staticmethod
+    def _detect_type(path: str) -> str:
+        if os.path.isdir(path):
+            return "dir"
+        if not os.path.exists(path):
+            raise DatasetError(f"dataset path {path!r} does not exist")
+        if not zipfile.is_zipfile(path):
+            raise DatasetError(f"dataset path {path!r} is neither a folder nor a zip archive")
+        return "zip"
+
+    def _get_zipfile(self) -> zipfile.ZipFile:
+        if self._zipfile is None:
+            self._zipfile = zipfile.ZipFile(self.path)
+        return self._zipfile
+
+    def _all_names(self) -> list[str]:
+        if self._type == "dir":
+            root = Path(self.path)
+            return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+        try:
+            return [n for n in self._get_zipfile().namelist() if not n.endswith("/")]
+        except zipfile.BadZipFile as error:
+            raise DatasetError(f"{self.path!r} is a damaged zip archive: {error}") from error
+
+    def _read_bytes(self, name: str) -> bytes:
+        if self._type == "dir":
+            return (Path(self.path) / name).read_bytes()
+        return self._get_zipfile().read(name)
+
+    def _describe(self, name: str) -> str:
+        return f"image {name!r} in {self.path!r}"
+
+    def __getstate__(self):
+        # Zip handles cannot cross into DataLoader worker processes; each worker reopens.
+        return dict(self.__dict__, _zipfile=None)
+
+    def close(self) -> None:
+        if self._zipfile is not None:
+            self._zipfile.close()
+            self._zipfile = None
+
+    # ---- scanning ---------------------------------------------------------------------------
+    def _scan(self, names, resolution, verify):
+        kept, sizes = [], []
+        for name in names:
+            try:
+                with Image.open(io.BytesIO(self._read_bytes(name))) as img:
+                    size = img.size
+                    if verify:
+                        img.load()
+            except Exception as error:  # PIL raises many types for junk
+                warnings.warn(f"skipping {self._describe(name)}: cannot read it ({error})",
+                              RuntimeWarning, stacklevel=3)
+                continue
+            if min(size) < self.min_size:
+                warnings.warn(f"skipping {self._describe(name)}: {size[0]}x{size[1]} is smaller "
+                              f"than the minimum of {self.min_size} pixels", RuntimeWarning,
+                              stacklevel=3)
+                continue
+            kept.append(name)
+            sizes.append(size)
+        return kept, sizes
+
+    def _read_labels(self, names):
+        try:
+            meta = json.loads(self._read_bytes("dataset.json"))
+        except (FileNotFoundError, KeyError) as error:
+            raise DatasetError(f"use_labels=True but {self.path!r} has no dataset.json") from error
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"dataset.json in {self.path!r} is not valid JSON: {error}") from error
+        table = meta.get("labels")
+        if table is None:
+            raise DatasetError(f"dataset.json in {self.path!r} has no 'labels' entry")
+        table = {str(k).replace("\\", "/"): v for k, v in table}
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise DatasetError(f"dataset.json in {self.path!r} has no label for {missing[0]!r}"
+                               f" ({len(missing)} images without labels)")
+        raw = [table[n] for n in names]
+        if all(isinstance(v, int) for v in raw):
+            ints = np.asarray(raw, dtype=np.int64)
+            if ints.min() < 0:
+                raise DatasetError(f"dataset.json in {self.path!r} has a negative class label")
+            onehot = np.zeros((len(raw), int(ints.max()) + 1), dtype=np.float32)
+            onehot[np.arange(len(raw)), ints] = 1
+            return onehot
+        return np.asarray(raw, dtype=np.float32).reshape(len(raw), -1)
+
+    # ---- items ------------------------------------------------------------------------------
+    def _decode(self, raw_index: int) -> np.ndarray:
+        name = self._names[raw_index]
+        with Image.open(io.BytesIO(self._read_bytes(name))) as img:
+            img.load()
+            img = _to_rgb(img, self.num_channels)
+        if img.size != (self.resolution, self.resolution):
+            if not self.resize:
+                raise DatasetError(f"{self._describe(name)} is {img.size[0]}x{img.size[1]}, "
+                                   f"not {self.resolution}x{self.resolution}")
+            img = _centre_crop_resize(img, self.resolution)
+        array = np.asarray(img, dtype=np.uint8)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        return array.transpose(2, 0, 1)
+
+    def _load_item(self, raw_index: int):
+        # A truncated file is replaced by the next readable one so that a long run survives it.
+        for attempt in range(len(self._names)):
+            index = (raw_index + attempt) % len(self._names)
+            if index in self._bad:
+                continue
+            try:
+                image = self._decode(index)
+            except DatasetError:
+                raise
+            except Exception as error:
+                self._bad.add(index)
+                warnings.warn(f"skipping {self._describe(self._names[index])}: cannot decode it "
+                              f"({error}); using the next image instead", RuntimeWarning,
+                              stacklevel=3)
+                continue
+            return image, self.get_label(index)
+        raise DatasetError(f"no image in {self.path!r} could be decoded")
+
+    def get_label(self, raw_index: int) -> np.ndarray:
+        if self._labels is None:
+            return np.zeros([0], dtype=np.float32)
+        return self._labels[raw_index].copy()
+
+    @property
+    def filenames(self) -> list[str]:
+        return list(self._names)

@@ -1,0 +1,208 @@
+"""Up-sample, FIR-filter, down-sample a batch of 2-D images (NCHW).
+
+``upfirdn2d`` inserts ``up - 1`` zeros after every sample, pads (negative padding crops),
+convolves each channel with the filter ``f`` (a true convolution unless ``flip_filter``) and
+keeps every ``down``-th sample, per axis. Output size per axis:
+``(in * up + pad0 + pad1 - taps + down) // down``. The helpers ``setup_filter``, ``filter2d``,
+``upsample2d`` and ``downsample2d`` mean what they mean in NVIDIA's ``torch_utils.ops``.
+
+The fast implementations run as the custom op ``batikfast::upfirdn2d`` on a 2-D filter;
+a separable (1-D) filter runs as two passes. Its backward is again an upfirdn2d (up and down
+swapped, the filter flipped), so gradients of every order exist on every backend. No gradient
+flows into the filter on the fast paths (filters are constants in StyleGAN).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from batikfast import backends
+from batikfast.ops._validate import (check_same_device, check_tensor, parse_padding,
+                                     parse_scaling)
+
+
+def setup_filter(f, device=torch.device("cpu"), normalize=True, flip_filter=False, gain=1,
+                 separable=None) -> torch.Tensor:
+    """Turn a list / array / tensor of taps into a float32 filter tensor for upfirdn2d.
+
+    A 1-D filter stays 1-D (separable) when ``separable`` is None and it has at most 8 taps,
+    or when ``separable`` is True; otherwise it becomes the 2-D outer product. ``normalize``
+    makes the taps sum to 1 and ``gain`` scales them by ``gain ** (ndim / 2)``.
+    """
+    if f is None:
+        f = 1
+    f = torch.as_tensor(f, dtype=torch.float32)
+    if f.ndim not in (0, 1, 2):
+        raise ValueError(f"f must have rank 0, 1 or 2, got shape {tuple(f.shape)}")
+    if f.numel() == 0:
+        raise ValueError("f must have at least one tap")
+    if f.ndim == 0:
+        f = f[None]
+    if separable is None:
+        separable = f.ndim == 1 and f.numel() >= 8
+    if f.ndim == 1 and not separable:
+        f = f.ger(f)
+    if f.ndim != (1 if separable else 2):
+        raise ValueError(f"separable={separable} does not fit a filter of shape {tuple(f.shape)}")
+    if normalize:
+        f = f / f.sum()
+    if flip_filter:
+        f = f.flip(list(range(f.ndim)))
+    f = f * (gain ** (f.ndim / 2))
+    return f.to(device=device)
+
+
+def upfirdn2d(x: torch.Tensor, f: torch.Tensor | None, up=1, down=1, padding=0,
+              flip_filter: bool = False, gain: float = 1, impl: str | None = None) -> torch.Tensor:
+    """Pad, up-sample, filter and down-sample ``x`` [N, C, H, W].
+
+    Args:
+        x: float tensor [N, C, H, W].
+        f: float32 filter [fh, fw] (2-D) or [taps] (separable), or None for identity.
+        up: int or [x, y] up-sampling factors (>= 1).
+        down: int or [x, y] down-sampling factors (>= 1).
+        padding: int, [x, y] or [x0, x1, y0, y1], applied after up-sampling; negative crops.
+        flip_filter: correlate instead of convolve.
+        gain: overall scale; the filter is multiplied by ``gain ** (f.ndim / 2)``.
+        impl: ``"ref"``, ``"triton"``, ``"cuda"`` or None for automatic choice.
+
+    Returns:
+        [N, C, out_h, out_w] in ``x.dtype``.
+    """
+    check_tensor("x", x, ndim=4)
+    f = _checked_filter(f, x)
+    upx, upy = parse_scaling("up", up)
+    downx, downy = parse_scaling("down", down)
+    padx0, padx1, pady0, pady1 = parse_padding(padding)
+    _check_output_size(x, f, upx, upy, padx0, padx1, pady0, pady1)
+    chosen = backends.resolve("upfirdn2d", x, impl)
+    if chosen == "ref":
+        return upfirdn2d_reference(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1,
+                                   flip_filter, float(gain))
+    if f.ndim == 2:
+        return torch.ops.batikfast.upfirdn2d(x, f, upx, upy, downx, downy, padx0, padx1,
+                                             pady0, pady1, flip_filter, float(gain), chosen)
+    root_gain = float(gain) ** 0.5
+    x = torch.ops.batikfast.upfirdn2d(x, f[None, :], upx, 1, downx, 1, padx0, padx1, 0, 0,
+                                      flip_filter, root_gain, chosen)
+    return torch.ops.batikfast.upfirdn2d(x, f[:, None], 1, upy, 1, downy, 0, 0, pady0, pady1,
+                                         flip_filter, root_gain, chosen)
+
+
+def _checked_filter(f, x: torch.Tensor) -> torch.Tensor:
+    if f is None:
+        return torch.ones([1, 1], dtype=torch.float32, device=x.device)
+    check_tensor("f", f, ndim=(1, 2))
+    if f.dtype != torch.float32:
+        raise TypeError(f"f must be float32 (see setup_filter), got {f.dtype}")
+    if f.numel() == 0:
+        raise ValueError(f"f must have at least one tap, got shape {tuple(f.shape)}")
+    check_same_device(x=x, f=f)
+    return f
+
+
+def _filter_size(f: torch.Tensor) -> tuple[int, int]:
+    """(width, height) in taps."""
+    return (f.shape[-1], f.shape[0]) if f.ndim == 2 else (f.shape[0], f.shape[0])
+
+
+def _check_output_size(x, f, upx, upy, padx0, padx1, pady0, pady1) -> None:
+    fw, fh = _filter_size(f)
+    width = x.shape[3] * upx + padx0 + padx1
+    height = x.shape[2] * upy + pady0 + pady1
+    if width < fw or height < fh:
+        raise ValueError(
+            f"padding {[padx0, padx1, pady0, pady1]} leaves a {width}x{height} image after "
+            f"up-sampling, smaller than the {fw}x{fh} filter: the output would be empty")
+
+
+def upfirdn2d_reference(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1,
+                        flip_filter, gain):
+    """Plain PyTorch: zero insertion, pad/crop, depthwise conv2d, strided slicing."""
+    batch, channels, height, width = x.shape
+    x = x.reshape(batch, channels, height, 1, width, 1)
+    x = F.pad(x, [0, upx - 1, 0, 0, 0, upy - 1])
+    x = x.reshape(batch, channels, height * upy, width * upx)
+    x = F.pad(x, [max(padx0, 0), max(padx1, 0), max(pady0, 0), max(pady1, 0)])
+    x = x[:, :, max(-pady0, 0): x.shape[2] - max(-pady1, 0),
+          max(-padx0, 0): x.shape[3] - max(-padx1, 0)]
+    f = (f * gain ** (f.ndim / 2)).to(x.dtype)
+    if not flip_filter:
+        f = f.flip(list(range(f.ndim)))
+    if f.ndim == 2:
+        x = F.conv2d(x, f[None, None].expand(channels, 1, *f.shape), groups=channels)
+    else:
+        x = F.conv2d(x, f[None, None, None, :].expand(channels, 1, 1, -1), groups=channels)
+        x = F.conv2d(x, f[None, None, :, None].expand(channels, 1, -1, 1), groups=channels)
+    return x[:, :, ::downy, ::downx]
+
+
+def filter2d(x, f, padding=0, flip_filter=False, gain=1, impl=None):
+    """Filter ``x`` with ``f``, padded so the output keeps the input size (plus ``padding``)."""
+    padx0, padx1, pady0, pady1 = parse_padding(padding)
+    fw, fh = _filter_size(_checked_filter(f, x))
+    pad = [padx0 + fw // 2, padx1 + (fw - 1) // 2, pady0 + fh // 2, pady1 + (fh - 1) // 2]
+    return upfirdn2d(x, f, padding=pad, flip_filter=flip_filter, gain=gain, impl=impl)
+
+
+def upsample2d(x, f, up=2, padding=0, flip_filter=False, gain=1, impl=None):
+    """Up-sample by ``up`` with filter ``f``; output is ``in * up`` (plus ``padding``)."""
+    upx, upy = parse_scaling("up", up)
+    padx0, padx1, pady0, pady1 = parse_padding(padding)
+    fw, fh = _filter_size(_checked_filter(f, x))
+    pad = [padx0 + (fw + upx - 1) // 2, padx1 + (fw - upx) // 2,
+           pady0 + (fh + upy - 1) // 2, pady1 + (fh - upy) // 2]
+    return upfirdn2d(x, f, up=(upx, upy), padding=pad, flip_filter=flip_filter,
+                     gain=gain * upx * upy, impl=impl)
+
+
+def downsample2d(x, f, down=2, padding=0, flip_filter=False, gain=1, impl=None):
+    """Down-sample by ``down`` with filter ``f``; output is ``in // down`` (plus ``padding``)."""
+    downx, downy = parse_scaling("down", down)
+    padx0, padx1, pady0, pady1 = parse_padding(padding)
+    fw, fh = _filter_size(_checked_filter(f, x))
+    pad = [padx0 + (fw - downx + 1) // 2, padx1 + (fw - downx) // 2,
+           pady0 + (fh - downy + 1) // 2, pady1 + (fh - downy) // 2]
+    return upfirdn2d(x, f, down=(downx, downy), padding=pad, flip_filter=flip_filter,
+                     gain=gain, impl=impl)
+
+
+@torch.library.custom_op("batikfast::upfirdn2d", mutates_args=())
+def _upfirdn2d_op(x: torch.Tensor, f: torch.Tensor, upx: int, upy: int, downx: int, downy: int,
+                  padx0: int, padx1: int, pady0: int, pady1: int, flip_filter: bool, gain: float,
+                  impl: str) -> torch.Tensor:
+    return backends.kernels("upfirdn2d", impl).upfirdn2d(
+        x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain)
+
+
+@_upfirdn2d_op.register_fake
+def _(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain, impl):
+    fh, fw = f.shape
+    out_h = (x.shape[2] * upy + pady0 + pady1 - fh + downy) // downy
+    out_w = (x.shape[3] * upx + padx0 + padx1 - fw + downx) // downx
+    return x.new_empty([x.shape[0], x.shape[1], out_h, out_w])
+
+
+def _upfirdn2d_setup(ctx, inputs, output):
+    x, f, *ctx.params = inputs
+    ctx.in_size = x.shape[2:]
+    ctx.out_size = output.shape[2:]
+    ctx.save_for_backward(f)
+
+
+def _upfirdn2d_backward(ctx, dy):
+    (f,) = ctx.saved_tensors
+    upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain, impl = ctx.params
+    in_h, in_w = ctx.in_size
+    out_h, out_w = ctx.out_size
+    fh, fw = f.shape
+    # The adjoint of (zero-insert, pad, filter, subsample) is (zero-insert by down, pad,
+    # correlate, subsample by up), with the padding that lines the grids up again.
+    grad_padding = (fw - padx0 - 1, in_w * upx - out_w * downx + padx0 - upx + 1,
+                    fh - pady0 - 1, in_h * upy - out_h * downy + pady0 - upy + 1)
+    dx = torch.ops.batikfast.upfirdn2d(dy, f, downx, downy, upx, upy, *grad_padding,
+                                       not flip_filter, gain, impl)
+    return dx, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+_upfirdn2d_op.register_autograd(_upfirdn2d_backward, setup_context=_upfirdn2d_setup)

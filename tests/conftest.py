@@ -1,0 +1,24 @@
+"""Test setup: without a GPU, Triton kernels run in the interpreter on the CPU.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here, at the top
+of the first module pytest loads.
+"""
+import os
+
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_report_header(config):
+    where = torch.cuda.get_device_name() if HAS_GPU else "CPU only (Triton interpreted)"
+    return f"batikfast tests on: {where}; torch {torch.__version__}"
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if HAS_GPU else "cpu")
