@@ -1,0 +1,263 @@
+"""Datasets: folders, zips, labels, x-flips, bad files, the procedural batik set, the sampler."""
+import io
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from batikfast.data import (MOTIFS, BuiltinBatikDataset, DatasetError, ImageFolderDataset,
+                            InfiniteSampler, make_loader, open_dataset)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _png(path, size=(16, 16), mode="RGB", colour=None, seed=0):
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    array = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    if colour is not None:
+        array[:] = colour
+    img = Image.fromarray(array[:, :, 0] if mode == "L" else array, mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return array
+
+
+def test_folder_dataset_gives_uint8_chw_images_sorted_by_name(tmp_path):
+    a = _png(tmp_path / "b.png", seed=1)
+    b = _png(tmp_path / "sub" / "a.png", seed=2)
+    ds = ImageFolderDataset(tmp_path)
+    assert len(ds) == 2 and ds.resolution == 16 and ds.image_shape == [3, 16, 16]
+    image, label = ds[0]  # "b.png" sorts before "sub/a.png"
+    assert image.dtype == np.uint8 and image.shape == (3, 16, 16) and label.shape == (0,)
+    np.testing.assert_array_equal(image, a.transpose(2, 0, 1))
+    np.testing.assert_array_equal(ds[1][0], b.transpose(2, 0, 1))
+
+
+def test_xflip_doubles_the_dataset_with_mirrored_copies(tmp_path):
+    a = _png(tmp_path / "a.png")
+    ds = ImageFolderDataset(tmp_path, xflip=True)
+    assert len(ds) == 2
+    np.testing.assert_array_equal(ds[1][0], a.transpose(2, 0, 1)[:, :, ::-1])
+
+
+def test_zip_dataset_reads_labels_from_dataset_json(tmp_path):
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for i, cls in enumerate([2, 0, 1]):
+            buffer = io.BytesIO()
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(buffer, "png")
+            z.writestr(f"00000/img{i:08d}.png", buffer.getvalue())
+        z.writestr("dataset.json", json.dumps(
+            {"labels": [[f"00000/img{i:08d}.png", c] for i, c in enumerate([2, 0, 1])]}))
+    ds = ImageFolderDataset(archive, use_labels=True)
+    assert ds.label_dim == 3 and len(ds) == 3
+    np.testing.assert_array_equal(ds[0][1], [0, 0, 1])
+    np.testing.assert_array_equal(ds[1][1], [1, 0, 0])
+    assert ds[2][0][0, 0, 0] == 80
+
+
+def test_grayscale_and_rgba_images_are_converted_to_rgb(tmp_path):
+    _png(tmp_path / "gray.png", mode="L", colour=100)
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = 0  # fully transparent: composited over white
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    ds = ImageFolderDataset(tmp_path)
+    gray, transparent = ds[0][0], ds[1][0]
+    assert gray.shape == (3, 16, 16) and (gray == 100).all()
+    assert (transparent == 255).all()
+
+
+def test_images_of_another_size_are_centre_cropped_and_resized(tmp_path):
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, 10:30] = 255  # the centre square is white, the sides black
+    Image.fromarray(img).save(tmp_path / "wide.png")
+    ds = ImageFolderDataset(tmp_path, resolution=8)
+    assert ds[0][0].shape == (3, 8, 8) and ds[0][0].min() > 240
+
+
+def test_wrong_size_is_rejected_naming_the_file_when_resizing_is_off(tmp_path):
+    _png(tmp_path / "a.png", size=(16, 16))
+    _png(tmp_path / "odd_one.png", size=(12, 12))
+    with pytest.raises(DatasetError, match="odd_one.png"):
+        ImageFolderDataset(tmp_path, resolution=16, resize=False)
+
+
+def test_non_square_images_need_a_resolution(tmp_path):
+    _png(tmp_path / "wide.png", size=(16, 12))
+    with pytest.raises(DatasetError, match="wide.png.*resolution"):
+        ImageFolderDataset(tmp_path)
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match="no images found"):
+        ImageFolderDataset(tmp_path)
+
+
+def test_missing_path_and_non_zip_file_are_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        ImageFolderDataset(tmp_path / "nope")
+    junk = tmp_path / "junk.zip"
+    junk.write_bytes(b"this is not a zip archive at all")
+    with pytest.raises(DatasetError, match="junk.zip.*neither a folder nor a zip"):
+        ImageFolderDataset(junk)
+
+
+def test_junk_entries_in_a_zip_are_skipped_with_a_warning_naming_them(tmp_path):
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, "png")
+        z.writestr("good.png", buffer.getvalue())
+        z.writestr("junk.png", b"\x89PNG but really garbage")
+    with pytest.warns(RuntimeWarning, match="junk.png"):
+        ds = ImageFolderDataset(archive)
+    assert len(ds) == 1
+
+
+def test_zip_of_only_junk_is_a_clear_error(tmp_path):
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("junk.jpg", b"garbage")
+    with pytest.warns(RuntimeWarning, match="junk.jpg"), \
+            pytest.raises(DatasetError, match="no readable images"):
+        ImageFolderDataset(archive)
+
+
+def test_truncated_image_is_skipped_when_read_with_a_warning_naming_it(tmp_path):
+    first = _png(tmp_path / "a.png", size=(32, 32), seed=3)
+    _png(tmp_path / "b_truncated.png", size=(32, 32), seed=4)
+    data = (tmp_path / "b_truncated.png").read_bytes()
+    (tmp_path / "b_truncated.png").write_bytes(data[: len(data) // 2])
+    _png(tmp_path / "c.png", size=(32, 32), seed=5)
+    ds = ImageFolderDataset(tmp_path)  # the header is intact: found only when decoded
+    with pytest.warns(RuntimeWarning, match="b_truncated.png"):
+        image, _ = ds[1]
+    assert image.shape == (3, 32, 32)
+    np.testing.assert_array_equal(ds[0][0], first.transpose(2, 0, 1))
+
+
+def test_verify_finds_truncated_images_up_front(tmp_path):
+    _png(tmp_path / "a.png", size=(32, 32))
+    _png(tmp_path / "bad.png", size=(32, 32), seed=1)
+    data = (tmp_path / "bad.png").read_bytes()
+    (tmp_path / "bad.png").write_bytes(data[: len(data) // 2])
+    with pytest.warns(RuntimeWarning, match="bad.png"):
+        ds = ImageFolderDataset(tmp_path, verify=True)
+    assert ds.filenames == ["a.png"]
+
+
+def test_tiny_images_are_skipped_with_a_warning(tmp_path):
+    _png(tmp_path / "a.png", size=(16, 16))
+    _png(tmp_path / "tiny.png", size=(3, 3))
+    with pytest.warns(RuntimeWarning, match="tiny.png.*smaller"):
+        ds = ImageFolderDataset(tmp_path)
+    assert len(ds) == 1
+
+
+def test_missing_labels_are_a_clear_error(tmp_path):
+    _png(tmp_path / "a.png")
+    with pytest.raises(DatasetError, match="no dataset.json"):
+        ImageFolderDataset(tmp_path, use_labels=True)
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": [["other.png", 0]]}))
+    with pytest.raises(DatasetError, match="no label for 'a.png'"):
+        ImageFolderDataset(tmp_path, use_labels=True)
+
+
+def test_builtin_batik_is_deterministic_per_index_and_varied():
+    ds = BuiltinBatikDataset(resolution=32, size=100, seed=7, use_labels=True)
+    a, label = ds[5]
+    b, _ = BuiltinBatikDataset(resolution=32, size=100, seed=7, use_labels=True)[5]
+    assert a.dtype == np.uint8 and a.shape == (3, 32, 32)
+    np.testing.assert_array_equal(a, b)
+    assert label.shape == (len(MOTIFS),) and label.sum() == 1
+    images = np.stack([ds[i][0] for i in range(8)]).astype(np.float32)
+    assert images.std(axis=(1, 2, 3)).min() > 5  # each image has structure
+    assert np.abs(images[0] - images[4]).mean() > 5  # same motif, different draw
+    assert not np.array_equal(ds[5][0], BuiltinBatikDataset(32, 100, seed=8)[5][0])
+
+
+@pytest.mark.parametrize("resolution", [4, 17, 64])
+def test_builtin_batik_renders_any_resolution_and_every_motif(resolution):
+    ds = BuiltinBatikDataset(resolution=resolution, size=len(MOTIFS), xflip=True)
+    assert len(ds) == 2 * len(MOTIFS)
+    for i in range(len(MOTIFS)):
+        image = ds[i][0]
+        assert image.shape == (3, resolution, resolution)
+        np.testing.assert_array_equal(ds[i + len(MOTIFS)][0], image[:, :, ::-1])
+
+
+def test_builtin_batik_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="resolution"):
+        BuiltinBatikDataset(resolution=2)
+    with pytest.raises(ValueError, match="motifs"):
+        BuiltinBatikDataset(motifs=("paisley",))
+    with pytest.raises(ValueError, match="size"):
+        BuiltinBatikDataset(size=0)
+
+
+def test_sampler_shards_one_global_stream_across_ranks_and_resumes():
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    single = take(InfiniteSampler(10, seed=3), 24)
+    rank0 = take(InfiniteSampler(10, 0, 2, seed=3), 12)
+    rank1 = take(InfiniteSampler(10, 1, 2, seed=3), 12)
+    assert single[0::2] == rank0 and single[1::2] == rank1
+    assert sorted(single[:10]) == list(range(10))  # each epoch is a permutation
+    assert take(InfiniteSampler(10, seed=3, start=8), 16) == single[8:]
+    assert take(InfiniteSampler(10, 1, 2, seed=3, start=8), 8) == single[9::2]
+
+
+def test_loader_yields_batches_from_the_requested_stream_position():
+    ds = BuiltinBatikDataset(resolution=8, size=6, use_labels=True)
+    images, labels = next(make_loader(ds, batch_gpu=4, num_workers=0, start=2))
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 8, 8)
+    assert labels.shape == (4, 4)
+    order = [next(iter(InfiniteSampler(6, start=i))) for i in range(2, 6)]
+    np.testing.assert_array_equal(images[0].numpy(), ds[order[0]][0])
+
+
+def test_open_dataset_builtin_and_folder(tmp_path):
+    assert isinstance(open_dataset("builtin", resolution=16), BuiltinBatikDataset)
+    _png(tmp_path / "a.png")
+    assert isinstance(open_dataset(str(tmp_path)), ImageFolderDataset)
+
+
+def test_make_dataset_tool_writes_a_zip_the_dataset_reads(tmp_path):
+    photos = tmp_path / "photos"
+    _png(photos / "kawung" / "a.jpg", size=(40, 30))
+    _png(photos / "parang" / "b.png", size=(30, 50), mode="RGBA")
+    _png(photos / "parang" / "c.png", size=(30, 50), mode="L")
+    (photos / "parang" / "broken.png").write_bytes(b"not an image")
+    dest = tmp_path / "out" / "batik.zip"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "make_dataset.py"), "--source", str(photos),
+         "--dest", str(dest), "--resolution", "16", "--labels-from-folders"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "broken.png" in result.stdout and "wrote 3 images" in result.stdout
+    ds = ImageFolderDataset(dest, use_labels=True)
+    assert len(ds) == 3 and ds.resolution == 16 and ds.label_dim == 2
+    np.testing.assert_array_equal(ds[0][1], [1, 0])
+    np.testing.assert_array_equal(ds[2][1], [0, 1])
+    assert not list(dest.parent.glob(".*tmp*"))
+
+
+def test_make_dataset_tool_fails_clearly_on_an_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "make_dataset.py"), "--source",
+         str(tmp_path / "empty"), "--dest", str(tmp_path / "x.zip")],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no images" in result.stderr
+    assert not (tmp_path / "x.zip").exists()

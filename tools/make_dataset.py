@@ -1,0 +1,105 @@
+"""Turn a folder of photographs into a training archive: centre-crop, resize, store as PNG in a zip.
+
+    python tools/make_dataset.py --source photos/ --dest batik256.zip --resolution 256
+
+Every readable image (searched recursively) is converted to RGB (alpha over white), centre-cropped
+to a square, resized with Lanczos and written as ``00000/img00000000.png``. Files that cannot be
+decoded, and images smaller than ``--min-size``, are skipped with a message naming them. A
+``dataset.json`` with labels is written when ``--labels-from-folders`` is given (one class per
+top-level subfolder), in the format of NVIDIA's dataset tool. The archive is written to a temporary
+file and renamed, so an interrupted run never leaves a half-written dataset behind.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from batikfast.data.dataset import IMAGE_EXTENSIONS, _centre_crop_resize, _to_rgb  # noqa: E402
+
+
+def make_dataset(source, dest, resolution: int = 256, min_size: int = 8,
+                 labels_from_folders: bool = False, max_images: int | None = None,
+                 log=print) -> int:
+    """Write the archive; returns the number of images stored."""
+    source, dest = Path(source), Path(dest)
+    if not source.is_dir():
+        raise ValueError(f"--source {str(source)!r} is not a folder")
+    if resolution < 1:
+        raise ValueError(f"--resolution must be positive, got {resolution}")
+    files = sorted(p for p in source.rglob("*")
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"no images in {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    classes = sorted({p.relative_to(source).parts[0] for p in files if len(p.relative_to(source).parts) > 1})
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    labels, count = [], 0
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+            for path in files:
+                if max_images is not None and count >= max_images:
+                    break
+                try:
+                    with Image.open(path) as img:
+                        img.load()
+                        img = _to_rgb(img, 3)
+                except Exception as error:
+                    log(f"skipping {path}: cannot decode it ({error})")
+                    continue
+                if min(img.size) < min_size:
+                    log(f"skipping {path}: {img.size[0]}x{img.size[1]} is smaller than {min_size} pixels")
+                    continue
+                img = _centre_crop_resize(img, resolution)
+                name = f"{count // 1000:05d}/img{count:08d}.png"
+                buffer = io.BytesIO()
+                img.save(buffer, format="png", compress_level=1)
+                archive.writestr(name, buffer.getvalue())
+                if labels_from_folders:
+                    parts = path.relative_to(source).parts
+                    labels.append([name, classes.index(parts[0]) if len(parts) > 1 else 0])
+                count += 1
+            if count == 0:
+                raise ValueError(f"no usable images in {str(source)!r}: every file was skipped")
+            meta = {"labels": labels if labels_from_folders else None}
+            if labels_from_folders:
+                meta["classes"] = classes
+            archive.writestr("dataset.json", json.dumps(meta))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    log(f"wrote {count} images of {resolution}x{resolution} to {dest}")
+    return count
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--dest", required=True, help="output .zip archive")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--min-size", type=int, default=8, help="skip images smaller than this")
+    parser.add_argument("--labels-from-folders", action="store_true",
+                        help="one class label per top-level subfolder")
+    parser.add_argument("--max-images", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        make_dataset(args.source, args.dest, args.resolution, args.min_size,
+                     args.labels_from_folders, args.max_images)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
