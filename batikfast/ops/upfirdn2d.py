@@ -126,7 +126,7 @@ def upfirdn2d_reference(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1
     x = F.pad(x, [max(padx0, 0), max(padx1, 0), max(pady0, 0), max(pady1, 0)])
     x = x[:, :, max(-pady0, 0): x.shape[2] - max(-pady1, 0),
           max(-padx0, 0): x.shape[3] - max(-padx1, 0)]
-    f = (f * gain ** (f.ndim / 2)).to(x.dtype)
+    f = (f.to(torch.promote_types(x.dtype, torch.float32)) * gain ** (f.ndim / 2)).to(x.dtype)
     if not flip_filter:
         f = f.flip(list(range(f.ndim)))
     if f.ndim == 2:

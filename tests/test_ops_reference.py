@@ -1,0 +1,398 @@
+"""The reference ops match independent float64 formulations written here, to every order.
+
+The formulations below are deliberately different from batikfast's: explicit loops over taps
+and samples, explicit piecewise activations, per-sample convolutions.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batikfast import ops
+
+torch.set_printoptions(precision=6)
+DOUBLE = torch.float64
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, seed=0, dtype=DOUBLE):
+    return torch.randn(*shape, generator=seeded(seed), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- bias_act
+
+def explicit_activation(z, act, alpha):
+    sig = 1 / (1 + torch.exp(-z))
+    table = {
+        "linear": z,
+        "relu": torch.where(z > 0, z, torch.zeros_like(z)),
+        "lrelu": torch.where(z > 0, z, alpha * z),
+        "tanh": (torch.exp(z) - torch.exp(-z)) / (torch.exp(z) + torch.exp(-z)),
+        "sigmoid": sig,
+        "elu": torch.where(z > 0, z, torch.exp(z) - 1),
+        "selu": 1.0507009873554805 * torch.where(z > 0, z, 1.6732632423543772 * (torch.exp(z) - 1)),
+        "softplus": torch.log1p(torch.exp(z)),
+        "swish": z * sig,
+    }
+    return table[act]
+
+
+DEFAULT_GAIN = {"relu": math.sqrt(2), "lrelu": math.sqrt(2), "swish": math.sqrt(2)}
+
+
+@pytest.mark.parametrize("act", list(ops.ACTIVATIONS))
+@pytest.mark.parametrize("dim", [1, 0, 2, -1])
+@pytest.mark.parametrize("clamp", [None, 0.5])
+def test_bias_act_matches_the_explicit_formula_for_every_activation(act, dim, clamp):
+    x = randn(3, 5, 4, seed=1) * 2
+    b = randn(x.shape[dim], seed=2)
+    y = ops.bias_act(x, b, dim=dim, act=act, clamp=clamp, impl="ref")
+    shape = [1, 1, 1]
+    shape[dim] = -1
+    alpha = 0.2 if act == "lrelu" else 0.0
+    expected = explicit_activation(x + b.reshape(shape), act, alpha) * DEFAULT_GAIN.get(act, 1.0)
+    if clamp is not None:
+        expected = expected.clamp(-clamp, clamp)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_bias_act_uses_the_given_alpha_gain_and_no_bias():
+    x = randn(4, 6, seed=3)
+    y = ops.bias_act(x, act="lrelu", alpha=0.1, gain=3.0, impl="ref")
+    torch.testing.assert_close(y, torch.where(x > 0, x, 0.1 * x) * 3.0)
+
+
+def test_bias_act_accepts_non_contiguous_input():
+    x = randn(4, 6, 5, seed=4).transpose(1, 2)
+    b = randn(5, seed=5)
+    y = ops.bias_act(x, b, act="swish", impl="ref")
+    expected = ops.bias_act(x.contiguous(), b, act="swish", impl="ref")
+    torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("act", list(ops.ACTIVATIONS))
+def test_bias_act_has_first_and_second_derivatives(act):
+    x = (randn(2, 3, 3, seed=6) + 0.05).requires_grad_(True)
+    b = randn(3, seed=7).requires_grad_(True)
+
+    def f(x, b):
+        return ops.bias_act(x, b, act=act, clamp=2.5, impl="ref")
+
+    assert torch.autograd.gradcheck(f, (x, b))
+    assert torch.autograd.gradgradcheck(f, (x, b))
+
+
+# ----------------------------------------------------------------------------- upfirdn2d
+
+def explicit_upfirdn2d(x, f, up, down, pad, flip_filter=False, gain=1.0):
+    """Loops over output pixels and taps, in numpy float64."""
+    (upx, upy), (downx, downy), (px0, px1, py0, py1) = up, down, pad
+    x = x.detach().double().numpy()
+    f = f.double().numpy()
+    if f.ndim == 1:
+        f = np.outer(f, f)
+        gain_f = gain
+    else:
+        gain_f = gain
+    f = f * gain_f
+    if not flip_filter:
+        f = f[::-1, ::-1]
+    n, c, h, w = x.shape
+    up_img = np.zeros((n, c, h * upy, w * upx))
+    up_img[:, :, ::upy, ::upx] = x
+    big = np.zeros((n, c, h * upy + max(py0, 0) + max(py1, 0), w * upx + max(px0, 0) + max(px1, 0)))
+    big[:, :, max(py0, 0):max(py0, 0) + h * upy, max(px0, 0):max(px0, 0) + w * upx] = up_img
+    big = big[:, :, max(-py0, 0):big.shape[2] - max(-py1, 0), max(-px0, 0):big.shape[3] - max(-px1, 0)]
+    fh, fw = f.shape
+    out_h = (big.shape[2] - fh) // downy + 1
+    out_w = (big.shape[3] - fw) // downx + 1
+    out = np.zeros((n, c, out_h, out_w))
+    for oy in range(out_h):
+        for ox in range(out_w):
+            window = big[:, :, oy * downy:oy * downy + fh, ox * downx:ox * downx + fw]
+            out[:, :, oy, ox] = (window * f).sum(axis=(2, 3))
+    return torch.from_numpy(out)
+
+
+UPFIRDN_CASES = [
+    # (up, down, padding, taps, separable)
+    (1, 1, 0, 1, False),
+    (2, 1, [2, 1], 4, True),
+    (1, 2, [1, 1], 4, True),
+    (2, 2, 1, 3, False),
+    ([3, 1], [1, 2], [2, 0, 1, 3], 3, False),
+    (1, 1, [-1, 0, 2, -2], 2, False),
+    (4, 1, [3, 2], 5, True),
+    (1, 3, [0, 0], 1, False),
+    (1, 1, [1, 2, 0, 1], [2, 3], False),
+]
+
+
+@pytest.mark.parametrize("up,down,padding,taps,separable", UPFIRDN_CASES)
+@pytest.mark.parametrize("flip_filter", [False, True])
+def test_upfirdn2d_matches_explicit_loops_for_any_factors_padding_and_filter(
+        up, down, padding, taps, separable, flip_filter):
+    x = randn(2, 3, 5, 7, seed=8)
+    if isinstance(taps, list):
+        f = randn(*taps, seed=9).float()
+    else:
+        f = randn(taps, seed=9).float()
+        if not separable:
+            f = torch.outer(f, randn(taps, seed=10).float())
+    y = ops.upfirdn2d(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter,
+                      gain=1.7, impl="ref")
+    up2 = up if isinstance(up, list) else [up, up]
+    down2 = down if isinstance(down, list) else [down, down]
+    pad4 = padding if isinstance(padding, list) and len(padding) == 4 else (
+        [padding] * 4 if isinstance(padding, int) else [padding[0], padding[0], padding[1], padding[1]])
+    expected = explicit_upfirdn2d(x, f, up2, down2, pad4, flip_filter, gain=1.7)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_upfirdn2d_output_size_follows_the_formula():
+    x = randn(1, 1, 9, 6, seed=11)
+    f = ops.setup_filter([1, 3, 3, 1])
+    for up, down, pad in [(2, 1, 3), (1, 2, 1), (3, 2, [1, 2])]:
+        y = ops.upfirdn2d(x, f, up=up, down=down, padding=pad, impl="ref")
+        px = pad if isinstance(pad, int) else pad[0]
+        py = pad if isinstance(pad, int) else pad[1]
+        assert y.shape[2] == (9 * up + 2 * py - 4 + down) // down
+        assert y.shape[3] == (6 * up + 2 * px - 4 + down) // down
+
+
+def test_upfirdn2d_has_first_and_second_derivatives():
+    x = randn(1, 2, 4, 5, seed=12).requires_grad_(True)
+    f = ops.setup_filter([1, 2, 1])
+
+    def g(x):
+        return ops.upfirdn2d(x, f, up=2, down=[1, 2], padding=[1, 2, 0, 1], impl="ref")
+
+    assert torch.autograd.gradcheck(g, (x,))
+    assert torch.autograd.gradgradcheck(g, (x,))
+
+
+def test_resampling_helpers_keep_a_constant_image_constant_inside():
+    x = torch.ones(1, 1, 8, 8, dtype=DOUBLE)
+    f = ops.setup_filter([1, 3, 3, 1])
+    up = ops.upsample2d(x, f)
+    down = ops.downsample2d(x, f)
+    same = ops.filter2d(x, f)
+    assert up.shape[2:] == (16, 16) and down.shape[2:] == (4, 4) and same.shape[2:] == (8, 8)
+    torch.testing.assert_close(up[..., 2:-2, 2:-2], torch.ones_like(up[..., 2:-2, 2:-2]))
+    torch.testing.assert_close(down[..., 1:-1, 1:-1], torch.ones_like(down[..., 1:-1, 1:-1]))
+    torch.testing.assert_close(same[..., 2:-2, 2:-2], torch.ones_like(same[..., 2:-2, 2:-2]))
+
+
+def test_setup_filter_normalises_flips_and_separates():
+    f = ops.setup_filter([1, 2, 3])
+    assert f.shape == (3, 3) and f.dtype == torch.float32
+    torch.testing.assert_close(f.sum(), torch.tensor(1.0))
+    g = ops.setup_filter([1, 2, 3], flip_filter=True, gain=4)
+    torch.testing.assert_close(g, f.flip([0, 1]) * 4)
+    s = ops.setup_filter(list(range(1, 9)))
+    assert s.ndim == 1 and s.shape[0] == 8
+
+
+# ----------------------------------------------------------------------------- conv2d_resample
+
+def explicit_conv2d_resample(x, w, f, up, down, padding, groups=1, flip_weight=True):
+    """The definition: upfirdn2d up (gain up^2), convolve, upfirdn2d down."""
+    fw = fh = 1 if f is None else f.shape[-1]
+    px0 = px1 = py0 = py1 = padding
+    if up > 1:
+        px0, px1 = px0 + (fw + up - 1) // 2, px1 + (fw - up) // 2
+        py0, py1 = py0 + (fh + up - 1) // 2, py1 + (fh - up) // 2
+    if down > 1:
+        px0, px1 = px0 + (fw - down + 1) // 2, px1 + (fw - down) // 2
+        py0, py1 = py0 + (fh - down + 1) // 2, py1 + (fh - down) // 2
+    f_up = f if up > 1 else torch.ones(1, 1)
+    x = explicit_upfirdn2d(x, f_up, [up, up], [1, 1], [px0, px1, py0, py1], gain=up ** 2)
+    if not flip_weight:
+        w = w.flip([2, 3])
+    x = F.conv2d(x, w.double(), groups=groups)
+    if down > 1:
+        x = explicit_upfirdn2d(x, f, [1, 1], [down, down], [0, 0, 0, 0])
+    return x
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("up,down", [(1, 1), (2, 1), (1, 2)])
+@pytest.mark.parametrize("groups,flip_weight,padding", [(1, True, 0), (1, False, 1), (2, True, 1)])
+def test_conv2d_resample_matches_its_definition_on_every_path(kernel, up, down, groups,
+                                                              flip_weight, padding):
+    x = randn(2, 4, 6, 5, seed=13)
+    w = randn(6, 4 // groups, kernel, kernel, seed=14)
+    f = ops.setup_filter([1, 3, 3, 1]).double().float()
+    y = ops.conv2d_resample(x, w, f=f, up=up, down=down, padding=padding, groups=groups,
+                            flip_weight=flip_weight, impl="ref")
+    expected = explicit_conv2d_resample(x, w, f, up, down, padding, groups, flip_weight)
+    torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_conv2d_resample_has_a_double_backward():
+    x = randn(1, 2, 4, 4, seed=15).requires_grad_(True)
+    w = randn(3, 2, 3, 3, seed=16).requires_grad_(True)
+    f = ops.setup_filter([1, 3, 3, 1])
+
+    def g(x, w):
+        return ops.conv2d_resample(x, w, f=f, up=2, padding=1, impl="ref")
+
+    assert torch.autograd.gradgradcheck(g, (x, w))
+
+
+# ----------------------------------------------------------------------------- modulated_conv2d
+
+def explicit_modulated_conv2d(x, weight, styles, noise, up, down, padding, f, demodulate,
+                              flip_weight=True):
+    """One sample at a time, with its own weights."""
+    outs = []
+    for n in range(x.shape[0]):
+        w = weight * styles[n].reshape(1, -1, 1, 1)
+        if demodulate:
+            w = w / torch.sqrt(w.square().sum(dim=[1, 2, 3], keepdim=True) + 1e-8)
+        outs.append(explicit_conv2d_resample(x[n:n + 1], w, f, up, down, padding,
+                                             flip_weight=flip_weight))
+    y = torch.cat(outs)
+    return y if noise is None else y + noise
+
+
+@pytest.mark.parametrize("fused_modconv", [True, False])
+@pytest.mark.parametrize("demodulate", [True, False])
+@pytest.mark.parametrize("up,down,kernel", [(1, 1, 3), (2, 1, 3), (1, 2, 3), (1, 1, 1)])
+def test_modulated_conv2d_matches_per_sample_convolutions(fused_modconv, demodulate, up, down,
+                                                          kernel):
+    x = randn(3, 5, 7, 6, seed=17)
+    weight = randn(4, 5, kernel, kernel, seed=18)
+    styles = randn(3, 5, seed=19) + 1
+    f = ops.setup_filter([1, 3, 3, 1])
+    padding = kernel // 2
+    probe = explicit_modulated_conv2d(x, weight, styles, None, up, down, padding, f, demodulate)
+    noise = randn(3, 1, *probe.shape[2:], seed=20)
+    y = ops.modulated_conv2d(x, weight, styles, noise=noise, up=up, down=down, padding=padding,
+                             resample_filter=f, demodulate=demodulate,
+                             fused_modconv=fused_modconv, impl="ref")
+    expected = explicit_modulated_conv2d(x, weight, styles, noise, up, down, padding, f, demodulate)
+    torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_modulated_conv2d_epilogue_equals_bias_act_after_the_convolution():
+    x = randn(2, 3, 5, 5, seed=21)
+    weight = randn(4, 3, 3, 3, seed=22)
+    styles = randn(2, 3, seed=23)
+    bias = randn(4, seed=24)
+    y = ops.modulated_conv2d(x, weight, styles, padding=1, impl="ref", bias=bias, act="lrelu",
+                             gain=0.7, clamp=0.3)
+    conv = explicit_modulated_conv2d(x, weight, styles, None, 1, 1, 1, None, True)
+    expected = explicit_activation(conv + bias.reshape(1, -1, 1, 1), "lrelu", 0.2)
+    expected = (expected * 0.7).clamp(-0.3, 0.3)  # gain replaces the default, as in bias_act
+    torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_modulated_conv2d_in_fp16_stays_close_to_float64_despite_large_styles():
+    x = randn(2, 8, 6, 6, seed=25)
+    weight = randn(8, 8, 3, 3, seed=26)
+    styles = randn(2, 8, seed=27) * 300
+    expected = explicit_modulated_conv2d(x, weight, styles, None, 1, 1, 1, None, True)
+    y = ops.modulated_conv2d(x.half(), weight.float(), styles.float(), padding=1, impl="ref")
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("fused_modconv", [True, False])
+def test_modulated_conv2d_has_a_double_backward_in_every_input(fused_modconv):
+    x = randn(2, 3, 4, 4, seed=28).requires_grad_(True)
+    weight = randn(2, 3, 3, 3, seed=29).requires_grad_(True)
+    styles = (randn(2, 3, seed=30) + 1).requires_grad_(True)
+    noise = randn(2, 1, 4, 4, seed=31).requires_grad_(True)
+
+    def g(x, weight, styles, noise):
+        return ops.modulated_conv2d(x, weight, styles, noise=noise, padding=1,
+                                    fused_modconv=fused_modconv, impl="ref")
+
+    assert torch.autograd.gradcheck(g, (x, weight, styles, noise))
+    assert torch.autograd.gradgradcheck(g, (x, weight, styles, noise))
+
+
+# ----------------------------------------------------------------------------- diffusion_noise
+
+def linear_schedule(steps=10):
+    betas = torch.linspace(1e-4, 2e-2, steps, dtype=DOUBLE)
+    alpha_bar = torch.cat([torch.ones(1, dtype=DOUBLE), torch.cumprod(1 - betas, 0)])
+    return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+
+def test_diffusion_noise_with_given_noise_is_the_closed_form():
+    sab, s1mab = linear_schedule()
+    x = randn(4, 3, 5, 5, seed=32)
+    noise = randn(4, 3, 5, 5, seed=33)
+    t = torch.tensor([0, 3, 10, 7])
+    y = ops.diffusion_noise(x, t, sab, s1mab, noise_std=0.05, noise=noise, impl="ref")
+    expected = torch.stack([sab[k] * x[i] + s1mab[k] * 0.05 * noise[i] for i, k in enumerate(t)])
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(y[0], x[0])
+
+
+def test_diffusion_noise_is_reproducible_from_a_seed_and_varies_with_it():
+    sab, s1mab = linear_schedule(1000)
+    x = torch.zeros(64, 3, 16, 16)
+    t = torch.full((64,), 1000)
+    a = ops.diffusion_noise(x, t, sab.float(), s1mab.float(), noise_std=1.0, seed=5, impl="ref")
+    b = ops.diffusion_noise(x, t, sab.float(), s1mab.float(), noise_std=1.0, seed=5, impl="ref")
+    c = ops.diffusion_noise(x, t, sab.float(), s1mab.float(), noise_std=1.0, seed=6, impl="ref")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    eps = a / s1mab[1000].float()
+    assert abs(eps.mean().item()) < 0.02 and abs(eps.std().item() - 1) < 0.02
+
+
+def test_diffusion_noise_gradient_scales_by_sqrt_alpha_bar():
+    sab, s1mab = linear_schedule()
+    x = randn(3, 2, 4, seed=34).requires_grad_(True)
+    t = torch.tensor([1, 5, 9])
+    y = ops.diffusion_noise(x, t, sab, s1mab, seed=0, impl="ref")
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, sab[t].reshape(3, 1, 1).expand_as(x).to(grad.dtype))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def expect_error(kind, pattern, fn, *args, **kwargs):
+    with pytest.raises(kind, match=pattern):
+        fn(*args, **kwargs)
+
+
+def test_bad_arguments_raise_errors_that_name_the_argument():
+    x = torch.randn(1, 2, 4, 4)
+    f = ops.setup_filter([1, 1])
+    expect_error(ValueError, "x must have rank 4", ops.upfirdn2d, torch.randn(2, 4, 4), f)
+    expect_error(ValueError, "f must have rank", ops.upfirdn2d, x, torch.ones(1, 1, 2))
+    expect_error(TypeError, "f must be float32", ops.upfirdn2d, x, f.double())
+    expect_error(ValueError, "up must be >= 1", ops.upfirdn2d, x, f, up=0)
+    expect_error(ValueError, "down must be >= 1", ops.upfirdn2d, x, f, down=[1, -2])
+    expect_error(ValueError, "output would be empty", ops.upfirdn2d, x, f, padding=-2)
+    expect_error(ValueError, "act must be one of", ops.bias_act, x, act="gelu")
+    expect_error(ValueError, "b must have x.shape", ops.bias_act, x, torch.zeros(3))
+    expect_error(ValueError, "dim must be an axis", ops.bias_act, x, dim=4)
+    expect_error(TypeError, "x must be a floating-point", ops.bias_act, x.long())
+    expect_error(ValueError, "channels", ops.conv2d_resample, x, torch.randn(3, 3, 3, 3))
+    expect_error(ValueError, "styles must have shape", ops.modulated_conv2d, x,
+                 torch.randn(3, 2, 3, 3), torch.randn(2, 2))
+    expect_error(ValueError, "weight expects 5 input channels", ops.modulated_conv2d, x,
+                 torch.randn(3, 5, 3, 3), torch.randn(1, 2))
+    sab, s1mab = linear_schedule()
+    expect_error(ValueError, r"t must lie in \[0, 10\]", ops.diffusion_noise, x,
+                 torch.tensor([11]), sab, s1mab)
+    expect_error(TypeError, "t must be an integer", ops.diffusion_noise, x,
+                 torch.tensor([1.0]), sab, s1mab)
+    expect_error(ValueError, "noise must have x's shape", ops.diffusion_noise, x,
+                 torch.tensor([1]), sab, s1mab, noise=torch.zeros(1, 2, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to place tensors on two devices")
+def test_tensors_on_different_devices_are_rejected():
+    x = torch.randn(1, 2, 4, 4, device="cuda")
+    expect_error(ValueError, "same device", ops.bias_act, x, torch.zeros(2))
