@@ -1,0 +1,5 @@
+import sys
+
+from batikfast.metrics.compute import main
+
+sys.exit(main())

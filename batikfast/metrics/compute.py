@@ -1,0 +1,124 @@
+"""FID, KID and precision/recall of a generator against a dataset, on a given feature network.
+
+    python -m batikfast.metrics --ckpt runs/x/checkpoint-00001000.pt --data builtin \
+        --features inception-2015-12-05.pt --metrics fid,kid,pr --num-gen 10000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+
+from batikfast.metrics.features import FeatureExtractor, load_feature_network
+from batikfast.metrics.stats import (feature_stats, frechet_distance, kernel_inception_distance,
+                                     precision_recall)
+
+METRICS = ("fid", "kid", "pr")
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Generator output in [-1, 1] -> uint8, rounded as NVIDIA's metrics and image grids do."""
+    return (images.to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def dataset_features(dataset, extractor: FeatureExtractor, num: int | None = None,
+                     batch: int = 64) -> np.ndarray:
+    """Features of the first ``num`` items of ``dataset`` (all when None), as float64 ``[N, D]``."""
+    total = len(dataset) if num is None else min(num, len(dataset))
+    chunks = []
+    for start in range(0, total, batch):
+        images = np.stack([dataset[i][0] for i in range(start, min(start + batch, total))])
+        chunks.append(extractor(torch.from_numpy(images)).cpu().double().numpy())
+    return np.concatenate(chunks)
+
+
+@torch.no_grad()
+def generator_features(G, extractor: FeatureExtractor, num: int, batch: int = 64,
+                       truncation_psi: float = 1.0, seed: int = 0, labels=None,
+                       device="cpu") -> np.ndarray:
+    """Features of ``num`` images from ``G`` with latents drawn from ``seed``.
+
+    ``labels`` (float32 ``[M, c_dim]``) are sampled uniformly for conditional generators.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    chunks = []
+    for start in range(0, num, batch):
+        n = min(batch, num - start)
+        z = torch.randn([n, G.z_dim], generator=generator).to(device)
+        if G.c_dim:
+            pick = torch.randint(len(labels), [n], generator=generator)
+            c = torch.as_tensor(np.asarray(labels))[pick].to(device)
+        else:
+            c = torch.zeros([n, 0], device=device)
+        images = G(z, c, truncation_psi=truncation_psi, noise_mode="const")
+        chunks.append(extractor(to_uint8(images)).cpu().double().numpy())
+    return np.concatenate(chunks)
+
+
+def metrics_from_features(real: np.ndarray, fake: np.ndarray, metrics=METRICS,
+                          kid_subsets: int = 100, pr_k: int = 3) -> dict[str, float]:
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"metrics must be among {METRICS}, got {unknown}")
+    result = {}
+    if "fid" in metrics:
+        result["fid"] = frechet_distance(*feature_stats(real), *feature_stats(fake))
+    if "kid" in metrics:
+        result["kid"] = kernel_inception_distance(real, fake, num_subsets=kid_subsets)
+    if "pr" in metrics:
+        result["precision"], result["recall"] = precision_recall(real, fake, k=pr_k)
+    return result
+
+
+def compute_metrics(G, dataset, extractor: FeatureExtractor, metrics=METRICS,
+                    num_gen: int = 10000, num_real: int | None = None, batch: int = 64,
+                    truncation_psi: float = 1.0, seed: int = 0, device="cpu",
+                    real_cache: dict | None = None) -> dict[str, float]:
+    """Metrics of ``G`` against ``dataset``. ``real_cache`` (a dict) keeps the real features
+    between calls, so periodic evaluation during training computes them once."""
+    key = (getattr(dataset, "name", ""), len(dataset), num_real)
+    if real_cache is not None and key in real_cache:
+        real = real_cache[key]
+    else:
+        real = dataset_features(dataset, extractor, num_real, batch)
+        if real_cache is not None:
+            real_cache[key] = real
+    labels = None
+    if G.c_dim:
+        labels = np.stack([dataset[i][1] for i in range(min(len(dataset), 10000))])
+    fake = generator_features(G, extractor, num_gen, batch, truncation_psi, seed, labels, device)
+    return metrics_from_features(real, fake, metrics)
+
+
+def main(argv=None) -> int:
+    from batikfast.data import open_dataset
+    from batikfast.training.checkpoint import load_generator
+
+    parser = argparse.ArgumentParser(description="FID / KID / precision-recall of a checkpoint")
+    parser.add_argument("--ckpt", required=True, help="batikfast checkpoint")
+    parser.add_argument("--data", default="builtin", help="folder, zip or 'builtin'")
+    parser.add_argument("--features", required=True,
+                        help="feature network file (TorchScript InceptionV3 or SmallFeatureNet)")
+    parser.add_argument("--metrics", default="fid,kid,pr")
+    parser.add_argument("--num-gen", type=int, default=10000)
+    parser.add_argument("--num-real", type=int, default=None)
+    parser.add_argument("--trunc", type=float, default=1.0)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    G, config = load_generator(args.ckpt, device=args.device)
+    dataset = open_dataset(args.data, resolution=G.img_resolution,
+                           use_labels=bool(G.c_dim), seed=config.get("data_seed", 0))
+    extractor = load_feature_network(args.features, args.device)
+    result = compute_metrics(G, dataset, extractor, tuple(args.metrics.split(",")),
+                             args.num_gen, args.num_real, args.batch, args.trunc,
+                             device=args.device)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

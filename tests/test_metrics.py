@@ -1,0 +1,185 @@
+"""Metrics: the maths against closed forms and direct loops; feature networks from files."""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from batikfast.data import BuiltinBatikDataset
+from batikfast.metrics import (SmallFeatureNet, compute_metrics, dataset_features,
+                               feature_stats, frechet_distance, kernel_inception_distance,
+                               load_feature_network, precision_recall, to_uint8)
+
+
+def _random_spd(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def test_fid_of_diagonal_gaussians_matches_the_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+    var1, var2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(var1) - np.sqrt(var2)) ** 2)
+    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_fid_of_commuting_covariances_matches_the_closed_form():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    var1, var2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
+    s1, s2 = q @ np.diag(var1) @ q.T, q @ np.diag(var2) @ q.T
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
+
+
+def test_fid_of_general_covariances_matches_the_matrix_square_root_formula():
+    rng = np.random.default_rng(1)
+    s1, s2 = _random_spd(rng, 6), _random_spd(rng, 6)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * root)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-9)
+
+
+def test_fid_of_samples_approaches_the_population_value():
+    rng = np.random.default_rng(2)
+    s1, s2 = _random_spd(rng, 3), _random_spd(rng, 3)
+    mu2 = np.array([0.5, 0.0, -0.5])
+    x = rng.multivariate_normal(np.zeros(3), s1, size=40000)
+    y = rng.multivariate_normal(mu2, s2, size=40000)
+    expected = frechet_distance(np.zeros(3), s1, mu2, s2)
+    assert frechet_distance(*feature_stats(x), *feature_stats(y)) == pytest.approx(expected, abs=0.03)
+
+
+def test_fid_rejects_mismatched_statistics():
+    with pytest.raises(ValueError, match="mismatched"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+def _mmd_double_loop(x, y):
+    d = x.shape[1]
+
+    def k(a, b):
+        return (a @ b / d + 1) ** 3
+
+    m = len(x)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_is_the_unbiased_polynomial_mmd_of_a_direct_double_loop():
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(size=(12, 4)), rng.normal(0.3, 1.2, size=(12, 4))
+    # subsets as large as the sets only permute them, which leaves the MMD unchanged
+    kid = kernel_inception_distance(real, fake, num_subsets=3, max_subset_size=12)
+    assert kid == pytest.approx(_mmd_double_loop(fake, real), rel=1e-10)
+
+
+def test_kid_averages_subsets_and_is_near_zero_for_one_distribution():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
+    assert abs(kernel_inception_distance(a, b, num_subsets=20, max_subset_size=100)) < 0.05
+    far = kernel_inception_distance(a, b + 1.0, num_subsets=20, max_subset_size=100)
+    assert far > 0.5
+
+
+def test_precision_recall_on_constructed_point_sets():
+    rng = np.random.default_rng(5)
+    cluster_a = rng.normal(0, 0.01, size=(50, 3))
+    cluster_b = rng.normal(0, 0.01, size=(50, 3)) + 100
+    cluster_c = rng.normal(0, 0.01, size=(25, 3)) - 100
+    reals = np.concatenate([cluster_a, cluster_b])
+    fakes = np.concatenate([cluster_a, cluster_c])  # exact copies of A: distance 0, covered
+    precision, recall = precision_recall(reals, fakes, k=3)
+    assert precision == pytest.approx(50 / 75)   # C lies on no real manifold
+    assert recall == pytest.approx(50 / 100)     # B is reached by no fake
+    grid = np.stack(np.meshgrid(np.arange(10.0), np.arange(10.0)), -1).reshape(-1, 2)
+    assert precision_recall(grid, grid, k=3) == (1.0, 1.0)
+    # a fake 0.9 from a real grid point is inside its radius (1); one 1.1 from every real is not
+    assert precision_recall(grid, np.array([[0.0, 0.9]] * 4 + [[4.5, 10.0 + 0.1]] * 4))[0] == 0.5
+
+
+def test_precision_recall_needs_more_samples_than_k():
+    with pytest.raises(ValueError, match="k=3"):
+        precision_recall(np.zeros((3, 2)), np.zeros((10, 2)), k=3)
+
+
+def test_small_feature_network_round_trips_through_a_weights_only_file(tmp_path):
+    torch.manual_seed(0)
+    net = SmallFeatureNet(channels=(4, 8), resolution=16)
+    net.save(tmp_path / "feat.pt")
+    extractor = load_feature_network(tmp_path / "feat.pt")
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    expected = net(images.float() / 127.5 - 1)
+    torch.testing.assert_close(extractor(images), expected)
+    assert extractor(torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)).shape == (2, 8)
+
+
+def test_torchscript_feature_network_is_called_with_pixels_in_0_255(tmp_path):
+    class Net(torch.nn.Module):
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return x.mean(dim=(2, 3)) if return_features else x.sum()
+
+    torch.jit.script(Net()).save(str(tmp_path / "net.pt"))
+    extractor = load_feature_network(tmp_path / "net.pt")
+    images = torch.full((2, 3, 4, 4), 200, dtype=torch.uint8)
+    torch.testing.assert_close(extractor(images), torch.full((2, 3), 200.0))
+
+
+def test_feature_network_file_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        load_feature_network(tmp_path / "inception.pt")
+    torch.save({"arch": "resnet"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="SmallFeatureNet"):
+        load_feature_network(tmp_path / "other.pt")
+
+
+class _ConstantGenerator(torch.nn.Module):
+    """Generator stand-in returning dataset images, so its metrics against them are ~0."""
+
+    z_dim, c_dim, img_resolution = 4, 0, 16
+
+    def __init__(self, images):
+        super().__init__()
+        self.images = images
+        self.calls = 0
+
+    def forward(self, z, c, truncation_psi=1.0, noise_mode="const"):
+        start = self.calls
+        self.calls += z.shape[0]
+        return self.images[start:start + z.shape[0]].float() / 127.5 - 1
+
+
+def test_compute_metrics_against_a_dataset_is_zero_for_the_dataset_itself(tmp_path):
+    dataset = BuiltinBatikDataset(resolution=16, size=24)
+    torch.manual_seed(0)
+    extractor = load_feature_network(_saved_small_net(tmp_path))
+    images = torch.from_numpy(np.stack([dataset[i][0] for i in range(24)]))
+    G = _ConstantGenerator(images)
+    cache = {}
+    result = compute_metrics(G, dataset, extractor, num_gen=24, batch=10, real_cache=cache)
+    assert result["fid"] == pytest.approx(0, abs=1e-6)
+    assert result["precision"] == 1.0 and result["recall"] == 1.0
+    assert len(cache) == 1
+    noisy = _ConstantGenerator(torch.randint(0, 256, images.shape, dtype=torch.uint8))
+    assert compute_metrics(noisy, dataset, extractor, ("fid",), num_gen=24,
+                           real_cache=cache)["fid"] > 0.01
+
+
+def _saved_small_net(tmp_path):
+    SmallFeatureNet(channels=(4, 8), resolution=16).save(tmp_path / "f.pt")
+    return tmp_path / "f.pt"
+
+
+def test_to_uint8_rounds_like_nvidias_image_export():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.999, 1.0, 2.0])
+    assert to_uint8(x).tolist() == [0, 0, 128, 255, 255, 255]
+
+
+def test_dataset_features_cover_the_requested_count(tmp_path):
+    dataset = BuiltinBatikDataset(resolution=16, size=7)
+    extractor = load_feature_network(_saved_small_net(tmp_path))
+    assert dataset_features(dataset, extractor, num=5, batch=2).shape == (5, 8)
