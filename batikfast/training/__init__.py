@@ -1,0 +1,1 @@
+"""The training loop: phases, DDP, torch.compile, EMA, checkpoints, snapshots, logging."""
