@@ -1,0 +1,301 @@
+"""Fused modulated convolution (StyleGAN2's modulate -> conv -> demodulate -> noise -> bias_act).
+
+``modulated_conv2d_forward`` computes, in ONE Triton kernel, what this PyTorch expression does::
+
+    y = F.conv2d(x * in_scale[:, :, None, None], weight, padding=padding)
+    y = y * out_scale[:, :, None, None]          # if out_scale is given (demodulation)
+    y = y + noise + bias[None, :, None, None]      # each if given
+    y = act(y, alpha) * gain                       # act in linear / relu / lrelu
+    y = y.clamp(-clamp, clamp)                     # if clamp is not None
+
+as an implicit GEMM: rows m = (n, oy, ox) of the output, columns o, reduction k = (ky, kx, i)::
+
+    A[m, k] = x[n, i, oy + ky - padding, ox + kx - padding] * in_scale[n, i]   (0 outside the image)
+    B[k, o] = weight[o, i, ky, kx]
+
+The style scale is applied to the A tile as it is loaded, the demodulation, noise, bias,
+activation, gain and clamp in the epilogue, so neither per-sample weights nor the modulated
+input ever reach memory. A tile of rows may span several samples (small images): in_scale and
+out_scale are gathered per row. Accumulation is fp32; fp16/bf16 operands go to ``tl.dot`` in
+their own dtype, fp32 operands as tf32 on the GPU (what cuDNN does for fp32 convolutions with
+``torch.backends.cudnn.allow_tf32``, torch's default) and exactly under ``TRITON_INTERPRET=1``.
+
+Tiles (see ``_choose_config``). The StyleGAN2 paper256 generator has two regimes:
+- 4x4..32x32 layers, 512 channels: few rows, K = 9 * 512. These are matmul-bound; what limits
+  them is filling the GPU, so the largest tile that still gives about one tile per SM is taken
+  (128x128 when M is large enough, else 64-wide tiles).
+- 64..256 px layers, 64..256 channels: many rows, few channels; bandwidth-bound. BLOCK_N covers
+  all output channels (up to 128) so each input tile is read from DRAM once, and BLOCK_M = 128
+  rows amortises the weight tile.
+BLOCK_K is 64 for 16-bit operands and 32 for fp32 (128-byte rows either way), shrunk for tiny
+channel counts. The reduction runs as one flat loop over (tap, channel block) so Triton's
+software pipeliner sees a single loop.
+
+Layouts. x and the output are addressed through their strides, so any layout works. The
+weight is re-laid out once per call as [kh, kw, I, O] in the operand dtype (a small copy,
+independent of the batch): B tiles are then rows contiguous along o, as tl.dot wants, instead of
+9-element-strided gathers. A channels-last x (NHWC) gives the best A loads (contiguous along i);
+an NCHW x is read as is (contiguous along ox) rather than converted, because converting costs a
+full extra read and write of x on the bandwidth-bound layers. The output takes x's memory format.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+_ACT_CODES = {"linear": 0, "relu": 1, "lrelu": 2}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _modulated_conv2d_fwd_kernel(
+        x_ptr, w_ptr, in_scale_ptr, out_scale_ptr, noise_ptr, bias_ptr, y_ptr,
+        I, H, W, O, Ho, Wo, M, padding,
+        stride_xn, stride_xc, stride_xh, stride_xw,
+        stride_wh, stride_ww, stride_wi, stride_wo,
+        stride_sn, stride_si,
+        stride_on, stride_oo,
+        stride_nn, stride_nh, stride_nw,
+        stride_b,
+        stride_yn, stride_yc, stride_yh, stride_yw,
+        alpha, gain, clamp,
+        KH: tl.constexpr, KW: tl.constexpr,
+        HAS_OUT_SCALE: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        ACT: tl.constexpr, HAS_CLAMP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[n,o,oy,ox] = clamp(act(out_scale[n,o] * sum_{i,ky,kx} x[n,i,oy+ky-p,ox+kx-p] * in_scale[n,i]
+    * w[ky,kx,i,o] + noise[n,oy,ox] + bias[o], alpha) * gain); w is the weight laid out [kh,kw,I,O]."""
+    num_n_tiles = tl.cdiv(O, BLOCK_N)
+    # Output-channel tiles of one row block are neighbours in launch order, so they share the
+    # x tile through L2; the whole (re-laid-out) weight is small enough to stay in L2.
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid // num_n_tiles
+    pid_n = pid % num_n_tiles
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < O
+    pixels = Ho * Wo
+    n = rows // pixels
+    pix = (rows - n * pixels).to(tl.int32)
+    oy = pix // Wo
+    ox = pix - oy * Wo
+    x_row = x_ptr + n * stride_xn + (oy - padding) * stride_xh + (ox - padding) * stride_xw
+    scale_row = in_scale_ptr + n * stride_sn
+
+    ks = tl.arange(0, BLOCK_K)
+    channel_blocks = tl.cdiv(I, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, KH * KW * channel_blocks):
+        tap = step // channel_blocks
+        i0 = (step - tap * channel_blocks) * BLOCK_K
+        ky = tap // KW
+        kx = tap - ky * KW
+        iy = oy + (ky - padding)
+        ix = ox + (kx - padding)
+        inside = row_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        chan = i0 + ks
+        chan_ok = chan < I
+        a_mask = inside[:, None] & chan_ok[None, :]
+        a = tl.load(x_row[:, None] + (ky * stride_xh + kx * stride_xw)
+                    + chan[None, :].to(tl.int64) * stride_xc, mask=a_mask, other=0.0)
+        s = tl.load(scale_row[:, None] + chan[None, :] * stride_si,
+                    mask=row_ok[:, None] & chan_ok[None, :], other=0.0)
+        a = (a.to(tl.float32) * s.to(tl.float32)).to(w_ptr.dtype.element_ty)
+        w_tile = w_ptr + ky * stride_wh + kx * stride_ww
+        b = tl.load(w_tile + chan[:, None].to(tl.int64) * stride_wi + cols[None, :] * stride_wo,
+                    mask=chan_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_IN_FP32:
+            # Operands already rounded to their dtype; the fp32 product of two of them is exact.
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    if HAS_OUT_SCALE:
+        acc *= tl.load(out_scale_ptr + n[:, None] * stride_on + cols[None, :] * stride_oo,
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    if HAS_NOISE:
+        acc += tl.load(noise_ptr + n * stride_nn + oy * stride_nh + ox * stride_nw,
+                       mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        acc = tl.maximum(acc, 0.0)
+    elif ACT == 2:
+        acc = tl.where(acc > 0.0, acc, acc * alpha)
+    acc = acc * gain
+    if HAS_CLAMP:
+        acc = tl.minimum(tl.maximum(acc, -clamp), clamp)
+
+    y_ptrs = (y_ptr + (n * stride_yn + oy * stride_yh + ox * stride_yw)[:, None]
+              + cols[None, :].to(tl.int64) * stride_yc)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+class _Config(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _choose_config(rows: int, in_channels: int, out_channels: int, dtype: torch.dtype,
+                   device: torch.device) -> _Config:
+    if _interpreting():
+        # One small config: the interpreter cannot autotune, and 32x32x16 tiles already make the
+        # tiny test shapes span several row, column and channel blocks.
+        return _Config(32, 32, 16, 4, 1)
+    sixteen_bit = dtype != torch.float32
+    block_k = min(64 if sixteen_bit else 32, max(16, triton.next_power_of_2(in_channels)))
+    # All output channels in one tile when O <= 128: the x tile is then read once.
+    block_n = min(128, max(16, triton.next_power_of_2(out_channels)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    n_tiles = triton.cdiv(out_channels, block_n)
+    block_m = 128
+    if triton.cdiv(rows, block_m) * n_tiles < sms:
+        # Small images with many channels (the matmul-bound layers): smaller tiles fill the SMs.
+        block_m = 64
+        if triton.cdiv(rows, block_m) * n_tiles < sms and block_n > 64:
+            block_n = 64
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return _Config(block_m, block_n, block_k, num_warps, 3)
+
+
+def modulated_conv2d_forward(x, weight, in_scale, out_scale, noise, bias, act, alpha, gain,
+                             clamp, padding):
+    """Modulated convolution with its fused epilogue; see the module docstring for the formula.
+
+    Args:
+        x: [N, I, H, W] float32, float16 or bfloat16, any layout.
+        weight: [O, I, kh, kw], x's dtype or float32 (cast to x's dtype inside).
+        in_scale: [N, I] floating (the styles), applied to x in fp32.
+        out_scale: None or [N, O] floating (the demodulation coefficients).
+        noise: None or a tensor broadcastable to [N, 1, Ho, Wo].
+        bias: None or [O].
+        act: "linear", "relu" or "lrelu"; alpha: lrelu's negative slope; gain: output multiplier.
+        clamp: None or a float >= 0, applied after gain.
+        padding: int >= 0, zero padding on every side (stride 1, cross-correlation).
+
+    Returns:
+        y: [N, O, Ho, Wo] with Ho = H + 2 * padding - kh + 1, in x's dtype and memory format.
+    """
+    _check_args(x, weight, in_scale, out_scale, bias, act, clamp, padding)
+    batch, in_channels, height, width = x.shape
+    out_channels, _, kh, kw = weight.shape
+    out_h = height + 2 * padding - kh + 1
+    out_w = width + 2 * padding - kw + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"padding={padding} with a {kh}x{kw} kernel leaves no output pixel for a "
+                         f"{height}x{width} input")
+    if noise is not None:
+        if not isinstance(noise, torch.Tensor) or noise.device != x.device:
+            raise ValueError(f"noise must be a tensor on {x.device}, got {_describe(noise)}")
+        try:
+            noise = noise.expand(batch, 1, out_h, out_w)
+        except RuntimeError:
+            raise ValueError(f"noise must broadcast to [N, 1, Ho, Wo] = "
+                             f"{[batch, 1, out_h, out_w]}, got shape {tuple(noise.shape)}") from None
+
+    channels_last = (x.dim() == 4 and not x.is_contiguous()
+                     and x.is_contiguous(memory_format=torch.channels_last))
+    y = torch.empty((batch, out_channels, out_h, out_w), dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    rows = batch * out_h * out_w
+    if rows == 0 or out_channels == 0:
+        return y
+    # [kh, kw, I, O]: B tiles become rows contiguous along o; the cast happens here once instead
+    # of in every tile that reads the weight.
+    w_kkio = weight.permute(2, 3, 1, 0).to(x.dtype).contiguous()
+    config = _choose_config(rows, in_channels, out_channels, x.dtype, x.device)
+    _launch(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, clamp, padding,
+            config)
+    return y
+
+
+def _launch(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, clamp, padding,
+            config: _Config) -> None:
+    batch, in_channels, height, width = x.shape
+    kh, kw, _, out_channels = w_kkio.shape
+    _, _, out_h, out_w = y.shape
+    rows = batch * out_h * out_w
+    # A placeholder for absent optional tensors: never read, their loads are compiled out.
+    dummy = y
+    out_scale_strides = out_scale.stride() if out_scale is not None else (0, 0)
+    noise_strides = (noise.stride(0), noise.stride(2), noise.stride(3)) if noise is not None \
+        else (0, 0, 0)
+    fp32 = x.dtype == torch.float32
+    grid = (triton.cdiv(rows, config.block_m) * triton.cdiv(out_channels, config.block_n),)
+    _modulated_conv2d_fwd_kernel[grid](
+        x, w_kkio, in_scale,
+        out_scale if out_scale is not None else dummy,
+        noise if noise is not None else dummy,
+        bias if bias is not None else dummy, y,
+        in_channels, height, width, out_channels, out_h, out_w, rows, int(padding),
+        *x.stride(), *w_kkio.stride(), *in_scale.stride(), *out_scale_strides, *noise_strides,
+        bias.stride(0) if bias is not None else 0, *y.stride(),
+        float(alpha) if alpha is not None else 0.0, float(gain) if gain is not None else 1.0,
+        float(clamp) if clamp is not None else 0.0,
+        KH=kh, KW=kw, HAS_OUT_SCALE=out_scale is not None, HAS_NOISE=noise is not None,
+        HAS_BIAS=bias is not None, ACT=_ACT_CODES[act], HAS_CLAMP=clamp is not None,
+        DOT_PRECISION="tf32" if fp32 and not _interpreting() else "ieee",
+        # Triton 3.8's interpreter multiplies bf16 blocks as their raw uint16 bits.
+        DOT_IN_FP32=x.dtype == torch.bfloat16 and _interpreting(),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_args(x, weight, in_scale, out_scale, bias, act, clamp, padding) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D [N, I, H, W] tensor, got {_describe(x)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.device.type == "cpu":
+        if not _interpreting():
+            raise RuntimeError("modulated_conv2d_forward (Triton) got CPU tensors: it needs CUDA "
+                               "tensors, or TRITON_INTERPRET=1 set before triton is imported "
+                               "(slow, for tests)")
+    elif x.device.type != "cuda":
+        raise RuntimeError(f"modulated_conv2d_forward (Triton) needs CUDA tensors, got x on "
+                           f"{x.device}")
+    batch, in_channels = x.shape[:2]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[1] != in_channels:
+        raise ValueError(f"weight must be [O, {in_channels}, kh, kw], got {_describe(weight)}")
+    if weight.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"weight must be {x.dtype} (x's dtype) or float32, got {weight.dtype}")
+    out_channels = weight.shape[0]
+    _check_floating("in_scale", in_scale, (batch, in_channels), x.device)
+    if out_scale is not None:
+        _check_floating("out_scale", out_scale, (batch, out_channels), x.device)
+    if bias is not None:
+        _check_floating("bias", bias, (out_channels,), x.device)
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on {x.device} like x, got {weight.device}")
+    if act not in _ACT_CODES:
+        raise ValueError(f"act must be one of {sorted(_ACT_CODES)}, got {act!r}")
+    if clamp is not None and not clamp >= 0:
+        raise ValueError(f"clamp must be None or >= 0, got {clamp!r}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+
+
+def _check_floating(name, value, shape, device) -> None:
+    if (not isinstance(value, torch.Tensor) or not value.is_floating_point()
+            or tuple(value.shape) != tuple(shape) or value.device != device):
+        raise ValueError(f"{name} must be a floating-point tensor of shape {list(shape)} on "
+                         f"{device}, got {_describe(value)}")
