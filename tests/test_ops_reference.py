@@ -376,7 +376,7 @@ def test_bad_arguments_raise_errors_that_name_the_argument():
     expect_error(ValueError, "output would be empty", ops.upfirdn2d, x, f, padding=-2)
     expect_error(ValueError, "act must be one of", ops.bias_act, x, act="gelu")
     expect_error(ValueError, "b must have x.shape", ops.bias_act, x, torch.zeros(3))
-    expect_error(ValueError, "dim must be an axis", ops.bias_act, x, dim=4)
+    expect_error(ValueError, "dim must be an axis", ops.bias_act, x, torch.zeros(2), dim=4)
     expect_error(TypeError, "x must be a floating-point", ops.bias_act, x.long())
     expect_error(ValueError, "channels", ops.conv2d_resample, x, torch.randn(3, 3, 3, 3))
     expect_error(ValueError, "styles must have shape", ops.modulated_conv2d, x,

@@ -59,7 +59,7 @@ def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, dim: int = 1, act: 
         A tensor of the shape and dtype of ``x``.
     """
     act, alpha, gain, clamp = _checked_arguments(x, b, dim, act, alpha, gain, clamp)
-    dim = dim % x.ndim
+    dim = dim % x.ndim if b is not None else 0
     chosen = backends.resolve("bias_act", x, impl)
     if chosen == "ref":
         return bias_act_reference(x, b, dim, act, alpha, gain, clamp)
@@ -69,9 +69,9 @@ def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, dim: int = 1, act: 
 
 def _checked_arguments(x, b, dim, act, alpha, gain, clamp):
     check_tensor("x", x)
-    if not isinstance(dim, int) or not -x.ndim <= dim < max(x.ndim, 1):
-        raise ValueError(f"dim must be an axis of x (rank {x.ndim}), got {dim!r}")
     if b is not None:
+        if not isinstance(dim, int) or not -x.ndim <= dim < x.ndim:
+            raise ValueError(f"dim must be an axis of x (rank {x.ndim}), got {dim!r}")
         check_tensor("b", b, ndim=1)
         check_same_device(x=x, b=b)
         if b.shape[0] != x.shape[dim]:

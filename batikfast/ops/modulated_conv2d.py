@@ -245,6 +245,10 @@ def _modulated_conv2d_backward(ctx, dy):
     return d_x, d_weight, d_in_scale, d_out_scale, d_noise, d_bias, *([None] * 6)
 
 
+_modulated_conv2d_op.register_autograd(_modulated_conv2d_backward,
+                                       setup_context=_modulated_conv2d_setup)
+
+
 def _epilogue_slope(y, act, alpha, gain, clamp):
     """d y / d pre-activation, read off the output (valid for linear / relu / lrelu, gain > 0)."""
     y = y.float()

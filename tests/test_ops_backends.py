@@ -1,0 +1,350 @@
+"""Every fast implementation (Triton, CUDA) matches the reference op: forward, gradients of every
+input, and the double backward, on odd sizes, non-contiguous inputs, fp32 / fp16 / bf16.
+
+Tolerances follow flash-attn's rule: against a float64 truth, the kernel's error may be at most
+a small multiple of the reference op's own error in the same low precision (plus a floor scaled
+to the output). On a machine without a GPU the Triton kernels run in the interpreter
+(TRITON_INTERPRET=1, set by conftest.py) and the CUDA tests skip, saying so.
+"""
+import importlib.util
+
+import pytest
+import torch
+
+from batikfast import backends, ops
+
+HAS_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
+FAST = ["triton", "cuda"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+OP_FILES = {"bias_act", "upfirdn2d", "modulated_conv2d", "diffusion_noise"}
+
+
+def require(impl, op, dtype=torch.float32):
+    """Skip, saying why, when ``impl`` cannot run ``op`` on this machine."""
+    reason = backends.unavailable_reason(impl, DEVICE, dtype)
+    if reason is not None:
+        pytest.skip(f"{impl} cannot run on {DEVICE.type} here: {reason}")
+    # The modulated convolution's resampling and unfused epilogues run on the other kernels.
+    needed = [op] + (["upfirdn2d", "bias_act"] if op == "modulated_conv2d" else [])
+    missing = [name for name in needed if not _triton_kernel_exists(name)]
+    if impl == "triton" and missing:
+        pytest.skip(f"kernels/{missing[0]}.py is not in this checkout")
+
+
+def _triton_kernel_exists(op):
+    try:
+        backends.triton_kernels(op)
+        return True
+    except (ModuleNotFoundError, backends.BackendUnavailableError):
+        return importlib.util.find_spec(f"batikfast.kernels.{op}") is not None
+
+
+def rand(*shape, seed, dtype=torch.float32, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+
+def assert_matches_truth(fast, ref_lowp, truth, factor=4.0, what="output"):
+    """max|fast - truth| <= max(factor * max|ref_lowp - truth|, floor * max|truth|)."""
+    fast, ref_lowp, truth = fast.double(), ref_lowp.double(), truth.double()
+    assert fast.shape == truth.shape, f"{what}: shape {tuple(fast.shape)} != {tuple(truth.shape)}"
+    assert torch.isfinite(fast).all(), f"{what}: non-finite values"
+    scale = truth.abs().max().item() or 1.0
+    fast_err = (fast - truth).abs().max().item()
+    ref_err = (ref_lowp - truth).abs().max().item()
+    allowed = max(factor * ref_err, FLOOR[_lowp_dtype] * scale)
+    assert fast_err <= allowed, (f"{what}: kernel error {fast_err:.3g} > allowed {allowed:.3g} "
+                                 f"(reference error {ref_err:.3g}, scale {scale:.3g})")
+
+
+_lowp_dtype = torch.float32
+
+
+@pytest.fixture(params=DTYPES, ids=["fp32", "fp16", "bf16"])
+def dtype(request):
+    global _lowp_dtype
+    _lowp_dtype = request.param
+    return request.param
+
+
+def run_three_ways(fn, impl, inputs, dtype, upstream_seed=99, second_order=True):
+    """fn under impl, the reference in the same dtypes, and the reference in float64."""
+    results = {}
+    for name, run_impl, to_double in (("fast", impl, False), ("ref", "ref", False),
+                                      ("truth", "ref", True)):
+        leaves = [_fresh_leaf(t, to_double) for t in inputs]
+        diff_leaves = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+        out = fn(*leaves, impl=run_impl)
+        upstream = rand(*out.shape, seed=upstream_seed, dtype=out.dtype)
+        first = torch.autograd.grad(out, diff_leaves, upstream, create_graph=second_order)
+        second = None
+        if second_order:
+            weights = [rand(*g.shape, seed=upstream_seed + 1 + k, dtype=g.dtype)
+                       for k, g in enumerate(first)]
+            total = sum((g.double() * w.double()).sum() for g, w in zip(first, weights))
+            second = torch.autograd.grad(total, diff_leaves, allow_unused=True)
+        results[name] = (out, first, second)
+    return results
+
+
+def _fresh_leaf(t, to_double):
+    if not isinstance(t, torch.Tensor):
+        return t
+    value = t.detach().double() if to_double and t.is_floating_point() else t.detach()
+    return value.requires_grad_(t.requires_grad)
+
+
+def check_three_ways(results, names):
+    fast, ref, truth = results["fast"], results["ref"], results["truth"]
+    assert_matches_truth(fast[0], ref[0], truth[0], what="forward")
+    for name, a, b, c in zip(names, fast[1], ref[1], truth[1]):
+        assert_matches_truth(a, b, c, what=f"d/d{name}")
+    if fast[2] is not None:
+        for name, a, b, c in zip(names, fast[2], ref[2], truth[2]):
+            if c is None:
+                continue
+            a = torch.zeros_like(c) if a is None else a
+            b = torch.zeros_like(c) if b is None else b
+            assert_matches_truth(a, b, c, what=f"second derivative wrt {name}")
+
+
+# ----------------------------------------------------------------------------- bias_act
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("act", list(ops.ACTIVATIONS))
+def test_bias_act_kernels_match_the_reference_to_second_order(impl, act, dtype):
+    require(impl, "bias_act", dtype)
+    x = rand(3, 7, 5, seed=1, dtype=dtype, scale=2).requires_grad_(True)
+    b = rand(7, seed=2, dtype=dtype).requires_grad_(True)
+
+    def fn(x, b, impl):
+        return ops.bias_act(x, b, act=act, clamp=1.5, impl=impl)
+
+    check_three_ways(run_three_ways(fn, impl, [x, b], dtype), ["x", "b"])
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_bias_act_kernels_accept_non_contiguous_input_and_any_dim(impl, dtype):
+    require(impl, "bias_act", dtype)
+    x = rand(5, 6, 9, seed=3, dtype=dtype).transpose(1, 2)[:, ::2]
+    b = rand(x.shape[2], seed=4, dtype=dtype)
+    fast = ops.bias_act(x, b, dim=2, act="lrelu", impl=impl)
+    ref = ops.bias_act(x, b, dim=2, act="lrelu", impl="ref")
+    truth = ops.bias_act(x.double(), b.double(), dim=2, act="lrelu", impl="ref")
+    assert_matches_truth(fast, ref, truth)
+
+
+# ----------------------------------------------------------------------------- upfirdn2d
+
+UPFIRDN_CASES = [
+    (2, 1, [2, 1], [1, 3, 3, 1]),
+    (1, 2, [1, 1], [1, 3, 3, 1]),
+    (1, 1, 1, "2d"),
+    ([3, 1], [1, 2], [2, 0, 1, 3], [1, 2, 1]),
+    (1, 1, [-1, 0, 2, -2], [1, 1]),
+    (2, 2, 0, "2d"),
+]
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("up,down,padding,taps", UPFIRDN_CASES)
+@pytest.mark.parametrize("flip_filter", [False, True])
+def test_upfirdn2d_kernels_match_the_reference_to_second_order(impl, up, down, padding, taps,
+                                                               flip_filter, dtype):
+    require(impl, "upfirdn2d", dtype)
+    if taps == "2d":
+        f = rand(3, 4, seed=5).float()
+    else:
+        f = ops.setup_filter(taps, device=DEVICE, separable=True)
+    x = rand(2, 3, 7, 5, seed=6, dtype=dtype).requires_grad_(True)
+
+    def fn(x, impl):
+        return ops.upfirdn2d(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter,
+                             gain=2.0, impl=impl)
+
+    check_three_ways(run_three_ways(fn, impl, [x], dtype), ["x"])
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_upfirdn2d_kernels_accept_non_contiguous_input(impl, dtype):
+    require(impl, "upfirdn2d", dtype)
+    x = rand(2, 4, 9, 6, seed=7, dtype=dtype).transpose(2, 3)[:, 1:3]
+    f = ops.setup_filter([1, 3, 3, 1], device=DEVICE)
+    fast = ops.upsample2d(x, f, impl=impl)
+    ref = ops.upsample2d(x, f, impl="ref")
+    truth = ops.upsample2d(x.double(), f, impl="ref")
+    assert_matches_truth(fast, ref, truth)
+
+
+# ----------------------------------------------------------------------------- modulated_conv2d
+
+MODCONV_CASES = [
+    # (kernel, up, demodulate, act, with noise, with bias, clamp)
+    (3, 1, True, "lrelu", True, True, 0.8),
+    (3, 1, True, "linear", False, False, None),
+    (1, 1, False, "linear", False, True, None),
+    (3, 1, False, "relu", True, False, None),
+    (3, 2, True, "lrelu", True, True, 0.8),
+    (3, 1, True, "swish", True, True, None),
+]
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("kernel,up,demodulate,act,with_noise,with_bias,clamp", MODCONV_CASES)
+def test_modulated_conv2d_kernels_match_the_reference_to_second_order(
+        impl, kernel, up, demodulate, act, with_noise, with_bias, clamp, dtype):
+    require(impl, "modulated_conv2d", dtype)
+    n, i, o, h, w = 2, 5, 3, 5, 6
+    x = rand(n, i, h, w, seed=8, dtype=dtype).requires_grad_(True)
+    weight = rand(o, i, kernel, kernel, seed=9).requires_grad_(True)
+    styles = (rand(n, i, seed=10) + 1).requires_grad_(True)
+    f = ops.setup_filter([1, 3, 3, 1], device=DEVICE)
+    out_h, out_w = h * up, w * up
+    noise = rand(n, 1, out_h, out_w, seed=11).requires_grad_(True) if with_noise else None
+    bias = rand(o, seed=12).requires_grad_(True) if with_bias else None
+
+    def fn(x, weight, styles, noise, bias, impl):
+        return ops.modulated_conv2d(x, weight, styles, noise=noise, up=up,
+                                    padding=kernel // 2, resample_filter=f,
+                                    demodulate=demodulate, impl=impl, bias=bias, act=act,
+                                    clamp=clamp)
+
+    names = ["x", "weight", "styles"] + (["noise"] if with_noise else []) + (
+        ["bias"] if with_bias else [])
+    check_three_ways(run_three_ways(fn, impl, [x, weight, styles, noise, bias], dtype), names)
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_modulated_conv2d_kernels_accept_non_contiguous_input(impl, dtype):
+    require(impl, "modulated_conv2d", dtype)
+    x = rand(2, 6, 7, 5, seed=13, dtype=dtype).transpose(2, 3)
+    weight = rand(4, 6, 3, 3, seed=14)
+    styles = rand(2, 6, seed=15) + 1
+    fast = ops.modulated_conv2d(x, weight, styles, padding=1, impl=impl)
+    ref = ops.modulated_conv2d(x, weight, styles, padding=1, impl="ref")
+    truth = ops.modulated_conv2d(x.double(), weight.double(), styles.double(), padding=1,
+                                 impl="ref")
+    assert_matches_truth(fast, ref, truth)
+
+
+# ----------------------------------------------------------------------------- diffusion_noise
+
+def schedule(steps=20):
+    betas = torch.linspace(1e-4, 2e-2, steps, dtype=torch.float64)
+    alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
+    return alpha_bar.sqrt().float().to(DEVICE), (1 - alpha_bar).sqrt().float().to(DEVICE)
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_diffusion_noise_kernels_match_the_reference_with_given_noise(impl, dtype):
+    require(impl, "diffusion_noise", dtype)
+    sab, s1mab = schedule()
+    x = rand(3, 3, 5, 7, seed=16, dtype=dtype).requires_grad_(True)
+    noise = rand(3, 3, 5, 7, seed=17, dtype=dtype).requires_grad_(True)
+    t = torch.tensor([0, 7, 20], device=DEVICE)
+
+    def fn(x, noise, impl):
+        return ops.diffusion_noise(x, t, sab, s1mab, noise_std=0.5, noise=noise, impl=impl)
+
+    check_three_ways(run_three_ways(fn, impl, [x, noise], dtype), ["x", "noise"])
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_diffusion_noise_kernels_draw_reproducible_standard_normal_noise(impl):
+    require(impl, "diffusion_noise")
+    sab, s1mab = schedule()
+    x = torch.zeros(8, 3, 32, 33, device=DEVICE)
+    t = torch.full((8,), 20, device=DEVICE)
+    a = ops.diffusion_noise(x, t, sab, s1mab, noise_std=1.0, seed=11, impl=impl)
+    b = ops.diffusion_noise(x, t, sab, s1mab, noise_std=1.0, seed=11, impl=impl)
+    c = ops.diffusion_noise(x, t, sab, s1mab, noise_std=1.0, seed=12, impl=impl)
+    assert torch.equal(a, b), "the same seed must give the same noise"
+    assert not torch.equal(a, c), "different seeds must give different noise"
+    eps = (a / s1mab[20]).double()
+    assert abs(eps.mean().item()) < 0.03 and abs(eps.std().item() - 1) < 0.03
+    # Neighbouring elements must not be correlated (a common counter-indexing mistake).
+    flat = eps.flatten()
+    assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 0.03
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_diffusion_noise_gradient_ignores_the_drawn_noise(impl):
+    require(impl, "diffusion_noise")
+    sab, s1mab = schedule()
+    x = rand(4, 2, 3, 5, seed=18).requires_grad_(True)
+    t = torch.tensor([1, 4, 9, 20], device=DEVICE)
+    (grad,) = torch.autograd.grad(ops.diffusion_noise(x, t, sab, s1mab, seed=3, impl=impl).sum(), x)
+    torch.testing.assert_close(grad, sab[t].reshape(4, 1, 1, 1).expand_as(x))
+
+
+# ----------------------------------------------------------------------------- registration
+
+def _custom_op_samples():
+    sab, s1mab = schedule()
+    x4 = rand(2, 3, 5, 4, seed=19)
+    yield "bias_act", torch.ops.batikfast.bias_act.default, (
+        rand(2, 3, 4, seed=20).requires_grad_(True), rand(3, seed=21), 1, "lrelu", 0.2, 1.4, 0.9)
+    yield "upfirdn2d", torch.ops.batikfast.upfirdn2d.default, (
+        x4.clone().requires_grad_(True), ops.setup_filter([1, 3, 3, 1], device=DEVICE),
+        2, 2, 1, 1, 2, 1, 2, 1, False, 4.0)
+    yield "modulated_conv2d", torch.ops.batikfast.modulated_conv2d.default, (
+        x4.clone().requires_grad_(True), rand(4, 3, 3, 3, seed=22), rand(2, 3, seed=23) + 1,
+        rand(2, 4, seed=24).abs() + 0.5, rand(2, 1, 5, 4, seed=25), rand(4, seed=26), "lrelu",
+        0.2, 1.4, -1.0, 1)
+    yield "diffusion_noise", torch.ops.batikfast.diffusion_noise.default, (
+        x4.clone().requires_grad_(True), sab[:2].contiguous(), s1mab[:2].contiguous(),
+        rand(2, 3, 5, 4, seed=27), torch.tensor(5))
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("op_name", ["bias_act", "upfirdn2d", "modulated_conv2d", "diffusion_noise"])
+def test_custom_ops_pass_torch_library_opcheck(impl, op_name):
+    require(impl, op_name)
+    for name, op, args in _custom_op_samples():
+        if name == op_name:
+            torch.library.opcheck(op, args + (impl,))
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_ops_compile_with_fullgraph_and_no_graph_break(impl):
+    for op in OP_FILES:
+        require(impl, op)
+    torch._dynamo.reset()
+    sab, s1mab = schedule()
+    f = ops.setup_filter([1, 3, 3, 1], device=DEVICE)
+    weight = rand(4, 3, 3, 3, seed=28)
+
+    def block(x, styles, t):
+        y = ops.modulated_conv2d(x, weight, styles, padding=1, impl=impl, bias=None, act="lrelu")
+        y = ops.upfirdn2d(y, f, up=2, padding=[2, 1], gain=4, impl=impl)
+        y = ops.bias_act(y, act="lrelu", impl=impl)
+        return ops.diffusion_noise(y, t, sab, s1mab, seed=1, impl=impl)
+
+    x = rand(2, 3, 5, 5, seed=29).requires_grad_(True)
+    styles = rand(2, 3, seed=30) + 1
+    t = torch.tensor([3, 9], device=DEVICE)
+    backend = "inductor" if HAS_GPU else "aot_eager"
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
+    out = compiled(x, styles, t)
+    torch.testing.assert_close(out, block(x, styles, t), rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_ops_work_under_torch_func_grad(impl):
+    for op in OP_FILES:
+        require(impl, op)
+    weight = rand(4, 3, 3, 3, seed=31)
+    x = rand(2, 3, 5, 5, seed=32)
+    styles = rand(2, 3, seed=33) + 1
+
+    def loss(styles, impl):
+        y = ops.modulated_conv2d(x, weight, styles, padding=1, impl=impl, act="lrelu")
+        return ops.bias_act(y, act="tanh", impl=impl).square().sum()
+
+    fast = torch.func.grad(loss)(styles, impl)
+    ref = torch.func.grad(loss)(styles, "ref")
+    torch.testing.assert_close(fast, ref, rtol=1e-3, atol=1e-3)
