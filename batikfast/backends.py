@@ -156,11 +156,11 @@ def triton_kernels(op: str):
     except ModuleNotFoundError as error:
         if not error.name or not error.name.startswith("batikfast.kernels"):
             raise
-    _load_kernels_from_checkout()
+    register_checkout_kernels()
     return importlib.import_module(f"batikfast.kernels.{op}")
 
 
-def _load_kernels_from_checkout() -> None:
+def register_checkout_kernels() -> None:
     # setup.py maps kernels/ to batikfast.kernels; with PYTHONPATH=<checkout> nothing does.
     package_dir = Path(__file__).resolve().parent.parent / "kernels"
     init = package_dir / "__init__.py"

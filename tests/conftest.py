@@ -11,7 +11,16 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
+
+from batikfast import backends  # noqa: E402
+
+# An install maps kernels/ to batikfast.kernels; a plain checkout on PYTHONPATH or a legacy
+# editable install does not, so register the checkout's kernels/ under that name for the tests.
+if importlib.util.find_spec("batikfast.kernels") is None:
+    backends.register_checkout_kernels()
 
 
 def pytest_report_header(config):
