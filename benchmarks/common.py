@@ -1,0 +1,234 @@
+"""What every benchmark script shares: environment, run metadata, the timer, output folders.
+
+Import this module before anything imports triton: without a GPU it sets
+``TRITON_INTERPRET=1`` so the Triton kernels run (slowly) in the interpreter on the CPU.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    # Run from a checkout without installing: `python benchmarks/run.py`.
+    sys.path.insert(0, str(REPO_ROOT))
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+CPU_LABEL = "CPU (not comparable)"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SCHEMA_VERSION = 1
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if HAS_GPU else "cpu")
+
+
+# --------------------------------------------------------------------------- metadata
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except Exception as error:  # a broken triton install must not stop the CPU reference run
+        return f"unavailable ({type(error).__name__})"
+    return triton.__version__
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    """A folder-safe name for the device: ``nvidia-h100-80gb-hbm3``, ``cpu``."""
+    if device.type != "cuda":
+        return "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    return slug or "gpu"
+
+
+def run_metadata(device: torch.device, argv: list[str] | None = None) -> dict:
+    """Everything needed to tell where and with what a result was measured."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    meta = {
+        "schema": SCHEMA_VERSION,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": device_name(device),
+        "device_type": device.type,
+        "timing": "CUDA events" if device.type == "cuda" else CPU_LABEL,
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "python": platform.python_version(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "") == "1",
+        "argv": list(sys.argv if argv is None else argv),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        meta["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        meta["sm_count"] = props.multi_processor_count
+        meta["compute_capability"] = f"{props.major}.{props.minor}"
+        meta["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        meta["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+    return meta
+
+
+def output_dir(outdir: str | None, device: torch.device) -> Path:
+    """``benchmarks/results/<device-slug>-<YYYY-MM-DD>/`` unless ``outdir`` is given."""
+    if outdir:
+        path = Path(outdir)
+    else:
+        day = datetime.date.today().isoformat()
+        path = REPO_ROOT / "benchmarks" / "results" / f"{device_slug(device)}-{day}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def _json_default(value):
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+# --------------------------------------------------------------------------- timing
+
+@dataclass
+class Timing:
+    """Milliseconds per call: the median and the 20th / 80th percentiles of ``repeats`` runs."""
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+    method: str
+
+
+class Timer:
+    """Times a callable on the GPU with CUDA events, or on the CPU with the wall clock.
+
+    GPU: each timed call follows an L2 flush (a write to a buffer larger than the L2), as
+    ``triton.testing.do_bench`` does, so a kernel never reads its inputs from a cache the
+    previous repeat warmed. Repeats are capped so tiny launch-bound kernels do not take
+    seconds each: between ``min_repeats`` and ``max_repeats``, about ``rep_ms`` of work.
+    """
+
+    def __init__(self, device: torch.device, warmup_ms: float = 25.0, rep_ms: float = 100.0,
+                 min_repeats: int = 10, max_repeats: int = 300, flush_l2: bool = True):
+        self.device = device
+        self.warmup_ms = warmup_ms
+        self.rep_ms = rep_ms
+        self.min_repeats = min_repeats
+        self.max_repeats = max_repeats
+        self._flush_buffer = None
+        if device.type == "cuda" and flush_l2:
+            # 256 MiB is several times the L2 of an H100 / H200 (50 / 60 MiB).
+            self._flush_buffer = torch.empty(2**26, dtype=torch.int32, device=device)
+
+    @property
+    def method(self) -> str:
+        if self.device.type != "cuda":
+            return CPU_LABEL
+        return "CUDA events, L2 flushed" if self._flush_buffer is not None else "CUDA events"
+
+    def __call__(self, fn) -> Timing:
+        if self.device.type == "cuda":
+            return self._time_cuda(fn)
+        return self._time_cpu(fn)
+
+    def _flush(self):
+        if self._flush_buffer is not None:
+            self._flush_buffer.zero_()
+
+    def _time_cuda(self, fn) -> Timing:
+        fn()
+        torch.cuda.synchronize(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            fn()
+        end.record()
+        torch.cuda.synchronize(self.device)
+        estimate = max(start.elapsed_time(end) / 3, 1e-3)
+        for _ in range(max(1, min(int(self.warmup_ms / estimate), self.max_repeats))):
+            fn()
+        repeats = int(min(max(self.rep_ms / estimate, self.min_repeats), self.max_repeats))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        for i in range(repeats):
+            self._flush()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize(self.device)
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        return _summary(times, self.method)
+
+    def _time_cpu(self, fn) -> Timing:
+        fn()
+        times = []
+        budget_end = time.perf_counter() + max(self.rep_ms, 1.0) / 1000 * 5
+        while len(times) < self.max_repeats:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1000)
+            if len(times) >= min(self.min_repeats, 5) and time.perf_counter() > budget_end:
+                break
+        return _summary(times, self.method)
+
+
+def _summary(times: list[float], method: str) -> Timing:
+    ordered = sorted(times)
+
+    def quantile(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+    return Timing(statistics.median(ordered), quantile(0.2), quantile(0.8), len(ordered), method)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fmt_float(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.{digits}g}" if abs(value) < 0.01 else f"{value:.{digits - 1}f}"

@@ -1,0 +1,289 @@
+"""Time every batikfast op in every implementation at the paper256 shapes.
+
+    python benchmarks/run.py                      # GPU: paper256 G and D, batch 16 and 64
+    python benchmarks/run.py --quick              # CPU or GPU: tiny shapes, seconds (CI)
+    python benchmarks/run.py --ops modulated_conv2d --dtype fp16 --batch 64 --budget 120
+    python benchmarks/run.py --train-step         # also the whole training step
+
+For each op, implementation (reference eager, reference under torch.compile, Triton, CUDA),
+mode (forward, forward+backward), shape, batch and dtype it reports the median time with its
+20-80% spread, the speed-up over the eager and the compiled reference, achieved GB/s
+(minimal bytes) and TFLOP/s (convolutions), the fraction of the roofline built from the
+device's own measured ceilings, and the largest deviation from the eager reference.
+Results go to ``benchmarks/results/<device>-<date>/ops.{json,md,png}``; ``plot.py`` redraws
+them from the JSON without a GPU. CPU timings are labelled "CPU (not comparable)".
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402  (sets TRITON_INTERPRET before triton loads)
+from benchmarks.common import DTYPES, Timer, default_device  # noqa: E402
+
+import torch  # noqa: E402
+
+from benchmarks import ceilings as ceilings_mod  # noqa: E402
+from benchmarks import opcases, report, shapes  # noqa: E402
+
+IMPLS = ("ref", "compiled", "triton", "cuda")
+IMPL_LABELS = {"ref": "ref", "compiled": "ref+compile", "triton": "triton", "cuda": "cuda"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", nargs="+", choices=sorted(opcases.OPS), default=None,
+                        help="ops to time (default: all)")
+    parser.add_argument("--backends", nargs="+", choices=IMPLS, default=list(IMPLS),
+                        help="implementations: ref (eager), compiled (ref under torch.compile), "
+                             "triton, cuda")
+    parser.add_argument("--shapes", nargs="+", choices=shapes.SHAPE_SETS, default=None,
+                        help="shape sets (default: paper256-g paper256-d; --quick: tiny)")
+    parser.add_argument("--batch", nargs="+", type=int, default=None,
+                        help="batch sizes (default: 16 64; --quick: 2)")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
+                        help="dtypes (default: fp16 fp32; --quick: fp32)")
+    parser.add_argument("--modes", nargs="+", choices=opcases.MODES, default=list(opcases.MODES))
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes, few repeats, no torch.compile: checks the script works")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile reference")
+    parser.add_argument("--compile", action="store_true",
+                        help="time the compiled reference even with --quick")
+    parser.add_argument("--compile-static", action="store_true",
+                        help="compile one static-shape graph per shape (slower to compile) "
+                             "instead of one dynamic-shape graph per op variant")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds after which no new measurement starts (the rest is "
+                             "recorded as skipped)")
+    parser.add_argument("--rep-ms", type=float, default=None,
+                        help="milliseconds of timed repeats per measurement (default 100)")
+    parser.add_argument("--outdir", default=None,
+                        help="output folder (default benchmarks/results/<device>-<date>)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    parser.add_argument("--train-step", action="store_true",
+                        help="also run benchmarks/train_step.py (whole training step)")
+    parser.add_argument("--no-ceilings", action="store_true",
+                        help="skip measuring copy bandwidth and matmul throughput")
+    args = parser.parse_args(argv)
+    if args.shapes is None:
+        args.shapes = ["tiny"] if args.quick else ["paper256-g", "paper256-d"]
+    if args.batch is None:
+        args.batch = [2] if args.quick else [16, 64]
+    if args.dtype is None:
+        args.dtype = ["fp32"] if args.quick else ["fp16", "fp32"]
+    if args.quick and not args.compile:
+        args.no_compile = True
+    if args.no_compile and "compiled" in args.backends:
+        args.backends = [b for b in args.backends if b != "compiled"]
+    if any(b < 1 for b in args.batch):
+        parser.error(f"--batch must be >= 1, got {args.batch}")
+    return args
+
+
+def _raise_compile_limits() -> None:
+    # Every case compiles the same Python function: without this, dynamo stops recompiling
+    # after 8 variants and silently runs the rest eagerly.
+    config = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 4096))
+
+
+def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``impl`` cannot run here, asked of batikfast.backends; None when it can."""
+    if impl in ("ref", "compiled"):
+        return None
+    try:
+        from batikfast import backends
+    except Exception as error:
+        return f"batikfast.backends does not import ({type(error).__name__}: {error})"
+    ask = getattr(backends, "unavailable_reason", None)
+    if ask is None:
+        return None  # let the op's own error say why
+    try:
+        return ask(impl, device, dtype)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def _describe_error(error: BaseException) -> str:
+    name = type(error).__name__
+    message = " ".join(str(error).split())
+    if len(message) > 300:
+        message = message[:297] + "..."
+    if name == "BackendUnavailableError" or "cannot run this call" in message:
+        return f"unavailable: {message}"
+    missing = getattr(error, "name", None) or ""
+    if isinstance(error, ModuleNotFoundError) and missing.startswith("batikfast"):
+        return f"unavailable: {missing} does not exist yet"
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return "error: out of GPU memory"
+    return f"error: {name}: {message}"
+
+
+def _relative_error(outputs, reference) -> float | None:
+    if outputs is None or reference is None:
+        return None
+    if isinstance(outputs, torch.Tensor):
+        outputs, reference = [outputs], [reference]
+    worst = 0.0
+    for got, want in zip(outputs, reference):
+        if got is None or want is None:
+            continue
+        want32 = want.detach().float()
+        scale = max(want32.abs().max().item(), 1e-6)
+        worst = max(worst, (got.detach().float() - want32).abs().max().item() / scale)
+    return worst
+
+
+class Runner:
+    """Walks shape sets x batches x dtypes x cases x modes x implementations."""
+
+    def __init__(self, args, device: torch.device, timer: Timer, ceilings: dict | None):
+        self.args = args
+        self.device = device
+        self.timer = timer
+        self.ceilings = ceilings
+        self.started = time.perf_counter()
+        self.rows: list[dict] = []
+        self.skipped = 0
+
+    def over_budget(self) -> bool:
+        return (self.args.budget is not None
+                and time.perf_counter() - self.started > self.args.budget)
+
+    def run(self) -> list[dict]:
+        report.print_header()
+        for shape_set in self.args.shapes:
+            cases = [c for c in shapes.cases_for(shape_set)
+                     if self.args.ops is None or c.op in self.args.ops]
+            for batch in self.args.batch:
+                for dtype_name in self.args.dtype:
+                    for case in cases:
+                        for mode in self.args.modes:
+                            self.run_case(case, batch, dtype_name, mode)
+        return self.rows
+
+    def run_case(self, case, batch: int, dtype_name: str, mode: str) -> None:
+        dtype = DTYPES[dtype_name]
+        nbytes, flops = opcases.cost(case, batch, dtype, mode)
+        base = dict(op=case.op, case=case.name, shape_set=case.shape_set, batch=batch,
+                    dtype=dtype_name, mode=mode, shape=case.describe(batch), bytes=nbytes,
+                    flops=flops)
+        rows = []
+        inputs = None
+        reference_outputs = None
+        for impl in self.args.backends:
+            row = dict(base, impl=IMPL_LABELS[impl])
+            rows.append(row)
+            if self.over_budget():
+                row["status"] = "skipped: time budget"
+                self.skipped += 1
+                continue
+            reason = unavailable_reason(impl, self.device, dtype)
+            if reason is not None:
+                row["status"] = f"unavailable: {reason}"
+                continue
+            try:
+                if inputs is None:
+                    torch.manual_seed(0)
+                    inputs = opcases.make_inputs(case, batch, dtype, self.device, mode)
+                outputs = self.measure(row, case, inputs, impl, mode)
+            except Exception as error:  # one broken kernel must not end the whole run
+                row["status"] = _describe_error(error)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            if impl == "ref":
+                reference_outputs = outputs
+            elif opcases.OPS[case.op].deterministic:
+                row["max_rel_err"] = _relative_error(outputs, reference_outputs)
+        self.finish(rows)
+        del inputs, reference_outputs
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def measure(self, row, case, inputs, impl, mode):
+        kernel_impl = "ref" if impl == "compiled" else impl
+        fn = opcases.make_callable(case, inputs, kernel_impl, mode,
+                                   compiled=impl == "compiled",
+                                   dynamic=not self.args.compile_static)
+        begin = time.perf_counter()
+        outputs = fn()
+        common.synchronize(self.device)
+        if impl == "compiled":
+            row["compile_s"] = round(time.perf_counter() - begin, 2)
+        timing = self.timer(fn)
+        row.update(status="ok", ms=timing.median_ms, ms_p20=timing.p20_ms, ms_p80=timing.p80_ms,
+                   repeats=timing.repeats)
+        seconds = timing.median_ms * 1e-3
+        row["gbps"] = row["bytes"] / seconds / 1e9
+        row["tflops"] = row["flops"] / seconds / 1e12 if row["flops"] else None
+        row["frac_roofline"] = ceilings_mod.roofline_fraction(
+            timing.median_ms, row["bytes"], row["flops"], self.ceilings, DTYPES[row["dtype"]])
+        return outputs
+
+    def finish(self, rows: list[dict]) -> None:
+        by_impl = {row["impl"]: row for row in rows if row.get("status") == "ok"}
+        eager, compiled = by_impl.get("ref"), by_impl.get("ref+compile")
+        for row in rows:
+            if row.get("status") == "ok":
+                row["speedup_vs_ref"] = eager["ms"] / row["ms"] if eager else None
+                row["speedup_vs_compiled"] = compiled["ms"] / row["ms"] if compiled else None
+            report.print_row(row)
+            self.rows.append(row)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU visible to torch")
+    if "compiled" in args.backends:
+        _raise_compile_limits()
+    rep_ms = args.rep_ms or (20.0 if args.quick else 100.0)
+    timer = Timer(device, warmup_ms=rep_ms / 4, rep_ms=rep_ms,
+                  min_repeats=3 if device.type == "cpu" else 10)
+    meta = common.run_metadata(device)
+    meta.update(timing=timer.method, quick=args.quick,
+                compile=("off" if "compiled" not in args.backends
+                         else "static shapes" if args.compile_static else "dynamic shapes"),
+                budget_s=args.budget)
+    print(f"batikfast op benchmarks on {meta['device']} ({meta['timing']}); torch {meta['torch']}, "
+          f"triton {meta['triton']}, CUDA {meta['cuda']}, commit {meta['git_commit']}")
+    ceilings = None
+    if not args.no_ceilings:
+        ceilings = ceilings_mod.measure_ceilings(device, timer)
+        print(report.ceilings_line(ceilings, device))
+    runner = Runner(args, device, timer, ceilings)
+    rows = runner.run()
+    meta["skipped_for_budget"] = runner.skipped
+    meta["elapsed_s"] = round(time.perf_counter() - runner.started, 1)
+    payload = dict(meta=meta, ceilings=ceilings, results=rows)
+    outdir = common.output_dir(args.outdir, device)
+    common.write_json(outdir / "ops.json", payload)
+    (outdir / "ops.md").write_text(report.markdown(payload))
+    from benchmarks import plot
+    png_note = plot.plot_ops(payload, outdir / "ops.png")
+    print(f"\nwrote {outdir / 'ops.json'}, {outdir / 'ops.md'}; {png_note}")
+    if runner.skipped:
+        print(f"{runner.skipped} measurements skipped: --budget {args.budget} s reached")
+    if args.train_step:
+        from benchmarks import train_step
+        ts_argv = ["--outdir", str(outdir)] + (["--quick"] if args.quick else [])
+        if args.device:
+            ts_argv += ["--device", args.device]
+        train_step.main(ts_argv)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

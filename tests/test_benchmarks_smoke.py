@@ -1,0 +1,127 @@
+"""The benchmark scripts run end to end on the CPU and write what they promise.
+
+CPU timings mean nothing here; these tests check the plumbing: shapes, byte and FLOP
+counting, the JSON / markdown outputs, labels, and re-plotting from JSON without a GPU.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks import opcases, report, shapes  # noqa: E402
+
+
+def _run(args, tmp_path, timeout=240):
+    env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("bench")
+    stdout = _run([str(REPO / "benchmarks" / "run.py"), "--quick", "--ops", "bias_act",
+                   "upfirdn2d", "--backends", "ref", "triton", "cuda", "--outdir", str(outdir)],
+                  outdir)
+    return outdir, stdout, json.loads((outdir / "ops.json").read_text())
+
+
+def test_quick_run_writes_json_with_provenance_and_ceilings(quick_run):
+    _, _, payload = quick_run
+    meta = payload["meta"]
+    for key in ("device", "torch", "triton", "cuda", "git_commit", "date", "timing"):
+        assert key in meta, key
+    if meta["device_type"] == "cpu":
+        assert meta["timing"] == "CPU (not comparable)"
+    assert payload["ceilings"]["copy_gbps"] > 0
+    assert set(payload["ceilings"]["matmul_tflops"]) == {"bf16", "fp16", "fp32", "tf32"}
+
+
+def test_quick_run_times_every_requested_case_mode_and_implementation(quick_run):
+    _, _, payload = quick_run
+    rows = payload["results"]
+    tiny = [c for c in shapes.tiny_cases() if c.op in ("bias_act", "upfirdn2d")]
+    assert len(rows) == len(tiny) * len(opcases.MODES) * 3
+    for row in rows:
+        assert row["status"] == "ok" or row["status"].startswith(("unavailable:", "error:"))
+        if row["impl"] == "ref":
+            assert row["status"] == "ok"
+            assert row["speedup_vs_ref"] == pytest.approx(1.0)
+            assert row["ms_p20"] <= row["ms"] <= row["ms_p80"]
+            assert row["gbps"] == pytest.approx(row["bytes"] / (row["ms"] * 1e-3) / 1e9)
+
+
+def test_unavailable_implementations_say_why(quick_run):
+    _, _, payload = quick_run
+    if payload["meta"]["device_type"] == "cpu":
+        cuda_rows = [r for r in payload["results"] if r["impl"] == "cuda"]
+        assert cuda_rows and all(r["status"].startswith("unavailable: ") for r in cuda_rows)
+        assert all(len(r["status"]) > len("unavailable: ") + 5 for r in cuda_rows)
+
+
+def test_quick_run_prints_table_and_writes_markdown_labelled_cpu(quick_run):
+    outdir, stdout, payload = quick_run
+    assert "tiny.act" in stdout and "ms" in stdout
+    text = (outdir / "ops.md").read_text()
+    assert text.startswith("# batikfast op benchmarks")
+    assert "| case | shape |" in text and "tiny.up2" in text
+    assert payload["meta"]["torch"] in text
+    if payload["meta"]["device_type"] == "cpu":
+        assert "CPU (not comparable)" in text and "CPU (not comparable)" in stdout
+
+
+def test_plot_rereads_saved_json_without_a_gpu(quick_run, tmp_path):
+    outdir, _, _ = quick_run
+    copy = tmp_path / "ops.json"
+    copy.write_text((outdir / "ops.json").read_text())
+    stdout = _run([str(REPO / "benchmarks" / "plot.py"), str(copy)], tmp_path, timeout=120)
+    assert (tmp_path / "ops.md").read_text() == (outdir / "ops.md").read_text()
+    assert "wrote" in stdout or "matplotlib is not installed" in stdout
+
+
+def test_paper256_channels_follow_channel_base_16384_max_512():
+    assert [shapes.channels(r) for r in shapes.G_RESOLUTIONS] == [512, 512, 512, 512, 256, 128, 64]
+
+
+def test_generator_cases_cover_every_synthesis_layer_once():
+    convs = [c for c in shapes.generator_cases() if c.op == "modulated_conv2d"]
+    # b4: conv1 + torgb; b8..b256: conv0 (up) + conv1 + torgb
+    assert len(convs) == 2 + 6 * 3
+    up = {c.name: c.params for c in convs if c.params["up"] == 2}
+    assert up["G.b64.conv0"]["in_channels"] == 512 and up["G.b64.conv0"]["out_channels"] == 256
+    assert up["G.b64.conv0"]["in_res"] == 32 and up["G.b64.conv0"]["out_res"] == 64
+
+
+def test_minimal_bytes_and_flops_are_counted_by_hand():
+    import torch
+    act = shapes.Case("bias_act", "a", "t", dict(channels=8, res=4, act="lrelu", clamp=256.0))
+    numel = 2 * 8 * 4 * 4
+    assert opcases.cost(act, 2, torch.float16, "fwd") == (2 * (2 * numel + 8), 0)
+    assert opcases.cost(act, 2, torch.float32, "fwd+bwd") == (4 * (5 * numel + 3 * 8), 0)
+    up = shapes.Case("upfirdn2d", "u", "t", dict(channels=3, res=8, mode="up2"))
+    assert opcases.cost(up, 1, torch.float32, "fwd")[0] == 4 * (3 * 64 + 3 * 256)
+    conv = [c for c in shapes.generator_cases() if c.name == "G.b64.conv1"][0]
+    _, flops = opcases.cost(conv, 16, torch.float16, "fwd")
+    assert flops == 2 * 16 * 64 * 64 * 256 * 256 * 9
+    assert opcases.cost(conv, 16, torch.float16, "fwd+bwd")[1] == 3 * flops
+    down = [c for c in shapes.discriminator_cases() if c.name == "D.b128.conv1"][0]
+    assert opcases.cost(down, 4, torch.float32, "fwd")[1] == 2 * 4 * 64 * 64 * 256 * 128 * 9
+
+
+def test_summed_times_compare_only_cases_every_implementation_finished():
+    def row(case, impl, ms, status="ok"):
+        return dict(shape_set="s", batch=1, dtype="fp16", mode="fwd", op="o", case=case,
+                    impl=impl, ms=ms, status=status)
+    rows = [row("a", "ref", 2.0), row("a", "triton", 1.0), row("b", "ref", 4.0),
+            row("b", "triton", None, status="error: boom")]
+    sums = report.summed_times(rows)
+    (entry,) = sums.values()
+    assert entry["cases"] == 1 and entry["ms"] == {"ref": 2.0, "triton": 1.0}
