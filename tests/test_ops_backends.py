@@ -6,39 +6,14 @@ a small multiple of the reference op's own error in the same low precision (plus
 to the output). On a machine without a GPU the Triton kernels run in the interpreter
 (TRITON_INTERPRET=1, set by conftest.py) and the CUDA tests skip, saying so.
 """
-import importlib.util
-
 import pytest
 import torch
 
-from batikfast import backends, ops
-
-HAS_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
-FAST = ["triton", "cuda"]
+from batikfast import ops
+from tests._support import DEVICE, FAST_IMPLS as FAST, HAS_GPU, require
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 OP_FILES = {"bias_act", "upfirdn2d", "modulated_conv2d", "diffusion_noise"}
-
-
-def require(impl, op, dtype=torch.float32):
-    """Skip, saying why, when ``impl`` cannot run ``op`` on this machine."""
-    reason = backends.unavailable_reason(impl, DEVICE, dtype)
-    if reason is not None:
-        pytest.skip(f"{impl} cannot run on {DEVICE.type} here: {reason}")
-    # The modulated convolution's resampling and unfused epilogues run on the other kernels.
-    needed = [op] + (["upfirdn2d", "bias_act"] if op == "modulated_conv2d" else [])
-    missing = [name for name in needed if not _triton_kernel_exists(name)]
-    if impl == "triton" and missing:
-        pytest.skip(f"kernels/{missing[0]}.py is not in this checkout")
-
-
-def _triton_kernel_exists(op):
-    try:
-        backends.triton_kernels(op)
-        return True
-    except (ModuleNotFoundError, backends.BackendUnavailableError):
-        return importlib.util.find_spec(f"batikfast.kernels.{op}") is not None
 
 
 def rand(*shape, seed, dtype=torch.float32, scale=1.0):

@@ -1,0 +1,118 @@
+"""Property-based: any argument combination either gives the reference's answer or a clear error.
+
+Hypothesis draws shapes, factors, paddings, filters and dtypes, including edge sizes (1x1
+images, one channel, batch 1). The reference is checked against explicit loops; each fast
+implementation that can run here is checked against the reference.
+"""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from batikfast import ops
+from tests._support import DEVICE, HAS_GPU, require
+from tests.test_ops_reference import explicit_upfirdn2d
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+FAST_EXAMPLES = 60 if HAS_GPU else 15  # the Triton interpreter is slow on the CPU
+
+factor = st.integers(1, 3)
+pad = st.integers(-3, 4)
+
+
+@st.composite
+def upfirdn2d_calls(draw):
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 9)),
+             draw(st.integers(1, 9)))
+    separable = draw(st.booleans())
+    taps = draw(st.integers(1, 4))
+    fshape = (taps,) if separable else (taps, draw(st.integers(1, 4)))
+    return dict(shape=shape, fshape=fshape, up=[draw(factor), draw(factor)],
+                down=[draw(factor), draw(factor)], padding=[draw(pad) for _ in range(4)],
+                flip_filter=draw(st.booleans()), gain=draw(st.sampled_from([1.0, 0.5, 3.0])),
+                seed=draw(st.integers(0, 2 ** 31)))
+
+
+def make_inputs(call, dtype=torch.float64):
+    g = torch.Generator().manual_seed(call["seed"])
+    x = torch.randn(call["shape"], generator=g, dtype=torch.float64)
+    f = torch.randn(call["fshape"], generator=g, dtype=torch.float64).float()
+    return x.to(DEVICE, dtype), f.to(DEVICE)
+
+
+def output_is_empty(call):
+    x_shape, f_shape = call["shape"], call["fshape"]
+    fw = f_shape[-1]
+    fh = f_shape[0]
+    (upx, upy), (px0, px1, py0, py1) = call["up"], call["padding"]
+    return x_shape[3] * upx + px0 + px1 < fw or x_shape[2] * upy + py0 + py1 < fh
+
+
+def run(call, x, f, impl):
+    return ops.upfirdn2d(x, f, up=call["up"], down=call["down"], padding=call["padding"],
+                         flip_filter=call["flip_filter"], gain=call["gain"], impl=impl)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(upfirdn2d_calls())
+def test_reference_upfirdn2d_equals_explicit_loops_or_refuses_empty_outputs(call):
+    x, f = make_inputs(call)
+    if output_is_empty(call):
+        with pytest.raises(ValueError, match="output would be empty"):
+            run(call, x, f, "ref")
+        return
+    expected = explicit_upfirdn2d(x.cpu(), f.cpu(), call["up"], call["down"], call["padding"],
+                                  call["flip_filter"], call["gain"])
+    torch.testing.assert_close(run(call, x, f, "ref").cpu(), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_fast_upfirdn2d_equals_the_reference_for_any_arguments(impl, dtype):
+    require(impl, "upfirdn2d", dtype)
+
+    @settings(max_examples=FAST_EXAMPLES, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(upfirdn2d_calls())
+    def check(call):
+        if output_is_empty(call):
+            return
+        x, f = make_inputs(call, dtype)
+        fast = run(call, x, f, impl).double()
+        truth = run(call, x.double(), f, "ref")
+        scale = truth.abs().max().item() or 1.0
+        assert (fast - truth).abs().max().item() <= TOLERANCE[dtype] * scale * 4
+
+    check()
+
+
+@st.composite
+def bias_act_calls(draw):
+    rank = draw(st.integers(1, 4))
+    shape = [draw(st.integers(1, 6)) for _ in range(rank)]
+    return dict(shape=shape, dim=draw(st.integers(0, rank - 1)),
+                act=draw(st.sampled_from(sorted(ops.ACTIVATIONS))),
+                with_bias=draw(st.booleans()),
+                clamp=draw(st.sampled_from([None, -1, 0.0, 0.3, 2.0])),
+                gain=draw(st.sampled_from([None, 0.5, 2.0])), seed=draw(st.integers(0, 2 ** 31)))
+
+
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_fast_bias_act_equals_the_reference_for_any_rank_axis_and_options(impl):
+    require(impl, "bias_act")
+
+    @settings(max_examples=FAST_EXAMPLES, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(bias_act_calls())
+    def check(call):
+        g = torch.Generator().manual_seed(call["seed"])
+        x = (torch.randn(call["shape"], generator=g) * 2).to(DEVICE)
+        b = torch.randn(call["shape"][call["dim"]], generator=g).to(DEVICE) \
+            if call["with_bias"] else None
+        kwargs = dict(dim=call["dim"], act=call["act"], gain=call["gain"], clamp=call["clamp"])
+        fast = ops.bias_act(x, b, impl=impl, **kwargs)
+        ref = ops.bias_act(x.double(), None if b is None else b.double(), impl="ref", **kwargs)
+        torch.testing.assert_close(fast.double(), ref, rtol=1e-5, atol=1e-5)
+
+    check()
