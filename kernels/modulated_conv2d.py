@@ -40,6 +40,7 @@ full extra read and write of x on the bandwidth-bound layers. The output takes x
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
@@ -54,7 +55,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _modulated_conv2d_fwd_kernel(
         x_ptr, w_ptr, in_scale_ptr, out_scale_ptr, noise_ptr, bias_ptr, y_ptr,
-        I, H, W, O, Ho, Wo, M, padding,
+        N, I, H, W, O, Ho, Wo, M, padding,
         stride_xn, stride_xc, stride_xh, stride_xw,
         stride_wh, stride_ww, stride_wi, stride_wo,
         stride_sn, stride_si,
@@ -66,9 +67,15 @@ def _modulated_conv2d_fwd_kernel(
         KH: tl.constexpr, KW: tl.constexpr,
         HAS_OUT_SCALE: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr,
         ACT: tl.constexpr, HAS_CLAMP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        DOT_IN_FP32: tl.constexpr, SCALE_SAMPLES: tl.constexpr, EVEN_K: tl.constexpr,
+        STORE_ROWS_FASTEST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[n,o,oy,ox] = clamp(act(out_scale[n,o] * sum_{i,ky,kx} x[n,i,oy+ky-p,ox+kx-p] * in_scale[n,i]
-    * w[ky,kx,i,o] + noise[n,oy,ox] + bias[o], alpha) * gain); w is the weight laid out [kh,kw,I,O]."""
+    * w[ky,kx,i,o] + noise[n,oy,ox] + bias[o], alpha) * gain); w is the weight laid out [kh,kw,I,O].
+
+    SCALE_SAMPLES: how many samples a row tile can touch (from the image size and BLOCK_M); up to 4
+    the styles are read as that many vectors and selected per row, beyond as a per-row gather.
+    """
     num_n_tiles = tl.cdiv(O, BLOCK_N)
     # Output-channel tiles of one row block are neighbours in launch order, so they share the
     # x tile through L2; the whole (re-laid-out) weight is small enough to stay in L2.
@@ -86,11 +93,13 @@ def _modulated_conv2d_fwd_kernel(
     oy = pix // Wo
     ox = pix - oy * Wo
     x_row = x_ptr + n * stride_xn + (oy - padding) * stride_xh + (ox - padding) * stride_xw
-    scale_row = in_scale_ptr + n * stride_sn
+    first_sample = (pid_m * BLOCK_M) // pixels
 
     ks = tl.arange(0, BLOCK_K)
     channel_blocks = tl.cdiv(I, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # One flat loop over (tap, channel block): Triton's software pipeliner only overlaps the
+    # loads of the innermost loop, so a nested tap loop would restart the pipeline per tap.
     for step in range(0, KH * KW * channel_blocks):
         tap = step // channel_blocks
         i0 = (step - tap * channel_blocks) * BLOCK_K
@@ -100,15 +109,18 @@ def _modulated_conv2d_fwd_kernel(
         ix = ox + (kx - padding)
         inside = row_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
         chan = i0 + ks
-        chan_ok = chan < I
-        a_mask = inside[:, None] & chan_ok[None, :]
+        if EVEN_K:
+            chan_ok = tl.full((BLOCK_K,), True, tl.int1)
+        else:
+            chan_ok = chan < I
         a = tl.load(x_row[:, None] + (ky * stride_xh + kx * stride_xw)
-                    + chan[None, :].to(tl.int64) * stride_xc, mask=a_mask, other=0.0)
-        s = tl.load(scale_row[:, None] + chan[None, :] * stride_si,
-                    mask=row_ok[:, None] & chan_ok[None, :], other=0.0)
-        a = (a.to(tl.float32) * s.to(tl.float32)).to(w_ptr.dtype.element_ty)
-        w_tile = w_ptr + ky * stride_wh + kx * stride_ww
-        b = tl.load(w_tile + chan[:, None].to(tl.int64) * stride_wi + cols[None, :] * stride_wo,
+                    + chan[None, :].to(tl.int64) * stride_xc,
+                    mask=inside[:, None] & chan_ok[None, :], other=0.0)
+        s = _load_styles(in_scale_ptr, n, row_ok, first_sample, N, chan, chan_ok, stride_sn,
+                         stride_si, SCALE_SAMPLES)
+        a = (a.to(tl.float32) * s).to(w_ptr.dtype.element_ty)
+        b = tl.load(w_ptr + ky * stride_wh + kx * stride_ww + chan[:, None].to(tl.int64) * stride_wi
+                    + cols[None, :] * stride_wo,
                     mask=chan_ok[:, None] & col_ok[None, :], other=0.0)
         if DOT_IN_FP32:
             # Operands already rounded to their dtype; the fp32 product of two of them is exact.
@@ -132,9 +144,36 @@ def _modulated_conv2d_fwd_kernel(
     if HAS_CLAMP:
         acc = tl.minimum(tl.maximum(acc, -clamp), clamp)
 
-    y_ptrs = (y_ptr + (n * stride_yn + oy * stride_yh + ox * stride_yw)[:, None]
-              + cols[None, :].to(tl.int64) * stride_yc)
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    row_offsets = n * stride_yn + oy * stride_yh + ox * stride_yw
+    col_offsets = cols.to(tl.int64) * stride_yc
+    out = acc.to(y_ptr.dtype.element_ty)
+    if STORE_ROWS_FASTEST:
+        # NCHW output: neighbouring rows (ox) are neighbouring addresses, so the tile is stored
+        # transposed for the warp's threads to run along rows and the stores to coalesce.
+        tl.store(y_ptr + col_offsets[:, None] + row_offsets[None, :], tl.trans(out),
+                 mask=col_ok[:, None] & row_ok[None, :])
+    else:
+        tl.store(y_ptr + row_offsets[:, None] + col_offsets[None, :], out,
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _load_styles(in_scale_ptr, n, row_ok, first_sample, N, chan, chan_ok, stride_sn, stride_si,
+                 SCALE_SAMPLES: tl.constexpr):
+    """in_scale[n[m], chan[k]] as a [BLOCK_M, BLOCK_K] fp32 block."""
+    chan_offsets = chan * stride_si
+    if SCALE_SAMPLES > 4:
+        s = tl.load(in_scale_ptr + n[:, None] * stride_sn + chan_offsets[None, :],
+                    mask=row_ok[:, None] & chan_ok[None, :], other=0.0).to(tl.float32)
+    else:
+        s = tl.load(in_scale_ptr + first_sample * stride_sn + chan_offsets, mask=chan_ok,
+                    other=0.0).to(tl.float32)[None, :]
+        for j in tl.static_range(1, SCALE_SAMPLES):
+            sample = first_sample + j
+            s_j = tl.load(in_scale_ptr + sample * stride_sn + chan_offsets,
+                          mask=chan_ok & (sample < N), other=0.0).to(tl.float32)
+            s = tl.where((n == sample)[:, None], s_j[None, :], s)
+    return s
 
 
 class _Config(NamedTuple):
@@ -216,6 +255,11 @@ def modulated_conv2d_forward(x, weight, in_scale, out_scale, noise, bias, act, a
     # [kh, kw, I, O]: B tiles become rows contiguous along o; the cast happens here once instead
     # of in every tile that reads the weight.
     w_kkio = weight.permute(2, 3, 1, 0).to(x.dtype).contiguous()
+    # Channels-last x makes each A-tile row I contiguous elements: vectorised loads that the
+    # pipeliner can issue asynchronously. NCHW rows are only contiguous along ox, which Triton
+    # cannot see through the (n, oy, ox) decomposition, so it would load element by element.
+    # A no-op when x is already channels-last (keep activations so to skip this copy).
+    x = x.contiguous(memory_format=torch.channels_last)
     config = _choose_config(rows, in_channels, out_channels, x.dtype, x.device)
     _launch(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, clamp, padding,
             config)
@@ -234,13 +278,15 @@ def _launch(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, cl
     noise_strides = (noise.stride(0), noise.stride(2), noise.stride(3)) if noise is not None \
         else (0, 0, 0)
     fp32 = x.dtype == torch.float32
+    pixels = out_h * out_w
+    scale_samples = (pixels - math.gcd(config.block_m, pixels) + config.block_m - 1) // pixels + 1
     grid = (triton.cdiv(rows, config.block_m) * triton.cdiv(out_channels, config.block_n),)
     _modulated_conv2d_fwd_kernel[grid](
         x, w_kkio, in_scale,
         out_scale if out_scale is not None else dummy,
         noise if noise is not None else dummy,
         bias if bias is not None else dummy, y,
-        in_channels, height, width, out_channels, out_h, out_w, rows, int(padding),
+        batch, in_channels, height, width, out_channels, out_h, out_w, rows, int(padding),
         *x.stride(), *w_kkio.stride(), *in_scale.stride(), *out_scale_strides, *noise_strides,
         bias.stride(0) if bias is not None else 0, *y.stride(),
         float(alpha) if alpha is not None else 0.0, float(gain) if gain is not None else 1.0,
@@ -250,6 +296,8 @@ def _launch(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, cl
         DOT_PRECISION="tf32" if fp32 and not _interpreting() else "ieee",
         # Triton 3.8's interpreter multiplies bf16 blocks as their raw uint16 bits.
         DOT_IN_FP32=x.dtype == torch.bfloat16 and _interpreting(),
+        SCALE_SAMPLES=min(scale_samples, batch), EVEN_K=in_channels % config.block_k == 0,
+        STORE_ROWS_FASTEST=y.stride(1) != 1 and y.stride(3) == 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
 
