@@ -231,17 +231,18 @@ def cost(case: Case, batch: int, dtype: torch.dtype, mode: str) -> tuple[int, in
 
 
 def make_callable(case: Case, inputs: dict, impl: str, mode: str, compiled: bool = False,
-                  dynamic: bool = True):
+                  dynamic: bool = True, call=None):
     """A no-argument function running one forward (or forward+backward) of the case.
 
     ``compiled`` wraps the whole call (the reference's ops) in ``torch.compile``; the
-    backward then runs the compiled backward graph AOTAutograd made.
+    backward then runs the compiled backward graph AOTAutograd made. ``call(inputs, impl,
+    case)`` replaces the op's own call (the NVIDIA peer comparison uses it).
     """
-    spec = OPS[case.op]
+    call = call or OPS[case.op].call
     names = sorted(k for k, v in inputs.items() if isinstance(v, torch.Tensor))
 
     def forward(*tensors):
-        return spec.call(dict(inputs, **dict(zip(names, tensors))), impl, case)
+        return call(dict(inputs, **dict(zip(names, tensors))), impl, case)
 
     if compiled:
         forward = torch.compile(forward, dynamic=dynamic)
@@ -257,6 +258,9 @@ def make_callable(case: Case, inputs: dict, impl: str, mode: str, compiled: bool
     def run_with_backward():
         y = forward(*tensors)
         if "dy" not in state:
-            state["dy"] = torch.randn_like(y)
+            # Seeded so every implementation differentiates the same upstream gradient.
+            generator = torch.Generator(device=y.device).manual_seed(1)
+            state["dy"] = torch.randn(y.shape, generator=generator, device=y.device,
+                                      dtype=y.dtype)
         return torch.autograd.grad(y, wrt, state["dy"])
     return run_with_backward

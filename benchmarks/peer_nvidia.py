@@ -1,0 +1,324 @@
+"""batikfast side by side with NVIDIA's StyleGAN2-ADA / StyleGAN3 ops at the same shapes.
+
+    python benchmarks/peer_nvidia.py --nvidia-path .peer/stylegan3 [--batch 16 64] [--dtype fp16]
+
+NVIDIA's code is imported from ``--nvidia-path`` (a checkout of NVlabs/stylegan3 or
+NVlabs/stylegan2-ada-pytorch, kept in the git-ignored ``.peer/``); none of it is in this
+repository. Compared per layer: ``bias_act``, ``upsample2d`` / ``downsample2d``, the synthesis
+layer (their ``modulated_conv2d`` with ``fused_modconv=False`` as in training, then
+``bias_act``) and the discriminator's ``conv2d_resample``.
+
+Their ops JIT-compile a CUDA plugin on first use. When that fails, StyleGAN2-ADA warns and
+falls back to its reference, StyleGAN3 raises; either way this script records which path ran,
+``nvidia-cuda`` (plugin loaded) or ``nvidia-ref`` with the reason, and never passes the
+reference off as their plugin. Each batikfast row also gives its largest deviation from
+NVIDIA's result: a check that the two compute the same thing.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import types
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.common import DTYPES, Timer, default_device, fmt_float  # noqa: E402
+
+import torch  # noqa: E402
+
+from benchmarks import opcases, shapes  # noqa: E402
+from benchmarks.run import _describe_error, _relative_error, unavailable_reason  # noqa: E402
+
+PEER_OPS = ("bias_act", "upfirdn2d", "modulated_conv2d", "conv2d_resample")
+OURS = ("ref", "triton", "cuda")
+
+
+# --------------------------------------------------------------------------- NVIDIA's code
+
+def _shim_pkg_resources() -> None:
+    # Their conv2d_gradfix imports pkg_resources.parse_version, gone from recent setuptools.
+    try:
+        import pkg_resources  # noqa: F401
+        return
+    except ImportError:
+        pass
+    try:
+        from packaging.version import parse as parse_version
+    except ImportError:
+        def parse_version(text):
+            return tuple(int(p) for p in text.split("+")[0].split(".")[:3] if p.isdigit())
+    sys.modules["pkg_resources"] = types.SimpleNamespace(parse_version=parse_version)
+
+
+class Nvidia:
+    """NVIDIA's ops, and which of their paths (CUDA plugin or reference) each one runs."""
+
+    def __init__(self, path: str, device: torch.device):
+        root = Path(path).resolve()
+        if not (root / "torch_utils" / "ops" / "bias_act.py").exists():
+            raise SystemExit(f"--nvidia-path {path}: no torch_utils/ops/bias_act.py there; give "
+                             "a checkout of NVlabs/stylegan3 or NVlabs/stylegan2-ada-pytorch")
+        sys.path.insert(0, str(root))
+        _shim_pkg_resources()
+        from torch_utils.ops import bias_act, conv2d_resample, upfirdn2d
+        try:
+            from training.networks_stylegan2 import modulated_conv2d  # StyleGAN3 layout
+            self.flavour = "stylegan3"
+        except ImportError:
+            from training.networks import modulated_conv2d  # StyleGAN2-ADA layout
+            self.flavour = "stylegan2-ada-pytorch"
+        self.root = root
+        self.bias_act_module, self.upfirdn2d_module = bias_act, upfirdn2d
+        self.conv2d_resample = conv2d_resample.conv2d_resample
+        self.modulated_conv2d = modulated_conv2d
+        self.paths = {"bias_act": self._init_plugin(bias_act, device),
+                      "upfirdn2d": self._init_plugin(upfirdn2d, device)}
+
+    @staticmethod
+    def _init_plugin(module, device: torch.device) -> tuple[str, str]:
+        """("cuda" | "ref", why), after trying to build the plugin once."""
+        if device.type != "cuda":
+            result = ("ref", "CPU tensors: NVIDIA's ops run their reference")
+        else:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    ok = module._init()
+                    error = None
+                except Exception as exc:  # StyleGAN3 raises when the build fails
+                    ok, error = False, exc
+            if ok and getattr(module, "_plugin", None) is not None:
+                return "cuda", "CUDA plugin loaded"
+            why = (f"plugin build failed: {type(error).__name__}: {error}" if error is not None
+                   else "; ".join(str(w.message) for w in caught) or "plugin init returned False")
+            result = ("ref", " ".join(why.split())[:300])
+        # Make every later call take their reference at once instead of retrying the build.
+        module._init = lambda: False
+        return result
+
+    def path_of(self, op: str) -> tuple[str, str]:
+        if op == "bias_act":
+            return self.paths["bias_act"]
+        if op == "upfirdn2d":
+            return self.paths["upfirdn2d"]
+        # The convolutions use both (modulated_conv2d: upfirdn2d + bias_act epilogue).
+        kinds = {kind for kind, _ in self.paths.values()}
+        if kinds == {"cuda"}:
+            return "cuda", "CUDA plugins loaded"
+        return "ref", "; ".join(f"{op}: {why}" for op, (k, why) in self.paths.items() if k != "cuda")
+
+    def call(self, inputs: dict, impl: str, case) -> torch.Tensor:
+        p = case.params
+        if case.op == "bias_act":
+            return self.bias_act_module.bias_act(inputs["x"], inputs["b"], dim=1, act=p["act"],
+                                                 clamp=p["clamp"], impl=impl)
+        if case.op == "upfirdn2d":
+            if p["mode"] == "up2":
+                return self.upfirdn2d_module.upsample2d(inputs["x"], inputs["f"], up=2, impl=impl)
+            return self.upfirdn2d_module.downsample2d(inputs["x"], inputs["f"], down=2,
+                                                      impl=impl)
+        if case.op == "modulated_conv2d":
+            x = self.modulated_conv2d(
+                x=inputs["x"], weight=inputs["weight"], styles=inputs["styles"],
+                noise=inputs["noise"], up=p["up"], padding=p["kernel"] // 2,
+                resample_filter=inputs["f"], demodulate=p["demodulate"],
+                flip_weight=p["up"] == 1, fused_modconv=False)
+            return self.bias_act_module.bias_act(x, inputs["bias"], act=p["act"],
+                                                 clamp=p["clamp"], impl=impl)
+        if case.op == "conv2d_resample":
+            return self.conv2d_resample(x=inputs["x"], w=inputs["w"], f=inputs["f"],
+                                        down=p["down"], padding=p["kernel"] // 2,
+                                        flip_weight=True)
+        raise ValueError(f"NVIDIA has no counterpart of {case.op}")
+
+
+# --------------------------------------------------------------------------- run
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nvidia-path", required=True,
+                        help="checkout of NVlabs/stylegan3 or stylegan2-ada-pytorch")
+    parser.add_argument("--ops", nargs="+", choices=PEER_OPS, default=list(PEER_OPS))
+    parser.add_argument("--backends", nargs="+", choices=OURS, default=list(OURS),
+                        help="batikfast implementations to put beside NVIDIA's")
+    parser.add_argument("--shapes", nargs="+", choices=shapes.SHAPE_SETS, default=None)
+    parser.add_argument("--batch", nargs="+", type=int, default=None)
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None)
+    parser.add_argument("--modes", nargs="+", choices=opcases.MODES, default=list(opcases.MODES))
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU check)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds after which no new measurement starts")
+    parser.add_argument("--rep-ms", type=float, default=None)
+    parser.add_argument("--outdir", default=None)
+    args = parser.parse_args(argv)
+    args.shapes = args.shapes or (["tiny"] if args.quick else ["paper256-g", "paper256-d"])
+    args.batch = args.batch or ([2] if args.quick else [16, 64])
+    args.dtype = args.dtype or (["fp32"] if args.quick else ["fp16", "fp32"])
+    return args
+
+
+def _measure(timer, device, row, fn):
+    outputs = fn()
+    common.synchronize(device)
+    timing = timer(fn)
+    row.update(status="ok", ms=timing.median_ms, ms_p20=timing.p20_ms, ms_p80=timing.p80_ms,
+               repeats=timing.repeats, gbps=row["bytes"] / (timing.median_ms * 1e-3) / 1e9,
+               tflops=(row["flops"] / (timing.median_ms * 1e-3) / 1e12) if row["flops"] else None)
+    return outputs
+
+
+def run(args, nvidia: Nvidia, device: torch.device, timer: Timer) -> list[dict]:
+    started = time.perf_counter()
+    rows = []
+    _print_header()
+    for shape_set in args.shapes:
+        cases = [c for c in shapes.cases_for(shape_set) if c.op in args.ops]
+        for batch in args.batch:
+            for dtype_name in args.dtype:
+                dtype = DTYPES[dtype_name]
+                for case in cases:
+                    for mode in args.modes:
+                        nbytes, flops = opcases.cost(case, batch, dtype, mode)
+                        base = dict(op=case.op, case=case.name, shape_set=shape_set, batch=batch,
+                                    dtype=dtype_name, mode=mode, shape=case.describe(batch),
+                                    bytes=nbytes, flops=flops)
+                        if args.budget is not None and time.perf_counter() - started > args.budget:
+                            rows.append(dict(base, impl="all", status="skipped: time budget"))
+                            continue
+                        rows += _run_case(args, nvidia, device, timer, case, batch, dtype, mode,
+                                          base)
+    return rows
+
+
+def _run_case(args, nvidia, device, timer, case, batch, dtype, mode, base):
+    torch.manual_seed(0)
+    inputs = opcases.make_inputs(case, batch, dtype, device, mode)
+    kind, why = nvidia.path_of(case.op)
+    peer = dict(base, impl=f"nvidia-{kind}", path_note=why)
+    rows = [peer]
+    peer_outputs = None
+    try:
+        fn = opcases.make_callable(case, inputs, kind, mode, call=nvidia.call)
+        peer_outputs = _measure(timer, device, peer, fn)
+    except Exception as error:
+        peer["status"] = _describe_error(error)
+    for impl in args.backends:
+        row = dict(base, impl=f"batikfast-{impl}")
+        rows.append(row)
+        reason = unavailable_reason(impl, device, dtype)
+        if reason is not None:
+            row["status"] = f"unavailable: {reason}"
+            continue
+        try:
+            outputs = _measure(timer, device, row, opcases.make_callable(case, inputs, impl, mode))
+        except Exception as error:
+            row["status"] = _describe_error(error)
+            continue
+        row["max_rel_err_vs_nvidia"] = _relative_error(outputs, peer_outputs)
+        if peer.get("status") == "ok":
+            row["speedup_vs_nvidia"] = peer["ms"] / row["ms"]
+    for row in rows:
+        _print_row(row)
+    del inputs, peer_outputs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+_WIDTHS = (18, 5, 7, 16, 8, 15, 9, 8, 8)
+
+
+def _print_header():
+    names = ("case", "dtype", "mode", "impl", "ms", "p20-p80", "x nvidia", "GB/s", "TFLOP/s")
+    print(" ".join(f"{n:<{w}}" for n, w in zip(names, _WIDTHS)) + " err-vs-nvidia / status")
+
+
+def _print_row(row):
+    ok = row.get("status") == "ok"
+    speedup = row.get("speedup_vs_nvidia")
+    values = (row["case"], row["dtype"], row["mode"], row["impl"],
+              fmt_float(row.get("ms")) if ok else "-",
+              f"{fmt_float(row['ms_p20'])}-{fmt_float(row['ms_p80'])}" if ok else "-",
+              f"{speedup:.2f}x" if speedup else "-",
+              fmt_float(row.get("gbps")) if ok else "-", fmt_float(row.get("tflops")))
+    tail = row.get("status") if not ok else (
+        f"{row['max_rel_err_vs_nvidia']:.1e}" if row.get("max_rel_err_vs_nvidia") is not None
+        else row.get("path_note", ""))
+    print(" ".join(f"{str(v)[:w]:<{w}}" for v, w in zip(values, _WIDTHS)) + f" {tail}",
+          flush=True)
+
+
+def markdown(payload: dict) -> str:
+    meta, rows = payload["meta"], payload["results"]
+    out = [f"# batikfast vs NVIDIA {meta['nvidia_flavour']} ops: {meta['device']}", ""]
+    if meta.get("device_type") != "cuda":
+        out += [f"**{common.CPU_LABEL}**: checks the script only.", ""]
+    out += [f"- date {meta['date']}, batikfast commit `{meta.get('git_commit')}`, NVIDIA code "
+            f"from `{meta['nvidia_path']}` ({meta['nvidia_flavour']})",
+            f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; "
+            f"timing: {meta['timing']}",
+            "- NVIDIA paths that ran: " + "; ".join(
+                f"{op}: **{kind}** ({why})" for op, (kind, why) in meta["nvidia_paths"].items()),
+            "", "Each cell: median ms, speed-up over NVIDIA's path that ran, and the largest "
+            "deviation from NVIDIA's result relative to its largest value.", ""]
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["shape_set"], row["batch"], row["dtype"], row["mode"]), []).append(row)
+    impls = list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "all"))
+    for (shape_set, batch, dtype, mode), group in groups.items():
+        out += [f"## {shape_set}, batch {batch}, {dtype}, {mode}", "",
+                "| case | shape | " + " | ".join(impls) + " |", "|---|---|" + "---|" * len(impls)]
+        by_case = {}
+        for row in group:
+            by_case.setdefault(row["case"], {})[row["impl"]] = row
+        for case, cells in by_case.items():
+            shape = next(iter(cells.values()))["shape"]
+            out.append(f"| {case} | {shape} | " + " | ".join(_cell(cells.get(i)) for i in impls)
+                       + " |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def _cell(row) -> str:
+    if row is None:
+        return "-"
+    if row.get("status") != "ok":
+        return row.get("status", "-").split(":")[0]
+    text = f"{fmt_float(row['ms'])} ms"
+    if row.get("speedup_vs_nvidia"):
+        text += f"<br>{row['speedup_vs_nvidia']:.2f}x"
+    err = row.get("max_rel_err_vs_nvidia")
+    if err is not None and not math.isnan(err):
+        text += f"<br>err {err:.0e}" if err <= 1e-2 else f"<br>**err {err:.1e}**"
+    return text
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = default_device()
+    nvidia = Nvidia(args.nvidia_path, device)
+    timer = Timer(device, rep_ms=args.rep_ms or (20.0 if args.quick else 100.0),
+                  min_repeats=3 if device.type == "cpu" else 10)
+    meta = common.run_metadata(device)
+    meta.update(timing=timer.method, nvidia_path=str(args.nvidia_path),
+                nvidia_flavour=nvidia.flavour, nvidia_paths=nvidia.paths)
+    print(f"batikfast vs NVIDIA {nvidia.flavour} on {meta['device']} ({meta['timing']})")
+    for op, (kind, why) in nvidia.paths.items():
+        print(f"  NVIDIA {op}: {kind} ({why})")
+    rows = run(args, nvidia, device, timer)
+    payload = dict(meta=meta, results=rows)
+    outdir = common.output_dir(args.outdir, device)
+    common.write_json(outdir / "peer_nvidia.json", payload)
+    (outdir / "peer_nvidia.md").write_text(markdown(payload))
+    print(f"\nwrote {outdir / 'peer_nvidia.json'}, {outdir / 'peer_nvidia.md'}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
