@@ -1,6 +1,6 @@
 """Time every batikfast op in every implementation at the paper256 shapes.
 
-    python benchmarks/run.py                      # GPU: paper256 G and D, batch 16 and 64
+    python benchmarks/run.py                      # GPU: paper256 G and D, batch 64 and 16
     python benchmarks/run.py --quick              # CPU or GPU: tiny shapes, seconds (CI)
     python benchmarks/run.py --ops modulated_conv2d --dtype fp16 --batch 64 --budget 120
     python benchmarks/run.py --train-step         # also the whole training step
@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shapes", nargs="+", choices=shapes.SHAPE_SETS, default=None,
                         help="shape sets (default: paper256-g paper256-d; --quick: tiny)")
     parser.add_argument("--batch", nargs="+", type=int, default=None,
-                        help="batch sizes (default: 16 64; --quick: 2)")
+                        help="batch sizes, in order of priority under --budget "
+                             "(default: 64 16; --quick: 2)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
                         help="dtypes (default: fp16 fp32; --quick: fp32)")
     parser.add_argument("--modes", nargs="+", choices=opcases.MODES, default=list(opcases.MODES))
@@ -75,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.shapes is None:
         args.shapes = ["tiny"] if args.quick else ["paper256-g", "paper256-d"]
     if args.batch is None:
-        args.batch = [2] if args.quick else [16, 64]
+        args.batch = [2] if args.quick else [64, 16]
     if args.dtype is None:
         args.dtype = ["fp32"] if args.quick else ["fp16", "fp32"]
     if args.quick and not args.compile:
@@ -162,12 +163,14 @@ class Runner:
 
     def run(self) -> list[dict]:
         report.print_header()
-        for shape_set in self.args.shapes:
-            cases = [c for c in shapes.cases_for(shape_set)
-                     if self.args.ops is None or c.op in self.args.ops]
-            for batch in self.args.batch:
-                for dtype_name in self.args.dtype:
-                    for case in cases:
+        # Batch and dtype outermost: under --budget, the first batch and dtype given get
+        # every shape set before the next batch or dtype starts.
+        for batch in self.args.batch:
+            for dtype_name in self.args.dtype:
+                for shape_set in self.args.shapes:
+                    for case in shapes.cases_for(shape_set):
+                        if self.args.ops is not None and case.op not in self.args.ops:
+                            continue
                         for mode in self.args.modes:
                             self.run_case(case, batch, dtype_name, mode)
         return self.rows

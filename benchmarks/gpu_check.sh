@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: build the CUDA extension, run the whole test suite on the GPU,
+# run the op / training-step / NVIDIA-peer benchmarks, and leave everything under $OUT.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh                 # every step, ~9.5 minutes at most
+#   OUT=/some/dir bash benchmarks/gpu_check.sh bench peer      # only some steps
+#   BENCH_ARGS="--batch 16 --dtype bf16" bash benchmarks/gpu_check.sh bench
+#
+# All steps in one 10-minute call squeeze the later ones; two calls cover more while the machine
+# stays warm (the built extension is kept and not rebuilt):
+#   bash benchmarks/gpu_check.sh build tests bench      then      bash benchmarks/gpu_check.sh train peer
+# Carry .peer (git-ignored, NVIDIA's checkout) to the machine for the peer step.
+#
+# Steps: build tests bench train peer (default: all, in that order). Each step runs under its
+# own time limit and a failing step never stops the next one; the exit status is that of the
+# worst step. Everything is tee'd into $OUT/gpu_check.log as it happens, so a timeout loses
+# nothing already printed. $OUT ends up with at most 8 files:
+#   gpu_check.log  junit.xml  results.tar.gz (benchmarks/results/<device>-<date>/)
+#   ops.md  train_step.md  peer_nvidia.md  summary.txt
+# Knobs (environment): GPU_CHECK_SECONDS (total, default 560), TESTS_SECONDS (default 200),
+# BENCH_SECONDS (op benchmark budget, default 180), TRAIN_SECONDS (default 90),
+# BENCH_ARGS / TRAIN_ARGS / PEER_ARGS (extra arguments), NVIDIA_PATH (default: .peer/stylegan3
+# or .peer/stylegan2-ada-pytorch), PYTHON (default python3).
+set -u -o pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+OUT=${OUT:-$REPO/gpu_check_out}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+# Unbuffered, so a step killed by its time limit has already logged what it printed.
+export PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-16}
+# Hopper only (H100 / H200): one architecture keeps the build short.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+START=$(date +%s)
+DEADLINE=$((START + ${GPU_CHECK_SECONDS:-560}))
+STEPS=${*:-build tests bench train peer}
+WORST=0
+SUMMARY=$OUT/summary.txt
+: >"$SUMMARY"
+
+log() { echo "[gpu_check $(date -u +%H:%M:%S) +$(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
+left() { echo $((DEADLINE - $(date +%s))); }
+# min(wanted, time left - reserve), at least 10 s
+allot() {
+    local wanted=$1 reserve=$2 remain
+    remain=$(($(left) - reserve))
+    ((remain < wanted)) && wanted=$remain
+    ((wanted < 10)) && wanted=10
+    echo "$wanted"
+}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+# run_step NAME SECONDS CMD...: time-limited, tee'd, status recorded; never aborts the script
+run_step() {
+    local name=$1 seconds=$2 rc
+    shift 2
+    log "step $name: start (limit ${seconds}s): $*"
+    timeout --kill-after=15 "$seconds" "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    if ((rc == 124 || rc == 137)); then
+        log "step $name: TIMED OUT after ${seconds}s"
+    else
+        log "step $name: exit $rc"
+    fi
+    echo "$name: exit $rc$( ((rc == 124 || rc == 137)) && echo ' (timed out)')" >>"$SUMMARY"
+    ((rc > WORST)) && WORST=$rc
+    return 0
+}
+
+log "repo $REPO, OUT $OUT, steps: $STEPS"
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+    "$PYTHON" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPU', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1
+    "$PYTHON" -c "import triton; print('triton', triton.__version__)" 2>&1
+    command -v nvcc >/dev/null && nvcc --version | tail -2
+    git log -1 --format='commit %H %s' 2>&1
+    git status --short 2>&1 | head -20
+} | tee -a "$LOG"
+
+if want build; then
+    extension_fresh() {
+        local so
+        so=$(ls batikfast/_C*.so 2>/dev/null | head -1)
+        [[ -n "$so" ]] && [[ -z "$(find csrc setup.py -newer "$so" -type f 2>/dev/null | head -1)" ]]
+    }
+    if extension_fresh; then
+        log "step build: batikfast/_C is newer than csrc/, not rebuilding"
+        echo "build: up to date" >>"$SUMMARY"
+    else
+        run_step build "$(allot 300 240)" "$PYTHON" setup.py build_ext --inplace
+    fi
+    "$PYTHON" -m batikfast.info 2>&1 | tee -a "$LOG"
+fi
+
+if want tests; then
+    run_step tests "$(allot "${TESTS_SECONDS:-200}" 150)" "$PYTHON" -m pytest -q -ra \
+        --junitxml="$OUT/junit.xml" -p no:cacheprovider tests
+fi
+
+RESULTS_DIR=$("$PYTHON" - <<'EOF'
+import sys
+sys.path.insert(0, ".")
+from benchmarks.common import default_device, output_dir
+print(output_dir(None, default_device()))
+EOF
+)
+log "results folder: $RESULTS_DIR"
+
+if want bench; then
+    budget=$(allot "${BENCH_SECONDS:-180}" 110)
+    # --budget stops new measurements; the hard limit leaves time to write the outputs.
+    # shellcheck disable=SC2086
+    run_step bench $((budget + 60)) "$PYTHON" benchmarks/run.py --budget "$budget" --rep-ms 50 \
+        --outdir "$RESULTS_DIR" ${BENCH_ARGS:-}
+fi
+
+if want train; then
+    budget=$(allot "${TRAIN_SECONDS:-90}" 70)
+    # Mixed precision first: the paper's setting. Each setup runs 16 warm-up + 32 timed steps.
+    # shellcheck disable=SC2086
+    run_step train $((budget + 60)) "$PYTHON" benchmarks/train_step.py --budget "$budget" \
+        --precision mixed fp32 --cycles 2 --outdir "$RESULTS_DIR" ${TRAIN_ARGS:-}
+fi
+
+if want peer; then
+    NVIDIA_PATH=${NVIDIA_PATH:-}
+    if [[ -z "$NVIDIA_PATH" ]]; then
+        for candidate in .peer/stylegan3 .peer/stylegan2-ada-pytorch; do
+            [[ -d $candidate/torch_utils ]] && NVIDIA_PATH=$candidate && break
+        done
+    fi
+    if [[ -n "$NVIDIA_PATH" ]]; then
+        limit=$(allot 300 20)
+        # Their two plugins JIT-compile first (a minute or two, not under --budget).
+        # shellcheck disable=SC2086
+        run_step peer "$limit" "$PYTHON" benchmarks/peer_nvidia.py --nvidia-path \
+            "$NVIDIA_PATH" --budget $((limit > 180 ? limit - 150 : 30)) --batch 64 --dtype fp16 \
+            --rep-ms 50 --outdir "$RESULTS_DIR" ${PEER_ARGS:-}
+    else
+        log "step peer: skipped, no NVIDIA checkout in .peer/ (carry .peer to run it)"
+        echo "peer: skipped (no .peer/stylegan3)" >>"$SUMMARY"
+    fi
+fi
+
+if [[ -d "$RESULTS_DIR" ]]; then
+    tar -czf "$OUT/results.tar.gz" -C "$(dirname "$RESULTS_DIR")" "$(basename "$RESULTS_DIR")"
+    for name in ops.md train_step.md peer_nvidia.md; do
+        [[ -f "$RESULTS_DIR/$name" ]] && cp "$RESULTS_DIR/$name" "$OUT/$name"
+    done
+fi
+log "done in $(($(date +%s) - START)) s; worst exit status $WORST"
+cat "$SUMMARY" | tee -a "$LOG"
+exit "$WORST"

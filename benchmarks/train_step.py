@@ -1,0 +1,268 @@
+"""The whole training step at paper256: images/s, sec/kimg and peak GPU memory per setup.
+
+    python benchmarks/train_step.py                       # GPU: the default matrix below
+    python benchmarks/train_step.py --backends cuda --compile-modes compiled --precision mixed
+    python benchmarks/train_step.py --quick               # CPU: tiny config, plumbing only
+
+Runs the real loop, ``batikfast.training.loop.Trainer.train_step`` (G main, path length,
+D main, R1, diffusion, EMA, lazy regularisation intervals), for each combination of backend
+(ref / triton / cuda), compilation (eager / compiled) and precision (fp32 / mixed: fp16 in the
+4 highest resolutions, as paper256). Timing covers whole cycles of the lazy regularisation
+(16 steps: every phase in its true proportion) after warm-up steps that absorb compilation.
+The real images are one fixed in-memory batch unless ``--real-data``, so the figure is the
+GPU step, not the data loader. Writes ``train_step.{json,md}`` beside the op results.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.common import default_device, fmt_float  # noqa: E402
+
+import torch  # noqa: E402
+
+PRECISIONS = {"fp32": "fp32", "mixed": "fp16", "bf16": "bf16"}
+MISSING_LOOP = "the training loop (batikfast.training.loop.Trainer) is not available yet"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cfg", default=None, help="training preset (default paper256; "
+                                                     "--quick: tiny)")
+    parser.add_argument("--backends", nargs="+", choices=("ref", "triton", "cuda"),
+                        default=["ref", "triton", "cuda"])
+    parser.add_argument("--compile-modes", nargs="+", choices=("eager", "compiled"),
+                        default=["eager", "compiled"])
+    parser.add_argument("--precision", nargs="+", choices=sorted(PRECISIONS),
+                        default=["mixed", "fp32"],
+                        help="fp32, mixed (fp16 in the 4 highest resolutions) or bf16 (likewise)")
+    parser.add_argument("--batch", type=int, default=None, help="global batch (default 64)")
+    parser.add_argument("--batch-gpu", type=int, default=None,
+                        help="images per round (default: the whole batch in one round)")
+    parser.add_argument("--cycles", type=int, default=None,
+                        help="timed cycles of the 16-step lazy-regularisation schedule "
+                             "(default 2; --quick: a couple of steps)")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="untimed steps first (default 16: every phase compiles once)")
+    parser.add_argument("--real-data", action="store_true",
+                        help="feed the built-in dataset through the real loader")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds after which no new setup starts")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--outdir", default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cfg = args.cfg or "tiny"
+        if args.backends == ["ref", "triton", "cuda"]:
+            args.backends = ["ref"]
+        if args.compile_modes == ["eager", "compiled"]:
+            args.compile_modes = ["eager"]
+        if args.precision == ["mixed", "fp32"]:
+            args.precision = ["fp32"]
+    args.cfg = args.cfg or "paper256"
+    return args
+
+
+def loop_available() -> str | None:
+    """None when the real loop can be driven, else why not."""
+    try:
+        from batikfast.training.loop import Trainer  # noqa: F401
+        from batikfast.training.config import make_config  # noqa: F401
+        from batikfast.training.distributed import DistInfo  # noqa: F401
+    except Exception as error:
+        return f"{MISSING_LOOP} ({type(error).__name__}: {error})"
+    return None
+
+
+class _QuietLog:
+    def print(self, message):
+        pass
+
+    def scalars(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def _fixed_batches(trainer):
+    """The same uint8 batch forever: the step is measured without the data loader."""
+    images, labels = [], []
+    for index in range(trainer.batch_gpu):
+        image, label = trainer.dataset[index % len(trainer.dataset)][:2]
+        images.append(torch.as_tensor(image))
+        labels.append(torch.as_tensor(label, dtype=torch.float32).reshape(-1))
+    batch = (torch.stack(images), torch.stack(labels))
+    if trainer.device.type == "cuda":
+        batch = tuple(t.pin_memory() for t in batch)
+    return itertools.repeat(batch)
+
+
+def measure_setup(args, device, backend, compile_mode, precision, workdir) -> dict:
+    import batikfast
+    from batikfast.training.config import make_config
+    from batikfast.training.distributed import DistInfo
+    from batikfast.training.loop import Trainer
+
+    overrides = dict(backend=backend, compile=compile_mode == "compiled",
+                     precision=PRECISIONS[precision], device=device.type, workers=4)
+    if args.batch:
+        overrides["batch"] = args.batch
+    overrides["batch_gpu"] = args.batch_gpu or args.batch or None
+    config = make_config(args.cfg, **overrides)
+    if not args.batch_gpu:
+        config["batch_gpu"] = config["batch"]
+    batikfast.set_backend(backend)
+    try:
+        trainer = Trainer(config, workdir, DistInfo(device=device), log=_QuietLog())
+        if args.real_data:
+            from batikfast.data import make_loader
+            loader = make_loader(trainer.dataset, trainer.batch_gpu, seed=config["seed"],
+                                 num_workers=config["workers"],
+                                 pin_memory=device.type == "cuda")
+        else:
+            loader = _fixed_batches(trainer)
+        cycle = math.lcm(config["g_reg_interval"], config["d_reg_interval"])
+        warmup = args.warmup_steps if args.warmup_steps is not None else (1 if args.quick else cycle)
+        steps = (args.cycles or 2) * cycle if not args.quick else (args.cycles or 2)
+        begin = time.perf_counter()
+        for _ in range(warmup):
+            trainer.train_step(loader)
+        common.synchronize(device)
+        warmup_s = time.perf_counter() - begin
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        begin = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(loader)
+        common.synchronize(device)
+        seconds = time.perf_counter() - begin
+    finally:
+        batikfast.set_backend(None)
+    images = steps * trainer.batch
+    return dict(status="ok", steps=steps, warmup_steps=warmup, warmup_s=round(warmup_s, 2),
+                seconds=seconds, images_per_s=images / seconds,
+                sec_per_kimg=seconds / (images / 1000),
+                peak_gpu_mem_gib=(torch.cuda.max_memory_allocated(device) / 2**30
+                                  if device.type == "cuda" else None),
+                batch=trainer.batch, batch_gpu=trainer.batch_gpu,
+                compile_note=getattr(trainer.parts, "compile_note", None))
+
+
+def run(args, device) -> list[dict]:
+    rows = []
+    missing = loop_available()
+    started = time.perf_counter()
+    for precision, compile_mode, backend in itertools.product(
+            args.precision, args.compile_modes, args.backends):
+        row = dict(config=f"{backend} {compile_mode} {precision}", backend=backend,
+                   compile=compile_mode, precision=precision, cfg=args.cfg)
+        rows.append(row)
+        if missing:
+            row["status"] = f"unavailable: {missing}"
+        elif args.budget is not None and time.perf_counter() - started > args.budget:
+            row["status"] = "skipped: time budget"
+        else:
+            with tempfile.TemporaryDirectory(prefix="bench-train-") as workdir:
+                try:
+                    row.update(measure_setup(args, device, backend, compile_mode, precision,
+                                             workdir))
+                except Exception as error:
+                    from benchmarks.run import _describe_error
+                    row["status"] = _describe_error(error)
+                finally:
+                    if device.type == "cuda":
+                        with contextlib.suppress(Exception):
+                            torch.cuda.empty_cache()
+        _print_row(row)
+    _add_speedups(rows)
+    return rows
+
+
+def _add_speedups(rows):
+    for precision in {r["precision"] for r in rows}:
+        same = {(r["backend"], r["compile"]): r for r in rows
+                if r["precision"] == precision and r.get("status") == "ok"}
+        eager_ref, compiled_ref = same.get(("ref", "eager")), same.get(("ref", "compiled"))
+        for row in same.values():
+            if eager_ref:
+                row["speedup_vs_ref"] = eager_ref["sec_per_kimg"] / row["sec_per_kimg"]
+            if compiled_ref:
+                row["speedup_vs_compiled"] = compiled_ref["sec_per_kimg"] / row["sec_per_kimg"]
+
+
+def _print_row(row):
+    if row.get("status") != "ok":
+        print(f"  {row['config']:<24} {row.get('status')}", flush=True)
+        return
+    mem = row.get("peak_gpu_mem_gib")
+    print(f"  {row['config']:<24} {row['images_per_s']:8.1f} img/s  "
+          f"{row['sec_per_kimg']:8.2f} s/kimg  "
+          f"peak {fmt_float(mem) if mem is not None else '-'} GiB  "
+          f"({row['steps']} steps after {row['warmup_steps']} warm-up, {row['warmup_s']} s)",
+          flush=True)
+
+
+def markdown(payload) -> str:
+    meta, rows = payload["meta"], payload["results"]
+    out = [f"# batikfast training step ({meta['cfg']}): {meta['device']}", ""]
+    if meta.get("device_type") != "cuda":
+        out += [f"**{common.CPU_LABEL}**: checks the script only.", ""]
+    out += [f"- date {meta['date']}, commit `{meta.get('git_commit')}`; torch {meta['torch']}, "
+            f"triton {meta['triton']}, CUDA {meta['cuda']}",
+            f"- {meta['what']}", "",
+            "| setup | images/s | sec/kimg | x eager ref | x compiled ref | peak GPU GiB | "
+            "steps (warm-up s) |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row.get("status") != "ok":
+            out.append(f"| {row['config']} | {row.get('status')} | | | | | |")
+            continue
+        mem = row.get("peak_gpu_mem_gib")
+        out.append(
+            f"| {row['config']} | {row['images_per_s']:.1f} | {row['sec_per_kimg']:.2f} | "
+            + (f"{row['speedup_vs_ref']:.2f}x" if row.get("speedup_vs_ref") else "-") + " | "
+            + (f"{row['speedup_vs_compiled']:.2f}x" if row.get("speedup_vs_compiled") else "-")
+            + f" | {fmt_float(mem) if mem is not None else '-'} | {row['steps']} "
+            f"({row['warmup_s']} s) |")
+    notes = sorted({r["compile_note"] for r in rows if r.get("compile_note")})
+    out += [""] + [f"- {note}" for note in notes]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device) if args.device else default_device()
+    meta = common.run_metadata(device)
+    data = "the built-in dataset through the real loader" if args.real_data else \
+        "one fixed in-memory batch of real images (data loader not measured)"
+    meta.update(cfg=args.cfg, what=(
+        f"the real loop's Trainer.train_step, all phases with lazy regularisation, timed over "
+        f"whole 16-step cycles after warm-up; reals: {data}"))
+    print(f"batikfast training step ({args.cfg}) on {meta['device']}")
+    missing = loop_available()
+    if missing:
+        print(f"  {missing}: nothing to time yet")
+    rows = run(args, device)
+    payload = dict(meta=meta, results=rows)
+    outdir = common.output_dir(args.outdir, device)
+    common.write_json(outdir / "train_step.json", payload)
+    (outdir / "train_step.md").write_text(markdown(payload))
+    from benchmarks import plot
+    note = plot.plot_train_step(payload, outdir / "train_step.png")
+    print(f"wrote {outdir / 'train_step.json'}, {outdir / 'train_step.md'}; {note}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
