@@ -15,8 +15,9 @@ as an implicit GEMM: rows m = (n, oy, ox) of the output, columns o, reduction k 
 
 The style scale is applied to the A tile as it is loaded, the demodulation, noise, bias,
 activation, gain and clamp in the epilogue, so neither per-sample weights nor the modulated
-input ever reach memory. A tile of rows may span several samples (small images): in_scale and
-out_scale are gathered per row. Accumulation is fp32; fp16/bf16 operands go to ``tl.dot`` in
+input ever reach memory. A tile of rows may span several samples (small images): the styles are
+then read as one vector per sample and selected per row (gathered per row when a tile covers
+more than 4 samples), out_scale is gathered per row. Accumulation is fp32; fp16/bf16 operands go to ``tl.dot`` in
 their own dtype, fp32 operands as tf32 on the GPU (what cuDNN does for fp32 convolutions with
 ``torch.backends.cudnn.allow_tf32``, torch's default) and exactly under ``TRITON_INTERPRET=1``.
 
@@ -31,15 +32,18 @@ BLOCK_K is 64 for 16-bit operands and 32 for fp32 (128-byte rows either way), sh
 channel counts. The reduction runs as one flat loop over (tap, channel block) so Triton's
 software pipeliner sees a single loop.
 
-Layouts. x and the output are addressed through their strides, so any layout works. The
-weight is re-laid out once per call as [kh, kw, I, O] in the operand dtype (a small copy,
-independent of the batch): B tiles are then rows contiguous along o, as tl.dot wants, instead of
-9-element-strided gathers. A channels-last x (NHWC) gives the best A loads (contiguous along i);
-an NCHW x is read as is (contiguous along ox) rather than converted, because converting costs a
-full extra read and write of x on the bandwidth-bound layers. The output takes x's memory format.
+Layouts. x is read channels-last (NHWC), converted inside when it is not: each A-tile row is then
+BLOCK_K contiguous channels, which Triton loads as 16-byte vectors with asynchronous copies that
+its pipeliner overlaps with the MMAs. From NCHW the rows are contiguous only along ox, which
+Triton cannot see through the (n, oy, ox) decomposition: element-wise, synchronous loads. The
+conversion costs one read and write of x, nothing when activations are kept channels-last. The
+weight is re-laid out once per call as [kh, kw, I, O] in the operand dtype (small, independent of
+the batch) so B tiles are rows contiguous along o. The output takes x's memory format: NHWC
+tiles are stored as vectors along o, NCHW tiles transposed so that a warp's stores run along ox.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -47,6 +51,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 _ACT_CODES = {"linear": 0, "relu": 1, "lrelu": 2}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -188,6 +193,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _choose_config(rows: int, in_channels: int, out_channels: int, dtype: torch.dtype,
                    device: torch.device) -> _Config:
     if _interpreting():
@@ -198,7 +208,8 @@ def _choose_config(rows: int, in_channels: int, out_channels: int, dtype: torch.
     block_k = min(64 if sixteen_bit else 32, max(16, triton.next_power_of_2(in_channels)))
     # All output channels in one tile when O <= 128: the x tile is then read once.
     block_n = min(128, max(16, triton.next_power_of_2(out_channels)))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessor_count(device.index if device.index is not None
+                                else torch.cuda.current_device())
     n_tiles = triton.cdiv(out_channels, block_n)
     block_m = 128
     if triton.cdiv(rows, block_m) * n_tiles < sms:
@@ -208,6 +219,37 @@ def _choose_config(rows: int, in_channels: int, out_channels: int, dtype: torch.
             block_n = 64
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
     return _Config(block_m, block_n, block_k, num_warps, 3)
+
+
+def _smaller_configs(config: _Config):
+    """Configs to fall back to, in order, when ``config`` needs more shared memory than the GPU
+    has (3 stages of 128x128 tiles fit an A100 or H100, not every consumer GPU)."""
+    if config.num_stages > 2:
+        yield config._replace(num_stages=2)
+    if config.block_n > 64:
+        yield config._replace(block_n=64, num_warps=4, num_stages=2)
+    if config.block_m > 64:
+        yield config._replace(block_m=64, block_n=min(config.block_n, 64), num_warps=4,
+                              num_stages=2)
+
+
+_fitting_configs: dict = {}
+
+
+def _launch_fitting(*args, config: _Config) -> None:
+    key = (config, args[0].device)
+    config = _fitting_configs.get(key, config)
+    try:
+        _launch(*args, config=config)
+    except OutOfResources:
+        for smaller in _smaller_configs(config):
+            try:
+                _launch(*args, config=smaller)
+            except OutOfResources:
+                continue
+            _fitting_configs[key] = smaller
+            return
+        raise
 
 
 def modulated_conv2d_forward(x, weight, in_scale, out_scale, noise, bias, act, alpha, gain,
@@ -261,8 +303,8 @@ def modulated_conv2d_forward(x, weight, in_scale, out_scale, noise, bias, act, a
     # A no-op when x is already channels-last (keep activations so to skip this copy).
     x = x.contiguous(memory_format=torch.channels_last)
     config = _choose_config(rows, in_channels, out_channels, x.dtype, x.device)
-    _launch(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, clamp, padding,
-            config)
+    _launch_fitting(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, clamp,
+                    padding, config=config)
     return y
 
 

@@ -214,6 +214,30 @@ def test_every_output_element_is_written_for_other_tile_sizes(config):
     assert (y.double() - truth).abs().max().item() <= FLOOR[torch.float32] * scale
 
 
+def test_a_config_too_big_for_shared_memory_falls_back_to_a_smaller_one(monkeypatch):
+    launch = mc._launch
+    tried = []
+
+    def launch_with_small_shared_memory(*args, config):
+        tried.append(config)
+        if config.num_stages > 2:
+            raise mc.OutOfResources(200_000, 100_000, "shared memory")
+        launch(*args, config=config)
+
+    monkeypatch.setattr(mc, "_launch", launch_with_small_shared_memory)
+    monkeypatch.setattr(mc, "_fitting_configs", {})
+    args = make_inputs(2, 5, 17, 3, 3, 3, 1, torch.float32, seed=9)
+    truth, scale = reference(**args, act="linear", alpha=0.0, gain=1.0, clamp=None, padding=1)
+    y = torch.full(truth.shape, float("nan"), device=DEVICE)
+    w_kkio = args["weight"].permute(2, 3, 1, 0).contiguous()
+    big = mc._Config(32, 32, 16, 4, 3)
+    for _ in range(2):
+        mc._launch_fitting(args["x"], w_kkio, args["in_scale"], args["out_scale"], args["noise"],
+                           args["bias"], y, "linear", 0.0, 1.0, None, 1, config=big)
+    assert [c.num_stages for c in tried] == [3, 2, 2]  # the fitting config is remembered
+    assert (y.double() - truth).abs().max().item() <= FLOOR[torch.float32] * scale
+
+
 def test_empty_batch_gives_an_empty_output():
     args = make_inputs(0, 5, 17, 5, 5, 3, 1, torch.float32)
     y = mc.modulated_conv2d_forward(*args.values(), "linear", 0.0, 1.0, None, 1)
