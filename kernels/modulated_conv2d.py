@@ -17,9 +17,10 @@ The style scale is applied to the A tile as it is loaded, the demodulation, nois
 activation, gain and clamp in the epilogue, so neither per-sample weights nor the modulated
 input ever reach memory. A tile of rows may span several samples (small images): the styles are
 then read as one vector per sample and selected per row (gathered per row when a tile covers
-more than 4 samples), out_scale is gathered per row. Accumulation is fp32; fp16/bf16 operands go to ``tl.dot`` in
-their own dtype, fp32 operands as tf32 on the GPU (what cuDNN does for fp32 convolutions with
-``torch.backends.cudnn.allow_tf32``, torch's default) and exactly under ``TRITON_INTERPRET=1``.
+more than 4 samples), out_scale is gathered per row. Accumulation is fp32; fp16/bf16 operands
+go to ``tl.dot`` in their own dtype, fp32 operands as tf32 on the GPU (what cuDNN does for fp32
+convolutions with ``torch.backends.cudnn.allow_tf32``, torch's default) and exactly under
+``TRITON_INTERPRET=1``.
 
 Tiles (see ``_choose_config``). The StyleGAN2 paper256 generator has two regimes:
 - 4x4..32x32 layers, 512 channels: few rows, K = 9 * 512. These are matmul-bound; what limits
@@ -75,8 +76,9 @@ def _modulated_conv2d_fwd_kernel(
         DOT_IN_FP32: tl.constexpr, SCALE_SAMPLES: tl.constexpr, EVEN_K: tl.constexpr,
         STORE_ROWS_FASTEST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[n,o,oy,ox] = clamp(act(out_scale[n,o] * sum_{i,ky,kx} x[n,i,oy+ky-p,ox+kx-p] * in_scale[n,i]
-    * w[ky,kx,i,o] + noise[n,oy,ox] + bias[o], alpha) * gain); w is the weight laid out [kh,kw,I,O].
+    """y[n,o,oy,ox] = clamp(act(out_scale[n,o] * sum_{i,ky,kx} x[n,i,oy+ky-p,ox+kx-p]
+    * in_scale[n,i] * w[ky,kx,i,o] + noise[n,oy,ox] + bias[o], alpha) * gain), with w the weight
+    laid out [kh,kw,I,O]; the padding reads zeros.
 
     SCALE_SAMPLES: how many samples a row tile can touch (from the image size and BLOCK_M); up to 4
     the styles are read as that many vectors and selected per row, beyond as a per-row gather.
@@ -284,8 +286,9 @@ def modulated_conv2d_forward(x, weight, in_scale, out_scale, noise, bias, act, a
         try:
             noise = noise.expand(batch, 1, out_h, out_w)
         except RuntimeError:
-            raise ValueError(f"noise must broadcast to [N, 1, Ho, Wo] = "
-                             f"{[batch, 1, out_h, out_w]}, got shape {tuple(noise.shape)}") from None
+            raise ValueError(
+                f"noise must broadcast to [N, 1, Ho, Wo] = {[batch, 1, out_h, out_w]}, "
+                f"got shape {tuple(noise.shape)}") from None
 
     channels_last = (x.dim() == 4 and not x.is_contiguous()
                      and x.is_contiguous(memory_format=torch.channels_last))

@@ -159,6 +159,13 @@ def test_input_gradient_call_with_flipped_transposed_weight_matches_autograd(dty
     assert error <= allowed
 
 
+def test_non_square_even_kernel_matches_reference():
+    args = make_inputs(2, 5, 17, 5, 6, 3, 1, torch.float32, seed=10)
+    args["weight"] = args["weight"][:, :, :2, :]  # 2x3: even height, non-square
+    args["noise"] = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    check_against_reference(args, padding=1)
+
+
 def test_non_contiguous_and_broadcast_inputs_give_the_same_result():
     args = make_inputs(2, 5, 17, 5, 7, 3, 1, torch.float32, seed=4)
     expected = mc.modulated_conv2d_forward(*args.values(), "lrelu", 0.2, 1.4, None, 1)
