@@ -10,10 +10,11 @@ from batikfast.networks.generator import (Generator, SynthesisBlock, SynthesisLa
                                           SynthesisNetwork, ToRGBLayer)
 from batikfast.networks.layers import Conv2dLayer, FullyConnectedLayer, normalize_2nd_moment
 from batikfast.networks.mapping import MappingNetwork
+from batikfast.networks.nvidia import load_nvidia
 
 __all__ = [
     "Conv2dLayer", "Discriminator", "DiscriminatorBlock", "DiscriminatorEpilogue",
     "FullyConnectedLayer", "Generator", "MappingNetwork", "MinibatchStdLayer",
     "SynthesisBlock", "SynthesisLayer", "SynthesisNetwork", "ToRGBLayer",
-    "normalize_2nd_moment",
+    "load_nvidia", "normalize_2nd_moment",
 ]
