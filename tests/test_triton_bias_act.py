@@ -1,0 +1,243 @@
+"""The Triton bias_act kernels against an independent float64 formulation.
+
+Truth: the activation written out in float64 PyTorch; its first and second derivatives come from
+torch.autograd (grad and grad of grad), so the kernel's hand-written derivatives are checked
+against differentiation, not against a second copy of the same formulas. The kernel's error may
+be at most a small multiple of the error PyTorch makes computing the same forward in the
+kernel's dtype, plus a floor fitted to the dtype. Without a GPU the kernels run in Triton's
+interpreter, so the tensors stay tiny.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from batikfast import backends  # noqa: E402
+
+ba = backends.triton_kernels("bias_act")
+
+HAS_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+# Error floor relative to the largest true value: a few units in the last place of the dtype.
+FLOOR = {torch.float32: 4e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+ACTIVATIONS = {
+    "linear": lambda z, a: z,
+    "relu": lambda z, a: torch.where(z > 0, z, torch.zeros_like(z)),
+    "lrelu": lambda z, a: torch.where(z > 0, z, z * a),
+    "tanh": lambda z, a: torch.tanh(z),
+    "sigmoid": lambda z, a: 1 / (1 + torch.exp(-z)),
+    "elu": lambda z, a: torch.where(z > 0, z, torch.expm1(z)),
+    "selu": lambda z, a: 1.0507009873554805 * torch.where(
+        z > 0, z, 1.6732632423543772 * torch.expm1(z)),
+    "softplus": lambda z, a: torch.log1p(torch.exp(-z.abs())) + z.clamp(min=0),
+    "swish": lambda z, a: z / (1 + torch.exp(-z)),
+}
+
+
+def rand(*shape, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+
+def with_bias(x, b, dim):
+    if b is None:
+        return x
+    dim %= x.ndim
+    return x + b.reshape([-1 if axis == dim else 1 for axis in range(x.ndim)])
+
+
+def derivative(z, act, alpha, order):
+    """act^(order)(z) in float64 by autograd; order 0 is the activation itself."""
+    z = z.detach().double().requires_grad_(True)
+    value = ACTIVATIONS[act](z, alpha)
+    for _ in range(order):
+        if not value.requires_grad:
+            # Piecewise constant (linear, relu, lrelu): the next derivative is 0 off the kinks.
+            return torch.zeros_like(z).detach()
+        (value,) = torch.autograd.grad(value.sum(), z, create_graph=True)
+    return value.detach()
+
+
+def truth_forward(x, b, dim, act, alpha, gain, clamp):
+    y = derivative(with_bias(x.double(), None if b is None else b.double(), dim), act, alpha, 0)
+    y = y * gain
+    return y if clamp is None else y.clamp(-clamp, clamp)
+
+
+def truth_backward(dy, x, b, dim, act, alpha, gain, clamp, order):
+    z = with_bias(x.double(), None if b is None else b.double(), dim)
+    dx = dy.double() * gain * derivative(z, act, alpha, order)
+    if clamp is not None:
+        dx = dx * ((derivative(z, act, alpha, 0) * gain).abs() <= clamp)
+    return dx
+
+
+def same_dtype_forward(x, b, dim, act, alpha, gain, clamp):
+    """The forward done by PyTorch in x's dtype: the baseline error for the tolerance."""
+    z = with_bias(x, None if b is None else b.to(x.dtype), dim)
+    y = ACTIVATIONS[act](z, alpha) * gain
+    return y if clamp is None else y.clamp(-clamp, clamp)
+
+
+def assert_close(out, truth, baseline, dtype, what, factor=4.0, ignore=None):
+    """max|out - truth| <= max(factor * max|baseline - truth|, FLOOR * max|truth|)."""
+    assert out.dtype == dtype, f"{what}: dtype {out.dtype} != {dtype}"
+    assert out.shape == truth.shape, f"{what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
+    out, truth = out.double().cpu(), truth.double().cpu()
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    error = (out - truth).abs()
+    base_error = (baseline.double().cpu() - truth).abs() if baseline is not None else error * 0
+    if ignore is not None:
+        error, base_error = error[~ignore], base_error[~ignore]
+    scale = truth.abs().max().item() or 1.0
+    err = error.max().item() if error.numel() else 0.0
+    allowed = max(factor * (base_error.max().item() if base_error.numel() else 0.0),
+                  FLOOR[dtype] * scale)
+    assert err <= allowed, f"{what}: error {err:.3g} > allowed {allowed:.3g} (scale {scale:.3g})"
+
+
+def near_clamp(x, b, dim, act, alpha, gain, clamp, dtype):
+    """Elements whose |act(z) * gain| lies within rounding of the clamp: their mask is ambiguous
+    in low precision, so they are left out of the derivative comparison."""
+    if clamp is None:
+        return None
+    y = truth_forward(x, b, dim, act, alpha, gain, None).abs()
+    return (y - clamp).abs() <= 4 * FLOOR[dtype] * max(1.0, clamp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_bias_act_forward_and_both_derivative_orders_match_float64_for_every_activation(
+        act, dtype):
+    x = rand(3, 5, 7, seed=1, scale=3).to(dtype)
+    b = rand(5, seed=2).to(dtype)
+    dy = rand(3, 5, 7, seed=3).to(dtype)
+    alpha, gain, clamp = 0.3, 1.7, 2.5
+    for use_clamp in (None, clamp):
+        x_d, b_d = x.to(DEVICE), b.to(DEVICE)
+        y = ba.bias_act_forward(x_d, b_d, 1, act, alpha, gain, use_clamp)
+        assert_close(y, truth_forward(x, b, 1, act, alpha, gain, use_clamp),
+                     same_dtype_forward(x, b, 1, act, alpha, gain, use_clamp), dtype,
+                     f"{act} forward clamp={use_clamp}")
+        ignore = near_clamp(x, b, 1, act, alpha, gain, use_clamp, dtype)
+        for order in (1, 2):
+            dx = ba.bias_act_backward(dy.to(DEVICE), x_d, b_d, 1, act, alpha, gain, use_clamp,
+                                      order)
+            truth = truth_backward(dy, x, b, 1, act, alpha, gain, use_clamp, order)
+            # The baseline: the float64 derivative of low-precision inputs, rounded to dtype.
+            z_low = with_bias(x, b, 1).to(dtype).double()
+            baseline = (dy.double() * gain * derivative(z_low, act, alpha, order)).to(dtype)
+            if use_clamp is not None:
+                baseline = baseline * ((derivative(z_low, act, alpha, 0) * gain).abs()
+                                       <= use_clamp).to(dtype)
+            assert_close(dx, truth, baseline, dtype, f"{act} order {order} clamp={use_clamp}",
+                         ignore=ignore)
+
+
+def test_bias_act_derivatives_at_zero_take_the_left_branch():
+    x = torch.tensor([-1.0, 0.0, 1.0], device=DEVICE)
+    dy = torch.ones(3, device=DEVICE)
+    relu = ba.bias_act_backward(dy, x, None, 0, "relu", 0.0, 1.0, None, 1)
+    lrelu = ba.bias_act_backward(dy, x, None, 0, "lrelu", 0.25, 1.0, None, 1)
+    assert relu.tolist() == [0.0, 0.0, 1.0]
+    assert lrelu.tolist() == [0.25, 0.25, 1.0]
+
+
+@pytest.mark.parametrize("act", ["tanh", "elu", "selu", "softplus"])
+def test_bias_act_keeps_relative_precision_for_tiny_and_huge_inputs(act):
+    x = torch.tensor([1e-6, -1e-6, 3e-4, -3e-4, -30.0, 30.0, -120.0, 120.0],
+                     dtype=torch.float64)
+    y = ba.bias_act_forward(x.float().to(DEVICE), None, 0, act, 0.2, 1.0, None).cpu().double()
+    truth = truth_forward(x.float(), None, 0, act, 0.2, 1.0, None)
+    assert torch.isfinite(y).all()
+    assert ((y - truth).abs() <= 1e-6 * truth.abs() + 1e-30).all(), (y, truth)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_bias_act_handles_any_dim_layout_and_odd_sizes(dtype):
+    cases = [
+        # (x, dim): a strided slice, a transposed tensor, channels-last, a 1-element axis,
+        # bias along the last axis (FC layers), a rank-1 tensor.
+        (rand(4, 6, 9, seed=4)[:, ::2].to(dtype), 1),
+        (rand(3, 7, 5, seed=5).to(dtype).transpose(1, 2), 2),
+        (rand(2, 3, 5, 4, seed=6).to(dtype).contiguous(memory_format=torch.channels_last), 1),
+        (rand(2, 1, 3, 3, seed=7).to(dtype), 1),
+        (rand(5, 11, seed=8).to(dtype), -1),
+        (rand(13, seed=9).to(dtype), 0),
+    ]
+    for x, dim in cases:
+        b = rand(x.shape[dim], seed=10).to(dtype)
+        dy = rand(*x.shape, seed=11).to(dtype)
+        x_d = x.to(DEVICE)
+        if x.is_contiguous(memory_format=torch.channels_last) and x.ndim == 4:
+            x_d = x_d.contiguous(memory_format=torch.channels_last)
+        y = ba.bias_act_forward(x_d, b.to(DEVICE), dim, "swish", 0.2, 1.4, 1.0)
+        what = f"shape {tuple(x.shape)} strides {x_d.stride()} dim {dim}"
+        assert_close(y, truth_forward(x, b, dim, "swish", 0.2, 1.4, 1.0),
+                     same_dtype_forward(x, b, dim, "swish", 0.2, 1.4, 1.0), dtype, what)
+        dx = ba.bias_act_backward(dy.to(DEVICE), x_d, b.to(DEVICE), dim, "lrelu", 0.2, 1.4,
+                                  None, 1)
+        assert_close(dx, truth_backward(dy, x, b, dim, "lrelu", 0.2, 1.4, None, 1), None,
+                     dtype, what)
+
+
+def test_bias_act_output_keeps_a_dense_input_layout():
+    x = rand(2, 3, 4, 5, seed=12).float().to(DEVICE).contiguous(memory_format=torch.channels_last)
+    y = ba.bias_act_forward(x, None, 1, "relu", 0.0, 1.0, None)
+    assert y.stride() == x.stride()
+
+
+def test_bias_act_without_bias_and_empty_tensors():
+    x = rand(4, 3, seed=13).float()
+    y = ba.bias_act_forward(x.to(DEVICE), None, 1, "sigmoid", 0.0, 2.0, None)
+    assert_close(y, truth_forward(x, None, 1, "sigmoid", 0.0, 2.0, None), None, torch.float32,
+                 "no bias")
+    empty = torch.empty(0, 3, device=DEVICE)
+    assert ba.bias_act_forward(empty, torch.zeros(3, device=DEVICE), 1, "relu", 0.0, 1.0,
+                               None).shape == (0, 3)
+
+
+def test_bias_act_refuses_bad_input_with_a_clear_error(monkeypatch):
+    x = torch.zeros(2, 3, device=DEVICE)
+    with pytest.raises(TypeError, match="x must be float32"):
+        ba.bias_act_forward(x.double(), None, 1, "relu", 0.0, 1.0, None)
+    with pytest.raises(ValueError, match="act must be one of"):
+        ba.bias_act_forward(x, None, 1, "gelu", 0.0, 1.0, None)
+    with pytest.raises(ValueError, match="b must be 1-D"):
+        ba.bias_act_forward(x, torch.zeros(2, device=DEVICE), 1, "relu", 0.0, 1.0, None)
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        ba.bias_act_backward(x, x, None, 1, "relu", 0.0, 1.0, None, 3)
+    monkeypatch.setattr(ba, "_interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        ba.bias_act_forward(torch.zeros(2, 3), None, 1, "relu", 0.0, 1.0, None)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU: a tensor past 2**31 elements")
+def test_bias_act_indexes_past_two_to_the_31_elements():
+    x = torch.zeros((2 ** 31 + 8192) // 2048, 2048, dtype=torch.float16, device="cuda")
+    x[-1, -1] = -1.0
+    b = torch.arange(x.shape[1], device="cuda", dtype=torch.float16) * 0
+    y = ba.bias_act_forward(x, b, 1, "lrelu", 0.5, 2.0, None)
+    assert y[-1, -1].item() == -1.0
+    del y
+    dx = ba.bias_act_backward(x, x, None, 1, "lrelu", 0.5, 2.0, None, 1)
+    assert dx[-1, -1].item() == -1.0
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU: a StyleGAN-sized tensor")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_bias_act_matches_float64_on_stylegan_sized_layers(dtype):
+    x = torch.randn(16, 256, 64, 64, device="cuda").to(dtype)
+    b = torch.randn(256, device="cuda").to(dtype)
+    y = ba.bias_act_forward(x, b, 1, "lrelu", 0.2, math.sqrt(2), 256.0)
+    xc, bc = x.cpu(), b.cpu()
+    assert_close(y, truth_forward(xc, bc, 1, "lrelu", 0.2, math.sqrt(2), 256.0),
+                 same_dtype_forward(xc, bc, 1, "lrelu", 0.2, math.sqrt(2), 256.0), dtype,
+                 "stylegan layer")
