@@ -205,12 +205,12 @@ def restore_rng_state(state: dict) -> None:
 
 def load_generator(path, device="cpu", which: str = "G_ema"):
     """The generator of a checkpoint (``G_ema`` by default) and the run's config."""
-    from batikfast.networks import Generator
+    from batikfast.training.model import build_generator
 
     state = load_checkpoint(path)
     config = state.get("config", {})
     if "G_kwargs" not in config or which not in state:
         raise CheckpointError(f"{path} holds no {which} with its network arguments")
-    G = Generator(**config["G_kwargs"])
+    G = build_generator(config["G_kwargs"])
     G.load_state_dict(state[which])
     return G.eval().requires_grad_(False).to(device), config

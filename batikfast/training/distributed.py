@@ -1,0 +1,117 @@
+"""Process groups under torchrun, and the few collectives the loop needs.
+
+A single process needs nothing: every helper here works with ``world_size == 1`` and no process
+group. Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) the group uses NCCL on GPUs
+and gloo on the CPU, and is created with a timeout, so that when one rank dies the others fail
+with a clear message instead of waiting forever in a collective.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+class RankFailure(RuntimeError):
+    """Another rank stopped answering: this rank gives up instead of hanging."""
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Join the torchrun process group if there is one; pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but no GPU is visible")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev
+        try:
+            dist.init_process_group(**kwargs)
+        except TypeError:  # older torch without device_id
+            kwargs.pop("device_id", None)
+            dist.init_process_group(**kwargs)
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _collective(fn, *args, what: str):
+    try:
+        return fn(*args)
+    except RuntimeError as error:  # DistBackendError and gloo/NCCL timeouts derive from it
+        raise RankFailure(
+            f"rank {dist.get_rank()}: {what} failed, most likely because another rank died or "
+            f"hung ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            "Restart from the last checkpoint with --resume auto.") from error
+
+
+def all_reduce_mean_(tensor: torch.Tensor, info: DistInfo, what: str = "gradient all-reduce"):
+    if info.distributed:
+        _collective(dist.all_reduce, tensor, what=what)
+        tensor /= info.world_size
+    return tensor
+
+
+def all_reduce_sum_(tensor: torch.Tensor, info: DistInfo, what: str = "statistics all-reduce"):
+    if info.distributed:
+        _collective(dist.all_reduce, tensor, what=what)
+    return tensor
+
+
+def broadcast_(tensor: torch.Tensor, info: DistInfo, src: int = 0, what: str = "broadcast"):
+    if info.distributed:
+        _collective(dist.broadcast, tensor, src, what=what)
+    return tensor
+
+
+def barrier(info: DistInfo, what: str = "barrier") -> None:
+    if info.distributed:
+        _collective(dist.barrier, what=what)
+
+
+def all_gather_objects(obj, info: DistInfo, what: str = "gather") -> list:
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    _collective(dist.all_gather_object, out, obj, what=what)
+    return out
+
+
+def broadcast_object(obj, info: DistInfo, what: str = "broadcast"):
+    if not info.distributed:
+        return obj
+    holder = [obj]
+    _collective(dist.broadcast_object_list, holder, 0, what=what)
+    return holder[0]

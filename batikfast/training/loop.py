@@ -1,0 +1,499 @@
+"""The Diffusion-GAN training loop (StyleGAN2-ADA's, with the Diffusion-GAN discriminator input).
+
+One step consumes ``batch`` real images and runs the four StyleGAN2 phases with lazy
+regularisation: ``Gmain`` every step, ``Greg`` (path length) every ``g_reg_interval`` steps,
+``Dmain`` every step and ``Dreg`` (R1) every ``d_reg_interval`` steps. The main phases' Adam
+optimisers get ``lr * r`` and ``betas ** r`` with ``r = interval / (interval + 1)`` (NVIDIA's
+correction for the regularisation steps that share them), and the regularisation losses are
+scaled by their interval. Each rank runs ``rounds`` rounds of ``batch_gpu`` images and
+accumulates; the gradients are all-reduced and averaged, so one step optimises the mean loss of
+the global batch whatever the number of GPUs and rounds.
+
+Randomness: latents and conditioning labels for the whole global batch come from one generator
+shared by all ranks, each rank taking its slice, so they do not depend on the number of GPUs; the
+real images come from the rank-sharded stream of :mod:`batikfast.data.loader`. Everything else
+(noise inputs, diffusion t and noise, augmentations) uses each rank's global torch RNG.
+
+Faults: a non-finite gradient skips the optimiser step of that phase (logged with phase and
+step); ``max_nan_skips`` consecutive bad steps stop the run without writing a checkpoint, so
+the last good one stays. SIGTERM and SIGINT finish the current step, save a checkpoint and exit.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from batikfast.data import make_loader, open_dataset
+from batikfast.metrics.compute import to_uint8
+from batikfast.training import checkpoint as ckpt
+from batikfast.training import distributed as dist_utils
+from batikfast.training import rundir
+from batikfast.training.config import network_kwargs, split_batch
+from batikfast.training.ema import ema_beta, update_ema
+from batikfast.training.model import build_networks, build_training_objects
+
+RUNTIME_KEYS = ("kimg", "snap", "image_snap", "tick_kimg", "workers", "compile", "backend",
+                "keep_checkpoints", "metrics", "metrics_features", "metrics_num", "device",
+                "ddp_timeout_s", "max_nan_skips", "deterministic", "batch_gpu", "stop_after_steps")
+
+
+# (statistic, label) shown on each progress line; stats.jsonl and TensorBoard get all of them.
+TICK_FIELDS = (("Loss/G/loss", "G"), ("Loss/D/loss", "D"), ("Loss/pl_penalty", "pl"),
+               ("Loss/r1_penalty", "r1"), ("Loss/signs/real", "sign"), ("Diffusion/T", "T"),
+               ("Diffusion/p", "p"), ("Augment/p", "augp"))
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with non-finite gradients."""
+
+
+@dataclass
+class Phase:
+    name: str
+    module: torch.nn.Module
+    opt: torch.optim.Optimizer
+    interval: int
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 (what GradScaler does, applied through the loss gain).
+
+    The loss object runs ``backward`` itself with a ``gain``; multiplying the gain by the scale
+    and dividing the reduced gradients by it is exactly GradScaler's scale/unscale.
+    """
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0 ** 12, growth_interval: int = 1000):
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+
+    def update(self, finite: bool) -> None:
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale /= 2
+            self.good_steps = 0
+        else:
+            self.good_steps += 1
+            if self.good_steps >= self.growth_interval:
+                self.scale *= 2
+                self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.enabled:
+            self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
+class Trainer:
+    def __init__(self, config: dict, outdir, info: dist_utils.DistInfo, log=None):
+        self.config = config
+        self.outdir = Path(outdir)
+        self.info = info
+        self.device = info.device
+        self.logger = rundir.RunLogger(self.outdir, enabled=info.is_main) if log is None else log
+        self.stop_signal: str | None = None
+        self.cur_nimg = 0
+        self.step = 0
+        self.tick = 0
+        self.nan_streak = 0
+        self.last_checkpoint: Path | None = None
+        self._setup_determinism()
+        self._seed(config["seed"] * info.world_size + info.rank)
+        self.batch_gpu, self.rounds = split_batch(config, info.world_size)
+        self.batch = config["batch"]
+
+        self.dataset = open_dataset(config["data"], resolution=config["resolution"],
+                                    xflip=config["mirror"], use_labels=config["cond"],
+                                    seed=config["data_seed"], size=config["data_size"])
+        if self.dataset.resolution != config["resolution"]:
+            raise ValueError(f"the dataset is {self.dataset.resolution}x{self.dataset.resolution} "
+                             f"but --cfg {config['cfg']} trains at {config['resolution']}")
+        c_dim = self.dataset.label_dim
+        self.G_kwargs, self.D_kwargs = network_kwargs(config, c_dim, self.dataset.num_channels)
+        config["G_kwargs"], config["D_kwargs"] = self.G_kwargs, self.D_kwargs
+        self.G, self.D = build_networks(self.G_kwargs, self.D_kwargs, self.device)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.parts = build_training_objects(config, self.G, self.D, self.device, info.rank,
+                                            self.log)
+        self.phases = self._make_phases()
+        self.scaler = LossScaler(config["precision"] == "fp16" and self.device.type == "cuda")
+        self.latent_gen = torch.Generator().manual_seed(config["seed"])
+        self.labels = self._label_table() if c_dim else None
+        self.grid_z = torch.randn([config["grid_seeds"], self.G.z_dim],
+                                  generator=torch.Generator().manual_seed(123))
+        self.grid_c = self._grid_labels()
+
+    # ---- setup ---------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        self.logger.print(message)
+
+    def _setup_determinism(self) -> None:
+        deterministic = self.config["deterministic"]
+        torch.backends.cudnn.benchmark = not deterministic
+        # TF32 off as in NVIDIA's code: it changes GAN dynamics measurably.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _make_phases(self) -> list[Phase]:
+        cfg = self.config
+        phases = []
+        for name, module, lr, interval in (("G", self.G, cfg["glr"], cfg["g_reg_interval"]),
+                                           ("D", self.D, cfg["dlr"], cfg["d_reg_interval"])):
+            betas = (0.0, 0.99)
+            if interval:
+                ratio = interval / (interval + 1)
+                lr, betas = lr * ratio, tuple(b ** ratio for b in betas)
+            opt = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=1e-8)
+            if interval:
+                phases += [Phase(name + "main", module, opt, 1), Phase(name + "reg", module, opt, interval)]
+            else:
+                phases += [Phase(name + "both", module, opt, 1)]
+        return phases
+
+    def _label_table(self) -> torch.Tensor:
+        raw = self.dataset._raw_size
+        return torch.from_numpy(np.stack([self.dataset[i][1] for i in range(raw)]))
+
+    def _grid_labels(self) -> torch.Tensor:
+        n = self.grid_z.shape[0]
+        if self.labels is None:
+            return torch.zeros([n, 0])
+        return self.labels[torch.arange(n) % len(self.labels)]
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = dist_utils.all_gather_objects(ckpt.capture_rng_state(), self.info, "RNG gather")
+        return {
+            "format": "batikfast-checkpoint", "version": 1,
+            "G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
+            "G_opt": self._opt("G").state_dict(), "D_opt": self._opt("D").state_dict(),
+            "training": self.parts.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "latent_gen": self.latent_gen.get_state(),
+            "rng": rng,
+            "progress": {"cur_nimg": self.cur_nimg, "step": self.step, "tick": self.tick,
+                         "world_size": self.info.world_size},
+            "config": json.loads(json.dumps(self.config)),
+        }
+
+    def _opt(self, which: str) -> torch.optim.Optimizer:
+        return next(p.opt for p in self.phases if p.name.startswith(which))
+
+    def load_state_dict(self, state: dict, source: str) -> None:
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.G_ema.load_state_dict(state["G_ema"])
+        self._opt("G").load_state_dict(state["G_opt"])
+        self._opt("D").load_state_dict(state["D_opt"])
+        self.parts.load_state_dict(state["training"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.latent_gen.set_state(state["latent_gen"])
+        progress = state["progress"]
+        self.cur_nimg, self.step, self.tick = (int(progress["cur_nimg"]), int(progress["step"]),
+                                               int(progress["tick"]))
+        rng = state["rng"]
+        if len(rng) == self.info.world_size:
+            ckpt.restore_rng_state(rng[self.info.rank])
+        else:
+            self._seed((self.config["seed"] * 1000003 + self.step) * self.info.world_size
+                       + self.info.rank)
+            self.log(f"resuming on {self.info.world_size} processes from a checkpoint of "
+                     f"{len(rng)}: per-rank RNG streams are reseeded (data order and latents "
+                     "continue exactly)")
+        self.log(f"resumed from {source} at kimg {self.cur_nimg / 1000:.3f} (step {self.step})")
+
+    def save_checkpoint(self) -> Path | None:
+        state = self.state_dict()  # collective: every rank takes part
+        path = None
+        if self.info.is_main:
+            path = ckpt.save_checkpoint(state, self.outdir / ckpt.checkpoint_name(self.step))
+            ckpt.prune_checkpoints(self.outdir, self.config["keep_checkpoints"])
+            self.last_checkpoint = path
+            self.log(f"checkpoint {path}")
+        dist_utils.barrier(self.info, "checkpoint barrier")
+        return path
+
+    # ---- one step ------------------------------------------------------------------------
+    def _rank_slice(self, tensor: torch.Tensor) -> torch.Tensor:
+        # stream position r, r + W, ... of the global batch belongs to rank r (as the sampler)
+        return tensor[self.info.rank::self.info.world_size]
+
+    def _draw_latents(self):
+        n_phases = len(self.phases)
+        z = torch.randn([n_phases, self.batch, self.G.z_dim], generator=self.latent_gen)
+        z = torch.stack([self._rank_slice(pz) for pz in z])
+        if self.labels is not None:
+            idx = torch.randint(len(self.labels), [n_phases, self.batch], generator=self.latent_gen)
+            c = torch.stack([self._rank_slice(self.labels[pi]) for pi in idx])
+        else:
+            c = torch.zeros([n_phases, self.batch // self.info.world_size, 0])
+        z = z.to(self.device).split(self.batch_gpu, dim=1)
+        c = c.to(self.device).split(self.batch_gpu, dim=1)
+        return z, c
+
+    def _next_reals(self, loader):
+        images, labels = [], []
+        for _ in range(self.rounds):
+            img, lab = next(loader)
+            images.append(img.to(self.device, non_blocking=True).to(torch.float32) / 127.5 - 1)
+            labels.append(lab.to(self.device, non_blocking=True))
+        return images, labels
+
+    def train_step(self, loader) -> None:
+        reals, real_cs = self._next_reals(loader)
+        gen_z, gen_c = self._draw_latents()
+        bad_phases = []
+        for index, phase in enumerate(self.phases):
+            if self.step % phase.interval:
+                continue
+            phase.module.requires_grad_(True)
+            phase.opt.zero_grad(set_to_none=True)
+            gain = phase.interval / self.rounds * self.scaler.scale
+            for r in range(self.rounds):
+                self.parts.accumulate_gradients(
+                    phase.name, real_img=reals[r], real_c=real_cs[r], gen_z=gen_z[r][index],
+                    gen_c=gen_c[r][index], gain=gain)
+            phase.module.requires_grad_(False)
+            if not self._reduce_and_step(phase):
+                bad_phases.append(phase.name)
+        self._after_step(bad_phases)
+
+    def _reduce_and_step(self, phase: Phase) -> bool:
+        params = [p for p in phase.module.parameters() if p.grad is not None and p.numel()]
+        if not params:
+            return True
+        flat = torch.cat([p.grad.flatten() for p in params]).to(torch.float32)
+        dist_utils.all_reduce_mean_(flat, self.info)
+        if self.scaler.enabled:
+            flat /= self.scaler.scale
+        finite = bool(torch.isfinite(flat).all())  # identical on every rank after the reduce
+        self.scaler.update(finite)
+        if not finite:
+            phase.opt.zero_grad(set_to_none=True)
+            if not self.scaler.enabled:
+                self.log(f"non-finite gradient in phase {phase.name} at step {self.step} "
+                         f"(kimg {self.cur_nimg / 1000:.3f}): optimiser step skipped")
+            return self.scaler.enabled  # fp16 overflow is the scaler's business, not a fault
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
+        phase.opt.step()
+        return True
+
+    def _after_step(self, bad_phases: list[str]) -> None:
+        cfg = self.config
+        beta = ema_beta(self.batch, self.cur_nimg, cfg["ema_kimg"], cfg["ema_rampup"])
+        update_ema(self.G_ema, self.G, beta)
+        self.cur_nimg += self.batch
+        self.step += 1
+        self.parts.adjust(self.info, self.batch, due=self.step % cfg["adjust_interval"] == 0)
+        if bad_phases:
+            self.nan_streak += 1
+            if self.nan_streak >= cfg["max_nan_skips"]:
+                kept = self.last_checkpoint or "none written yet"
+                raise TrainingDiverged(
+                    f"{self.nan_streak} consecutive steps with non-finite gradients (last in "
+                    f"phases {', '.join(bad_phases)} at step {self.step - 1}); stopping without "
+                    f"saving. The last good checkpoint is intact: {kept}")
+        else:
+            self.nan_streak = 0
+
+    # ---- snapshots -----------------------------------------------------------------------
+    @torch.no_grad()
+    def save_grid(self, name: str) -> None:
+        if not self.info.is_main:
+            return
+        images = []
+        for z, c in zip(self.grid_z.split(self.batch_gpu), self.grid_c.split(self.batch_gpu)):
+            out = self.G_ema(z.to(self.device), c.to(self.device), noise_mode="const")
+            images.append(to_uint8(out).cpu())
+        path = rundir.save_image_grid(torch.cat(images), self.outdir / name)
+        rundir.save_image_grid(torch.cat(images), self.outdir / "fakes_latest.png")
+        self.log(f"image grid {path}")
+
+    def save_reals_grid(self) -> None:
+        if not self.info.is_main:
+            return
+        n = min(self.grid_z.shape[0], len(self.dataset))
+        images = np.stack([self.dataset[i][0] for i in range(n)])
+        rundir.save_image_grid(images, self.outdir / "reals.png")
+
+    def evaluate_metrics(self) -> None:
+        cfg = self.config
+        if not cfg["metrics"] or not self.info.is_main:
+            dist_utils.barrier(self.info, "metrics barrier")
+            return
+        from batikfast.metrics import compute_metrics, load_feature_network
+
+        if not hasattr(self, "_extractor"):
+            self._extractor = load_feature_network(cfg["metrics_features"], self.device)
+            self._real_cache = {}
+        result = compute_metrics(self.G_ema, self.dataset, self._extractor, tuple(cfg["metrics"]),
+                                 num_gen=cfg["metrics_num"], num_real=cfg["metrics_num"],
+                                 batch=self.batch_gpu, device=self.device,
+                                 real_cache=self._real_cache)
+        self.log("metrics " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        self.logger.scalars({f"Metrics/{k}": v for k, v in result.items()}, self.cur_nimg)
+        dist_utils.barrier(self.info, "metrics barrier")
+
+    # ---- the loop ------------------------------------------------------------------------
+    def _install_signal_handlers(self):
+        previous = {}
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self.stop_signal is not None:  # a second signal: stop now
+                signal.signal(signum, previous.get(signum, signal.SIG_DFL))
+                raise KeyboardInterrupt(name)
+            self.stop_signal = name
+            self.log(f"{name} received: finishing this step and saving a checkpoint")
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. some test runners)
+                pass
+        return previous
+
+    def _stop_agreed(self) -> bool:
+        if not self.info.distributed:
+            return self.stop_signal is not None
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
+        dist_utils.all_reduce_sum_(flag, self.info, "stop flag")
+        return bool(flag.item() > 0)
+
+    def run(self) -> dict:
+        cfg = self.config
+        total_nimg = int(round(cfg["kimg"] * 1000))
+        loader = make_loader(self.dataset, self.batch_gpu, self.info.rank, self.info.world_size,
+                             seed=cfg["seed"], start=self.cur_nimg, num_workers=cfg["workers"],
+                             pin_memory=self.device.type == "cuda")
+        previous_handlers = self._install_signal_handlers()
+        self.log(self.parts.describe())
+        self.log(f"training {cfg['cfg']} at {cfg['resolution']}x{cfg['resolution']} for "
+                 f"{cfg['kimg']} kimg: batch {self.batch} = {self.info.world_size} processes x "
+                 f"{self.rounds} rounds x {self.batch_gpu}, on {self.device}")
+        if self.step == 0:
+            self.save_reals_grid()
+            self.save_grid("fakes_init.png")
+        tick_start_nimg, tick_start = self.cur_nimg, time.time()
+        start_time = time.time()
+        stop_after = cfg.get("stop_after_steps")
+        done = self.cur_nimg >= total_nimg
+        try:
+            while not done:
+                self.train_step(loader)
+                done = self.cur_nimg >= total_nimg or (stop_after is not None
+                                                        and self.step >= stop_after)
+                stopping = self._stop_agreed()
+                tick_due = self.cur_nimg >= tick_start_nimg + cfg["tick_kimg"] * 1000
+                if not (tick_due or done or stopping):
+                    continue
+                now = time.time()
+                self._log_tick(now - tick_start, self.cur_nimg - tick_start_nimg, total_nimg)
+                self.tick += 1
+                tick_start_nimg, tick_start = self.cur_nimg, now
+                if done or stopping or self.tick % cfg["image_snap"] == 0:
+                    self.save_grid(f"fakes{self.step:08d}.png")
+                if done or stopping or self.tick % cfg["snap"] == 0:
+                    self.save_checkpoint()
+                    if cfg["metrics"]:
+                        self.evaluate_metrics()
+                if stopping:
+                    self.log(f"stopped by {self.stop_signal} at kimg {self.cur_nimg / 1000:.3f}; "
+                             f"resume with --resume auto")
+                    break
+        finally:
+            for sig, old in previous_handlers.items():
+                signal.signal(sig, old)
+        self.log(f"done: kimg {self.cur_nimg / 1000:.3f}, step {self.step}, "
+                 f"{time.time() - start_time:.1f} s")
+        return {"cur_nimg": self.cur_nimg, "step": self.step, "checkpoint": self.last_checkpoint,
+                "stopped_by": self.stop_signal}
+
+    def _log_tick(self, seconds: float, nimg: int, total_nimg: int) -> None:
+        stats = self.parts.pop_stats(self.info)
+        sec_per_kimg = seconds / max(nimg / 1000, 1e-9)
+        mem = rundir.gpu_memory_gib(self.device)
+        fields = [f"tick {self.tick:<4d}", f"kimg {self.cur_nimg / 1000:<8.3f}",
+                  f"sec/kimg {sec_per_kimg:<7.2f}", f"img/s {nimg / max(seconds, 1e-9):<7.1f}",
+                  f"gpumem {mem:<5.2f}"]
+        fields += [f"{label} {stats[key]:.4g}" for key, label in TICK_FIELDS if key in stats]
+        fields.append(rundir.progress_bar(self.cur_nimg / max(total_nimg, 1)))
+        self.log("  ".join(fields))
+        self.logger.scalars({"Progress/kimg": self.cur_nimg / 1000,
+                             "Timing/sec_per_kimg": sec_per_kimg,
+                             "Timing/images_per_s": nimg / max(seconds, 1e-9),
+                             "Resources/gpu_mem_gib": mem, **stats}, self.cur_nimg)
+
+
+def train(config: dict, outdir, resume: str | None = None) -> dict:
+    """Run training (single process, or one rank under torchrun); returns the final progress."""
+    info = dist_utils.init_distributed(config["device"], config["ddp_timeout_s"])
+    try:
+        return _train(config, Path(outdir), resume, info)
+    finally:
+        dist_utils.shutdown()
+
+
+def _train(config: dict, outdir: Path, resume, info) -> dict:
+    error = None
+    if info.is_main:
+        try:
+            rundir.check_output_dir(outdir, need_bytes=64 << 20)
+        except rundir.OutputDirError as err:
+            error = str(err)
+    error = dist_utils.broadcast_object(error, info, "output folder check")
+    if error:
+        raise rundir.OutputDirError(error)
+
+    state, source = None, None
+    if resume == "auto":
+        found = ckpt.latest_valid_checkpoint(outdir, warn=print if info.is_main else (lambda m: None))
+        if found is not None:
+            state, source = ckpt.load_checkpoint(found), found
+    elif resume:
+        state, source = ckpt.load_checkpoint(resume), resume
+    if state is not None:
+        saved = state["config"]
+        for key, value in config.items():
+            if key in RUNTIME_KEYS:
+                saved[key] = value
+        config = saved
+    trainer = Trainer(config, outdir, info)
+    if info.is_main:
+        rundir.save_config(outdir, config)
+    if state is None:
+        trainer.log("starting from scratch" + (" (no valid checkpoint in the output folder)"
+                                                if resume == "auto" else ""))
+    else:
+        trainer.load_state_dict(state, str(source))
+    try:
+        return trainer.run()
+    finally:
+        trainer.logger.close()

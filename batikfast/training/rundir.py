@@ -1,0 +1,137 @@
+"""The run directory: config JSON, log file, progress lines, TensorBoard scalars, image grids.
+
+Only rank 0 writes. The folder is checked before training starts (it can be created, written,
+and has room for a few checkpoints), so a typo or a full disk fails in the first second instead
+of at the first snapshot hours later.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class OutputDirError(RuntimeError):
+    """The output folder cannot be used; the message says why."""
+
+
+def check_output_dir(outdir, need_bytes: int = 0) -> Path:
+    """Create ``outdir`` if needed and prove it is writable and has ``need_bytes`` free."""
+    path = Path(outdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputDirError(f"--outdir {str(path)!r} cannot be created: {error}") from error
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"ok")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise OutputDirError(f"--outdir {str(path)!r} is not writable: {error}") from error
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise OutputDirError(
+            f"--outdir {str(path)!r} has {free / 2**20:.0f} MiB free but checkpoints need about "
+            f"{need_bytes / 2**20:.0f} MiB; free some space or choose another folder")
+    return path
+
+
+class RunLogger:
+    """Writes progress lines to stdout and ``log.txt``; scalars to TensorBoard when installed."""
+
+    def __init__(self, outdir, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.outdir = Path(outdir)
+        self._log = open(self.outdir / "log.txt", "a", encoding="utf-8") if enabled else None
+        self._jsonl = open(self.outdir / "stats.jsonl", "a", encoding="utf-8") if enabled else None
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.outdir))
+            except Exception:  # tensorboard is optional
+                self._tb = None
+
+    def print(self, message: str) -> None:
+        if not self.enabled:
+            return
+        print(message, flush=True)
+        self._log.write(message + "\n")
+        self._log.flush()
+
+    def scalars(self, values: dict, nimg: int) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"nimg": nimg, "timestamp": time.time(), **values}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.add_scalar(name, value, global_step=nimg)
+            self._tb.flush()
+
+    def close(self) -> None:
+        for handle in (self._log, self._jsonl):
+            if handle is not None:
+                handle.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def save_config(outdir, config: dict) -> None:
+    (Path(outdir) / "training_options.json").write_text(json.dumps(config, indent=2,
+                                                                   sort_keys=True))
+
+
+def image_grid(images: np.ndarray | torch.Tensor, columns: int | None = None) -> np.ndarray:
+    """uint8 ``[N, C, H, W]`` -> uint8 ``[rows*H, columns*W, C]`` (C 1 becomes grey)."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    n, c, h, w = images.shape
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / columns))
+    grid = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = images[i].transpose(1, 2, 0)
+    return grid
+
+
+def save_image_grid(images, path, columns: int | None = None) -> Path:
+    grid = image_grid(images, columns)
+    image = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def gpu_memory_gib(device: torch.device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def progress_bar(fraction: float, width: int = 20) -> str:
+    fraction = min(max(fraction, 0.0), 1.0)
+    filled = int(round(fraction * width))
+    return "[" + "#" * filled + "." * (width - filled) + f"] {fraction * 100:5.1f}%"
+
+
+def stderr_isatty() -> bool:
+    return sys.stderr.isatty()

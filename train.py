@@ -1,0 +1,112 @@
+"""Train a Diffusion-GAN (StyleGAN2-ADA generator, t-conditioned discriminator) on batik motifs.
+
+Single process:      python train.py --outdir runs/demo --cfg tiny --kimg 0.2
+Several GPUs:        torchrun --nproc_per_node=8 train.py --outdir runs/batik --data batik.zip
+Continue a run:      python train.py --outdir runs/demo --cfg tiny --kimg 1 --resume auto
+
+The output folder holds training_options.json, log.txt, stats.jsonl (and TensorBoard scalars when
+tensorboard is installed), reals.png, fakes*.png grids from the EMA generator, and atomically
+written, checksummed checkpoints (checkpoint-<step>.pt). ``--resume auto`` continues from the
+newest valid checkpoint in --outdir (a fresh start when there is none); the run's saved
+configuration is kept, except for options that do not change the model or the maths (kimg, snap,
+workers, compile, backend, ...). Defaults follow the batik paper (--cfg paper256).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _bool_flag(parser, name: str, help: str, default=None) -> None:
+    group = parser.add_mutually_exclusive_group()
+    dest = name.replace("-", "_")
+    group.add_argument(f"--{name}", dest=dest, action="store_true", help=help)
+    group.add_argument(f"--no-{name}", dest=dest, action="store_false")
+    parser.set_defaults(**{dest: default})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from batikfast.training.config import CHOICES
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--outdir", required=True, help="run folder (created; holds checkpoints)")
+    p.add_argument("--data", default=None, help="image folder, zip archive, or 'builtin' "
+                   "(procedural batik motifs, the default)")
+    p.add_argument("--cfg", default="paper256", choices=CHOICES["cfg"], help="preset (default paper256)")
+    p.add_argument("--kimg", type=float, default=None, help="train for this many thousand images")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in --outdir) or a path")
+    p.add_argument("--loss", choices=CHOICES["loss"], default=None)
+    p.add_argument("--aug", choices=CHOICES["aug"], default=None,
+                   help="no | ada (adaptive augmentation) | diff (DiffAugment)")
+    p.add_argument("--ts-dist", choices=CHOICES["ts_dist"], default=None)
+    _bool_flag(p, "diffusion", "noise the discriminator's inputs (Diffusion-GAN; default on)")
+    p.add_argument("--backend", choices=CHOICES["backend"], default=None)
+    _bool_flag(p, "compile", "torch.compile the main phases (default: on for GPUs)")
+    p.add_argument("--precision", choices=CHOICES["precision"], default=None)
+    p.add_argument("--batch", type=int, default=None, help="global batch size")
+    p.add_argument("--batch-gpu", type=int, default=None, help="images per GPU per round")
+    p.add_argument("--snap", type=int, default=None, help="checkpoint every this many ticks")
+    p.add_argument("--image-snap", type=int, default=None, help="image grid every this many ticks")
+    p.add_argument("--tick", type=float, default=None, dest="tick_kimg", help="kimg per progress line")
+    _bool_flag(p, "deterministic", "deterministic algorithms (slower on GPUs)")
+    _bool_flag(p, "mirror", "x-flip the dataset")
+    _bool_flag(p, "cond", "condition on dataset labels")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--glr", type=float, default=None)
+    p.add_argument("--dlr", type=float, default=None)
+    p.add_argument("--gamma", type=float, default=None, dest="r1_gamma", help="R1 weight")
+    p.add_argument("--target", type=float, default=None, dest="diffusion_target")
+    p.add_argument("--workers", type=int, default=None, help="data loader processes per GPU")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--metrics", default=None, help="comma list of fid,kid,pr at each checkpoint")
+    p.add_argument("--metrics-features", default=None, help="feature network file for --metrics")
+    p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def config_from_args(args) -> dict:
+    from batikfast.training.config import make_config
+
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("outdir", "cfg", "resume", "metrics")}
+    if args.metrics:
+        overrides["metrics"] = [m for m in args.metrics.split(",") if m]
+        if not args.metrics_features:
+            raise ValueError("--metrics needs --metrics-features (a feature network file; "
+                             "batikfast never downloads one)")
+    config = make_config(args.cfg, **overrides)
+    if config["compile"] is None:
+        config["compile"] = False if config["device"] == "cpu" else None
+    return config
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from batikfast.training.loop import TrainingDiverged, train
+    from batikfast.training.rundir import OutputDirError
+    from batikfast.training.checkpoint import CheckpointError
+    from batikfast.data import DatasetError
+
+    try:
+        result = train(config, args.outdir, resume=args.resume)
+    except (OutputDirError, DatasetError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    return 0 if result.get("stopped_by") is None else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(main())
