@@ -2,7 +2,7 @@
 
 ``modulated_conv2d_forward`` computes, in ONE Triton kernel, what this PyTorch expression does::
 
-    y = F.conv2d(x * in_scale[:, :, None, None], weight, padding=padding)
+    y = F.conv2d(x * in_scale[:, :, None, None], weight, padding=padding)   # x if in_scale None
     y = y * out_scale[:, :, None, None]          # if out_scale is given (demodulation)
     y = y + noise + bias[None, :, None, None]      # each if given
     y = act(y, alpha) * gain                       # act in linear / relu / lrelu
@@ -80,8 +80,9 @@ def _modulated_conv2d_fwd_kernel(
     * in_scale[n,i] * w[ky,kx,i,o] + noise[n,oy,ox] + bias[o], alpha) * gain), with w the weight
     laid out [kh,kw,I,O]; the padding reads zeros.
 
-    SCALE_SAMPLES: how many samples a row tile can touch (from the image size and BLOCK_M); up to 4
-    the styles are read as that many vectors and selected per row, beyond as a per-row gather.
+    SCALE_SAMPLES: 0 without in_scale, else how many samples a row tile can touch (from the image
+    size and BLOCK_M); up to 4 the styles are read as that many vectors and selected per row,
+    beyond that as a per-row gather.
     """
     num_n_tiles = tl.cdiv(O, BLOCK_N)
     # Output-channel tiles of one row block are neighbours in launch order, so they share the
@@ -123,9 +124,10 @@ def _modulated_conv2d_fwd_kernel(
         a = tl.load(x_row[:, None] + (ky * stride_xh + kx * stride_xw)
                     + chan[None, :].to(tl.int64) * stride_xc,
                     mask=inside[:, None] & chan_ok[None, :], other=0.0)
-        s = _load_styles(in_scale_ptr, n, row_ok, first_sample, N, chan, chan_ok, stride_sn,
-                         stride_si, SCALE_SAMPLES)
-        a = (a.to(tl.float32) * s).to(w_ptr.dtype.element_ty)
+        if SCALE_SAMPLES > 0:
+            s = _load_styles(in_scale_ptr, n, row_ok, first_sample, N, chan, chan_ok, stride_sn,
+                             stride_si, SCALE_SAMPLES)
+            a = (a.to(tl.float32) * s).to(w_ptr.dtype.element_ty)
         b = tl.load(w_ptr + ky * stride_wh + kx * stride_ww + chan[:, None].to(tl.int64) * stride_wi
                     + cols[None, :] * stride_wo,
                     mask=chan_ok[:, None] & col_ok[None, :], other=0.0)
@@ -261,7 +263,8 @@ def modulated_conv2d_forward(x, weight, in_scale, out_scale, noise, bias, act, a
     Args:
         x: [N, I, H, W] float32, float16 or bfloat16, any layout.
         weight: [O, I, kh, kw], x's dtype or float32 (cast to x's dtype inside).
-        in_scale: [N, I] floating (the styles), applied to x in fp32.
+        in_scale: None or [N, I] floating (the styles), applied to x in fp32. None (no scaling)
+            makes this a plain convolution with the fused epilogue.
         out_scale: None or [N, O] floating (the demodulation coefficients).
         noise: None or a tensor broadcastable to [N, 1, Ho, Wo].
         bias: None or [O].
@@ -319,6 +322,7 @@ def _launch(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, cl
     rows = batch * out_h * out_w
     # A placeholder for absent optional tensors: never read, their loads are compiled out.
     dummy = y
+    in_scale_strides = in_scale.stride() if in_scale is not None else (0, 0)
     out_scale_strides = out_scale.stride() if out_scale is not None else (0, 0)
     noise_strides = (noise.stride(0), noise.stride(2), noise.stride(3)) if noise is not None \
         else (0, 0, 0)
@@ -327,12 +331,12 @@ def _launch(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, cl
     scale_samples = (pixels - math.gcd(config.block_m, pixels) + config.block_m - 1) // pixels + 1
     grid = (triton.cdiv(rows, config.block_m) * triton.cdiv(out_channels, config.block_n),)
     _modulated_conv2d_fwd_kernel[grid](
-        x, w_kkio, in_scale,
+        x, w_kkio, in_scale if in_scale is not None else dummy,
         out_scale if out_scale is not None else dummy,
         noise if noise is not None else dummy,
         bias if bias is not None else dummy, y,
         batch, in_channels, height, width, out_channels, out_h, out_w, rows, int(padding),
-        *x.stride(), *w_kkio.stride(), *in_scale.stride(), *out_scale_strides, *noise_strides,
+        *x.stride(), *w_kkio.stride(), *in_scale_strides, *out_scale_strides, *noise_strides,
         bias.stride(0) if bias is not None else 0, *y.stride(),
         float(alpha) if alpha is not None else 0.0, float(gain) if gain is not None else 1.0,
         float(clamp) if clamp is not None else 0.0,
@@ -341,7 +345,7 @@ def _launch(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, cl
         DOT_PRECISION="tf32" if fp32 and not _interpreting() else "ieee",
         # Triton 3.8's interpreter multiplies bf16 blocks as their raw uint16 bits.
         DOT_IN_FP32=x.dtype == torch.bfloat16 and _interpreting(),
-        SCALE_SAMPLES=min(scale_samples, batch), EVEN_K=in_channels % config.block_k == 0,
+        SCALE_SAMPLES=min(scale_samples, batch) if in_scale is not None else 0, EVEN_K=in_channels % config.block_k == 0,
         STORE_ROWS_FASTEST=y.stride(1) != 1 and y.stride(3) == 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
@@ -372,7 +376,8 @@ def _check_args(x, weight, in_scale, out_scale, bias, act, clamp, padding) -> No
     if weight.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"weight must be {x.dtype} (x's dtype) or float32, got {weight.dtype}")
     out_channels = weight.shape[0]
-    _check_floating("in_scale", in_scale, (batch, in_channels), x.device)
+    if in_scale is not None:
+        _check_floating("in_scale", in_scale, (batch, in_channels), x.device)
     if out_scale is not None:
         _check_floating("out_scale", out_scale, (batch, out_channels), x.device)
     if bias is not None:

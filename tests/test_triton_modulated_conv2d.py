@@ -54,7 +54,9 @@ def reference(x, weight, in_scale, out_scale, noise, bias, act, alpha, gain, cla
 
     x, weight, in_scale, out_scale, noise, bias = map(
         cast, (x, weight, in_scale, out_scale, noise, bias))
-    y = F.conv2d(x * in_scale[:, :, None, None], weight, padding=padding)
+    if in_scale is not None:
+        x = x * in_scale[:, :, None, None]
+    y = F.conv2d(x, weight, padding=padding)
     if out_scale is not None:
         y = y * out_scale[:, :, None, None]
     if noise is not None:
@@ -157,6 +159,13 @@ def test_input_gradient_call_with_flipped_transposed_weight_matches_autograd(dty
     error = (dx.double() - dx_truth).abs().max().item()
     allowed = 2 * (dx_same_dtype.double() - dx_truth).abs().max().item() + FLOOR[dtype] * scale
     assert error <= allowed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_without_in_scale_it_is_a_plain_convolution_with_the_fused_epilogue(dtype):
+    args = make_inputs(3, 17, 5, 5, 7, 3, 1, dtype, seed=12)
+    args["in_scale"] = None
+    check_against_reference(args, act="lrelu", alpha=0.2, gain=math.sqrt(2), clamp=1.0)
 
 
 def test_non_square_even_kernel_matches_reference():
