@@ -256,6 +256,15 @@ def _launch_fitting(*args, config: _Config) -> None:
         raise
 
 
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of the output for input ``x``, as torch.conv2d picks it: channels-last
+    when x is (and is not also plainly contiguous), else contiguous. Fake (meta) implementations
+    should allocate with it so that compiled graphs see the real strides."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def modulated_conv2d_forward(x, weight, in_scale, out_scale, noise, bias, act, alpha, gain,
                              clamp, padding):
     """Modulated convolution with its fused epilogue; see the module docstring for the formula.
@@ -293,10 +302,8 @@ def modulated_conv2d_forward(x, weight, in_scale, out_scale, noise, bias, act, a
                 f"noise must broadcast to [N, 1, Ho, Wo] = {[batch, 1, out_h, out_w]}, "
                 f"got shape {tuple(noise.shape)}") from None
 
-    channels_last = (x.dim() == 4 and not x.is_contiguous()
-                     and x.is_contiguous(memory_format=torch.channels_last))
     y = torch.empty((batch, out_channels, out_h, out_w), dtype=x.dtype, device=x.device,
-                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                    memory_format=output_memory_format(x))
     rows = batch * out_h * out_w
     if rows == 0 or out_channels == 0:
         return y

@@ -203,7 +203,9 @@ def test_channels_last_input_gives_channels_last_output_with_the_same_values():
     x_cl = args["x"].contiguous(memory_format=torch.channels_last)
     y = mc.modulated_conv2d_forward(x_cl, *list(args.values())[1:], "relu", 0.0, 1.0, None, 1)
     assert y.is_contiguous(memory_format=torch.channels_last)
+    assert mc.output_memory_format(x_cl) == torch.channels_last
     assert expected.is_contiguous()
+    assert mc.output_memory_format(args["x"]) == torch.contiguous_format
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
