@@ -225,8 +225,12 @@ class Diffusion:
         picks = torch.randint(0, self.pool_size, (batch_size,), generator=self._call_stream())
         return self.pool[picks].to(device if device is not None else "cpu")
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor | None = None):
-        """Noise ``x`` [N, ...] to per-image steps; returns ``(x_t, t)`` with t int64 [N]."""
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None):
+        """Noise ``x`` [N, ...] to per-image steps; returns ``(x_t, t)`` with t int64 [N].
+
+        ``t`` (default: drawn from the pool) and ``noise`` (default: drawn inside the kernel)
+        may be given, e.g. to compare implementations."""
         stream = self._call_stream()
         if t is None:
             picks = torch.randint(0, self.pool_size, (x.shape[0],), generator=stream)
@@ -234,7 +238,8 @@ class Diffusion:
         noise_seed = int(torch.randint(0, 2 ** 62, (), generator=stream))
         sqrt_alpha_bar, sqrt_one_minus_alpha_bar = self.schedules(x.device)
         x_t = ops.diffusion_noise(x, t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar,
-                                  noise_std=self.noise_std, seed=noise_seed, impl=self.impl)
+                                  noise_std=self.noise_std, noise=noise, seed=noise_seed,
+                                  impl=self.impl)
         return x_t, t
 
     # -- checkpoints --------------------------------------------------------------------------

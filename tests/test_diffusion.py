@@ -1,10 +1,12 @@
 """Diffusion-GAN's adaptive forward diffusion (schedules, T from p, the t pool)."""
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from batikfast import backends
 from batikfast.diffusion import BETA_SCHEDULES, Diffusion, beta_schedule
 
 
@@ -189,3 +191,23 @@ def test_bad_arguments_raise_errors_naming_them():
         Diffusion(t_min=20, t_max=10)
     with pytest.raises(ValueError, match="p"):
         Diffusion(p=1.5)
+
+
+def _triton_diffusion_missing():
+    kernel = Path(backends.__file__).resolve().parent.parent / "kernels" / "diffusion_noise.py"
+    if not kernel.exists():
+        return "the Triton kernel batikfast.kernels.diffusion_noise is not there (not yet written?)"
+    return backends.triton_unavailable_reason(torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.skipif(bool(_triton_diffusion_missing()), reason=str(_triton_diffusion_missing()))
+def test_noising_matches_between_reference_and_triton_for_given_noise():
+    x = torch.randn(3, 3, 5, 7)[:, :, :, ::2]  # odd, non-contiguous
+    noise = torch.randn_like(x)
+    t = torch.tensor([0, 4, 9])
+    outputs = []
+    for impl in ("ref", "triton"):
+        diffusion = Diffusion(p=0.0, impl=impl)
+        x_t, _ = diffusion(x, t=t, noise=noise)
+        outputs.append(x_t)
+    torch.testing.assert_close(outputs[1], outputs[0])

@@ -168,6 +168,18 @@ def test_discriminator_output_depends_on_t():
     assert torch.equal(a, D(img, None, torch.tensor([[0.0], [0.0]])))
 
 
+def test_discriminator_accepts_non_contiguous_images():
+    torch.manual_seed(6)
+    D = tiny_discriminator()
+    img = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([2, 9])
+    expected = D(img, None, t)
+    torch.testing.assert_close(D(img.to(memory_format=torch.channels_last), None, t), expected)
+    wide = torch.randn(2, 3, 16, 32)
+    wide[..., ::2] = img
+    torch.testing.assert_close(D(wide[..., ::2], None, t), expected)
+
+
 def test_plain_discriminator_has_no_mapping_without_labels():
     D = tiny_discriminator(t_dim=0)
     assert not hasattr(D, "mapping") and D.cmap_dim == 0
