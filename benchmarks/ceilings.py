@@ -16,8 +16,8 @@ from benchmarks.common import Timer
 GPU_COPY_BYTES = 2 * 2**30
 GPU_MATMUL_SIZE = 8192
 # On the CPU the figures only label the (not comparable) quick run.
-CPU_COPY_BYTES = 32 * 2**20
-CPU_MATMUL_SIZE = 256
+CPU_COPY_BYTES = 8 * 2**20
+CPU_MATMUL_SIZE = 128
 
 
 def measure_copy_gbps(device: torch.device, timer: Timer, nbytes: int | None = None) -> float:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.textfmt import CPU_LABEL, fmt_float  # noqa: F401  (re-exported)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     # Run from a checkout without installing: `python benchmarks/run.py`.
@@ -29,7 +31,6 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-CPU_LABEL = "CPU (not comparable)"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCHEMA_VERSION = 1
 
@@ -222,13 +223,3 @@ def _summary(times: list[float], method: str) -> Timing:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def fmt_float(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.{digits}g}" if abs(value) < 0.01 else f"{value:.{digits - 1}f}"

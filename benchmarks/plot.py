@@ -13,7 +13,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import CPU_LABEL  # noqa: E402
+from benchmarks.textfmt import CPU_LABEL  # noqa: E402
 
 FAST_IMPLS = ("ref+compile", "triton", "cuda")
 COLORS = {"ref+compile": "#7f7f7f", "triton": "#1f77b4", "cuda": "#2ca02c"}
@@ -110,6 +110,8 @@ def main(argv=None) -> None:
             from benchmarks import report
             path.with_suffix(".md").write_text(report.markdown(payload))
             print(plot_ops(payload, path.with_suffix(".png")))
+        elif "nvidia_flavour" in payload["meta"]:
+            print(f"{path}: no chart for the NVIDIA comparison; its table is peer_nvidia.md")
         else:
             print(plot_train_step(payload, path.with_suffix(".png")))
 

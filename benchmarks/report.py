@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
 
-from benchmarks.common import CPU_LABEL, fmt_float
+from benchmarks.textfmt import CPU_LABEL, fmt_float
 
 IMPL_ORDER = ("ref", "ref+compile", "triton", "cuda")
 _COLUMNS = (("case", 18), ("dtype", 5), ("mode", 7), ("impl", 11), ("ms", 8), ("p20-p80", 15),
