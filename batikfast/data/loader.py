@@ -85,7 +85,11 @@ def make_loader(dataset: Dataset, batch_gpu: int, rank: int = 0, world_size: int
     kwargs = {}
     if num_workers > 0:
         kwargs = dict(persistent_workers=True, prefetch_factor=prefetch_factor)
+    # A private generator: creating the iterator would otherwise draw the workers' base seed
+    # from the global RNG, and a resumed run (iterator created after the RNG state is restored)
+    # would drift from an uninterrupted one. Items depend on their index only.
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_gpu, sampler=sampler,
                                          num_workers=num_workers, pin_memory=pin_memory,
-                                         collate_fn=_collate, **kwargs)
+                                         collate_fn=_collate,
+                                         generator=torch.Generator().manual_seed(seed), **kwargs)
     return iter(loader)

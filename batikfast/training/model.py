@@ -124,7 +124,7 @@ class TrainingParts:
                                                    info, "diffusion statistics")
             self.diffusion.step(batch, stats)
         elif self.config["aug"] == "ada" and due:
-            stats = dist_utils.all_reduce_sum_(self._ada_signs.to(self.device), info,
+            stats = dist_utils.all_reduce_sum_(self._ada_signs.clone().to(self.device), info,
                                                "ADA statistics").cpu()
             self._ada_signs.zero_()
             if stats[1] > 0:

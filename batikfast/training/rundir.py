@@ -56,6 +56,8 @@ class RunLogger:
     def __init__(self, outdir, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
         self.outdir = Path(outdir)
+        if enabled:
+            self.outdir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.outdir / "log.txt", "a", encoding="utf-8") if enabled else None
         self._jsonl = open(self.outdir / "stats.jsonl", "a", encoding="utf-8") if enabled else None
         self._tb = None

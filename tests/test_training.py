@@ -1,0 +1,331 @@
+"""The training loop on the CPU: every loss and augmentation, resume, faults, the command line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from batikfast.training import checkpoint as ckpt
+from batikfast.training.config import make_config, split_batch
+from batikfast.training.distributed import DistInfo
+from batikfast.training.loop import Trainer, TrainingDiverged, train
+from batikfast.training.rundir import OutputDirError
+
+REPO = Path(__file__).resolve().parent.parent
+BATCH = 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The CI machine has 2 shared cores: more threads only spin against each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def micro_config(steps: int = 4, **overrides) -> dict:
+    """The smallest network that exercises every phase (16x16, a few channels)."""
+    options = dict(resolution=16, z_dim=8, w_dim=8, channel_base=128, channel_max=8,
+                   mbstd_group=2, batch=BATCH, batch_gpu=BATCH, kimg=steps * BATCH / 1000,
+                   tick_kimg=BATCH / 1000, snap=100, image_snap=100, d_reg_interval=2,
+                   g_reg_interval=4, workers=0, device="cpu", compile=False, grid_seeds=4,
+                   data_size=64, ema_kimg=0.01, diffusion_kimg=0.05, ada_kimg=0.05)
+    options.update(overrides)
+    return make_config("tiny", **options)
+
+
+def _weights(path):
+    return ckpt.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("loss,aug,diffusion", [
+    ("stylegan2", "no", True), ("stylegan2", "ada", True), ("stylegan2", "diff", True),
+    ("wgan", "no", True), ("wgan", "ada", False), ("stylegan2", "no", False)])
+def test_each_loss_and_augmentation_trains_and_writes_outputs(tmp_path, loss, aug, diffusion):
+    config = micro_config(steps=4, loss=loss, aug=aug, diffusion=diffusion,
+                          adjust_interval=2, diffusion_target=-1.0, ada_target=-1.0)
+    result = train(config, tmp_path)
+    assert result["step"] == 4 and result["cur_nimg"] == 4 * BATCH
+    state = _weights(result["checkpoint"])
+    assert state["progress"]["step"] == 4
+    initial = Trainer(micro_config(), tmp_path / "fresh", DistInfo())
+    for name, value in state["G"].items():
+        assert torch.isfinite(value).all(), name
+    changed = [n for n, v in state["D"].items() if not torch.equal(v, initial.D.state_dict()[n])]
+    assert changed, "D did not train"
+    for name in ("reals.png", "fakes_init.png", "fakes00000004.png", "log.txt",
+                 "stats.jsonl", "training_options.json"):
+        assert (tmp_path / name).exists(), name
+    stats = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert "Loss/D/loss" in stats[0] and "Loss/G/loss" in stats[0]
+    training = state["training"]
+    if diffusion:
+        # a target of -1 means "always overfitting": p and T must have grown at steps 2 and 4
+        assert training["diffusion"]["p"] > 0 and training["diffusion"]["T"] >= 10
+    if aug == "ada":
+        assert training["augment_p"] > 0
+    log = (tmp_path / "log.txt").read_text()
+    assert "sec/kimg" in log and "torch.compile off" in log
+
+
+def test_lazy_regularisation_corrects_adam_and_runs_phases_on_their_interval(tmp_path):
+    trainer = Trainer(micro_config(g_reg_interval=4, d_reg_interval=16), tmp_path, DistInfo())
+    phases = {p.name: p for p in trainer.phases}
+    assert [p.name for p in trainer.phases] == ["Gmain", "Greg", "Dmain", "Dreg"]
+    assert (phases["Greg"].interval, phases["Dreg"].interval) == (4, 16)
+    g = phases["Gmain"].opt.param_groups[0]
+    d = phases["Dmain"].opt.param_groups[0]
+    assert g["lr"] == pytest.approx(0.0025 * 4 / 5) and d["lr"] == pytest.approx(0.0025 * 16 / 17)
+    assert g["betas"][1] == pytest.approx(0.99 ** (4 / 5))
+    assert d["betas"][1] == pytest.approx(0.99 ** (16 / 17))
+    ran = []
+    original = trainer.parts.accumulate_gradients
+    trainer.parts.accumulate_gradients = lambda phase, **kw: (ran.append(phase), original(phase, **kw))
+    from batikfast.data import make_loader
+    loader = make_loader(trainer.dataset, trainer.batch_gpu, num_workers=0)
+    for _ in range(2):
+        trainer.train_step(loader)
+    assert ran == ["Gmain", "Greg", "Dmain", "Dreg", "Gmain", "Dmain"]
+
+
+def test_batch_splits_into_ranks_and_accumulation_rounds():
+    config = micro_config(batch=16, batch_gpu=4, mbstd_group=4)
+    assert split_batch(config, 1) == (4, 4)
+    assert split_batch(config, 2) == (4, 2)
+    assert split_batch(config, 4) == (4, 1)
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        split_batch(config, 3)
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path):
+    grads = {}
+    for batch_gpu in (BATCH, BATCH // 2):
+        # minibatch-std groups of 1: its groups would otherwise straddle the rounds differently
+        config = micro_config(batch_gpu=batch_gpu, diffusion=False, style_mixing=0.0,
+                              pl_weight=0.0, d_reg_interval=1, mbstd_group=1)
+        trainer = _recording_trainer(config, tmp_path / str(batch_gpu))
+        from batikfast.data import make_loader
+        trainer.train_step(make_loader(trainer.dataset, trainer.batch_gpu, num_workers=0))
+        grads[batch_gpu] = trainer.recorded
+    for phase in ("Dmain", "Dreg"):
+        for name, g in grads[BATCH][phase].items():
+            torch.testing.assert_close(grads[BATCH // 2][phase][name], g, rtol=1e-4, atol=1e-6,
+                                       msg=f"{phase} {name}")
+
+
+def _recording_trainer(config, outdir, info=None):
+    class Recording(Trainer):
+        recorded = {}
+
+        def _reduce_and_step(self, phase):
+            ok = super()._reduce_and_step(phase)
+            self.recorded[phase.name] = {n: p.grad.clone() for n, p in phase.module.named_parameters()
+                                         if p.grad is not None and "noise_strength" not in n}
+            return ok
+
+    trainer = Recording(config, outdir, info or DistInfo())
+    trainer.recorded = {}
+    return trainer
+
+
+def _same_state(a, b, path=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _same_state(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_run_bit_for_bit(tmp_path):
+    options = dict(steps=6, aug="ada", adjust_interval=2, diffusion_target=-1.0, seed=5)
+    whole = train(micro_config(**options), tmp_path / "whole")
+    first = train(micro_config(stop_after_steps=3, **options), tmp_path / "split")
+    assert first["step"] == 3
+    second = train(micro_config(**options), tmp_path / "split", resume="auto")
+    assert second["step"] == 6
+    a, b = _weights(whole["checkpoint"]), _weights(second["checkpoint"])
+    for key in ("G", "D", "G_ema", "G_opt", "D_opt", "training", "latent_gen", "progress"):
+        _same_state(a[key], b[key], key)
+    assert a["training"]["diffusion"]["p"] > 0  # the adaptive state really moved
+    assert "resumed from" in (tmp_path / "split" / "log.txt").read_text()
+
+
+def test_deterministic_runs_give_identical_checkpoints(tmp_path):
+    a = train(micro_config(steps=2, deterministic=True), tmp_path / "a")
+    b = train(micro_config(steps=2, deterministic=True), tmp_path / "b")
+    _same_state(_weights(a["checkpoint"])["G"], _weights(b["checkpoint"])["G"])
+    assert a["checkpoint"].read_bytes()[:100] == b["checkpoint"].read_bytes()[:100]
+
+
+def test_non_finite_gradients_skip_the_step_and_repeated_ones_stop_the_run(tmp_path):
+    config = micro_config(steps=20, max_nan_skips=3, snap=1)
+    trainer = Trainer(config, tmp_path, DistInfo())
+    original = trainer.parts.accumulate_gradients
+    poison = {"on": False}
+
+    def poisoned(phase, **kwargs):
+        original(phase, **kwargs)
+        if poison["on"] and phase == "Dmain":
+            next(trainer.D.parameters()).grad.fill_(float("nan"))
+
+    trainer.parts.accumulate_gradients = poisoned
+    from batikfast.data import make_loader
+    loader = make_loader(trainer.dataset, trainer.batch_gpu, num_workers=0)
+    trainer.train_step(loader)
+    good = trainer.save_checkpoint()
+    before = {n: p.clone() for n, p in trainer.D.named_parameters()}
+    poison["on"] = True
+    trainer.train_step(loader)
+    for name, p in trainer.D.named_parameters():  # Dmain skipped (Dreg may still step)
+        assert torch.isfinite(p).all(), name
+    log = (tmp_path / "log.txt").read_text()
+    assert "non-finite gradient in phase Dmain at step 1" in log
+    with pytest.raises(TrainingDiverged, match="last good checkpoint is intact"):
+        for _ in range(5):
+            trainer.train_step(loader)
+    assert ckpt.latest_valid_checkpoint(tmp_path) == good
+    assert before  # the skipped step left D finite
+
+
+def _train_main(argv):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("batikfast_train_cli", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def test_unwritable_output_folder_is_a_clear_error_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OutputDirError, match="cannot be created"):
+        train(micro_config(), blocker / "run")
+    assert _train_main(["--outdir", str(blocker / "run"), "--cfg", "tiny", "--kimg", "0.01",
+                        "--device", "cpu"]) == 2
+    assert "cannot be created" in capsys.readouterr().err
+
+
+def test_full_disk_is_a_clear_error_before_training(tmp_path, monkeypatch):
+    from batikfast.training import rundir
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: type("U", (), {"free": 10})())
+    with pytest.raises(OutputDirError, match="MiB free"):
+        train(micro_config(), tmp_path / "run")
+
+
+def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert _train_main(["--outdir", str(tmp_path / "run"), "--cfg", "tiny", "--data",
+                        str(tmp_path / "empty"), "--device", "cpu"]) == 2
+    assert "no images found" in capsys.readouterr().err
+    assert _train_main(["--outdir", str(tmp_path / "run"), "--cfg", "tiny", "--batch", "6",
+                        "--batch-gpu", "4"]) == 2
+    assert "multiple of batch_gpu" in capsys.readouterr().err
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def _cli(outdir, *extra):
+    return [sys.executable, str(REPO / "train.py"), "--outdir", str(outdir), "--cfg", "tiny",
+            "--resolution", "16", "--batch", "4", "--batch-gpu", "4", "--workers", "0",
+            "--tick", "0.004", "--snap", "1", "--image-snap", "1000", "--device", "cpu", *extra]
+
+
+def _wait_for(predicate, timeout, process):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if process.poll() is not None:
+            raise AssertionError(f"trainer exited early:\n{process.stdout.read()}")
+        time.sleep(0.05)
+    return False
+
+
+def test_run_killed_with_sigkill_resumes_from_its_last_valid_checkpoint(tmp_path):
+    outdir = tmp_path / "run"
+    process = subprocess.Popen(_cli(outdir, "--kimg", "10"), env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        assert _wait_for(lambda: len(ckpt.list_checkpoints(outdir)) >= 2, 240, process)
+        process.send_signal(signal.SIGKILL)  # possibly in the middle of a checkpoint write
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    newest = ckpt.latest_valid_checkpoint(outdir)
+    assert newest is not None
+    step = int(newest.name.split("-")[1].split(".")[0])
+    # a damaged newest file must be passed over in favour of the one before it
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    resumed = subprocess.run(_cli(outdir, "--kimg", str((step + 2) * 4 / 1000), "--resume", "auto"),
+                             env=_env(), capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "truncated" in resumed.stdout and "resumed from" in resumed.stdout
+    final = ckpt.latest_valid_checkpoint(outdir)
+    assert _weights(final)["progress"]["step"] == step + 2
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+    outdir = tmp_path / "run"
+    process = subprocess.Popen(_cli(outdir, "--kimg", "10", "--snap", "1000"), env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert _wait_for(lambda: "tick 1 " in (outdir / "log.txt").read_text()
+                         if (outdir / "log.txt").exists() else False, 240, process)
+        assert not ckpt.list_checkpoints(outdir)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert "stopped by SIGTERM" in output
+    assert ckpt.latest_valid_checkpoint(outdir) is not None
+
+
+def test_tiny_cli_run_then_generate_a_grid(tmp_path):
+    outdir = tmp_path / "demo"
+    result = subprocess.run(_cli(outdir, "--kimg", "0.008"), env=_env(), capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    checkpoint = ckpt.latest_valid_checkpoint(outdir)
+    config = json.loads((outdir / "training_options.json").read_text())
+    assert config["cfg"] == "tiny" and config["resolution"] == 16
+    grid = tmp_path / "grid.png"
+    gen = subprocess.run([sys.executable, "-m", "batikfast.generate", "--ckpt", str(checkpoint),
+                          "--seeds", "0-5", "--trunc", "0.7", "--out", str(grid)], env=_env(),
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert gen.returncode == 0, gen.stderr
+    from PIL import Image
+    assert Image.open(grid).size == (3 * 16, 2 * 16)
+    from batikfast.generate import generate_images
+    from batikfast.training.checkpoint import load_generator
+    G, _ = load_generator(checkpoint)
+    a = generate_images(G, [3], truncation_psi=0.7)
+    b = generate_images(G, [1, 2, 3], truncation_psi=0.7)[2:]
+    assert torch.equal(a, b)  # a seed's image does not depend on the others
+
+
+def test_generate_rejects_bad_seeds_and_missing_checkpoints(tmp_path):
+    from batikfast.generate import main, parse_seeds
+    assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
+    with pytest.raises(ValueError, match="empty"):
+        parse_seeds("5-2")
+    assert main(["--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "g.png")]) == 2
