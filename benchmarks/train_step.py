@@ -58,6 +58,8 @@ def parse_args(argv=None):
                         help="feed the built-in dataset through the real loader")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds after which no new setup starts")
+    parser.add_argument("--no-phase-breakdown", action="store_true",
+                        help="skip the extra cycle that times each phase separately")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default=None)
     parser.add_argument("--outdir", default=None)
@@ -148,16 +150,54 @@ def measure_setup(args, device, backend, compile_mode, precision, workdir) -> di
             trainer.train_step(loader)
         common.synchronize(device)
         seconds = time.perf_counter() - begin
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        phases = None
+        if not args.no_phase_breakdown:
+            phases = phase_breakdown(trainer, loader, device, 1 if args.quick else cycle)
     finally:
         batikfast.set_backend(None)
     images = steps * trainer.batch
     return dict(status="ok", steps=steps, warmup_steps=warmup, warmup_s=round(warmup_s, 2),
                 seconds=seconds, images_per_s=images / seconds,
-                sec_per_kimg=seconds / (images / 1000),
-                peak_gpu_mem_gib=(torch.cuda.max_memory_allocated(device) / 2**30
-                                  if device.type == "cuda" else None),
-                batch=trainer.batch, batch_gpu=trainer.batch_gpu,
+                sec_per_kimg=seconds / (images / 1000), peak_gpu_mem_gib=peak,
+                batch=trainer.batch, batch_gpu=trainer.batch_gpu, phase_fractions=phases,
                 compile_note=getattr(trainer.parts, "compile_note", None))
+
+
+def phase_breakdown(trainer, loader, device, steps: int) -> dict | None:
+    """Share of a step's time per training phase, from one extra, separately timed cycle.
+
+    Synchronises around every phase, so it is not part of the headline figure; the rest
+    (gradient reduction, optimiser steps, EMA, diffusion/augment adjustment) is "other".
+    """
+    parts = trainer.parts
+    original = getattr(parts, "accumulate_gradients", None)
+    if original is None:
+        return None
+    spent: dict[str, float] = {}
+
+    def timed(phase, **kwargs):
+        common.synchronize(device)
+        begin = time.perf_counter()
+        original(phase, **kwargs)
+        common.synchronize(device)
+        spent[phase] = spent.get(phase, 0.0) + time.perf_counter() - begin
+
+    try:
+        parts.accumulate_gradients = timed
+    except AttributeError:
+        return None
+    try:
+        begin = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(loader)
+        common.synchronize(device)
+        total = time.perf_counter() - begin
+    finally:
+        del parts.accumulate_gradients
+    fractions = {phase: seconds / total for phase, seconds in spent.items()}
+    fractions["other"] = max(0.0, 1.0 - sum(fractions.values()))
+    return fractions
 
 
 def run(args, device) -> list[dict]:
@@ -235,6 +275,16 @@ def markdown(payload) -> str:
             + (f"{row['speedup_vs_compiled']:.2f}x" if row.get("speedup_vs_compiled") else "-")
             + f" | {fmt_float(mem) if mem is not None else '-'} | {row['steps']} "
             f"({row['warmup_s']} s) |")
+    with_phases = [r for r in rows if r.get("phase_fractions")]
+    if with_phases:
+        names = list(dict.fromkeys(p for r in with_phases for p in r["phase_fractions"]))
+        out += ["", "Share of the step per phase (one extra cycle, synchronised around each "
+                "phase; G/D main every step, reg lazily):", "",
+                "| setup | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for row in with_phases:
+            shares = row["phase_fractions"]
+            out.append(f"| {row['config']} | " + " | ".join(
+                f"{100 * shares[n]:.0f}%" if n in shares else "-" for n in names) + " |")
     notes = sorted({r["compile_note"] for r in rows if r.get("compile_note")})
     out += [""] + [f"- {note}" for note in notes]
     return "\n".join(out) + "\n"

@@ -178,3 +178,32 @@ def test_peer_script_matches_nvidia_reference_on_tiny_shapes(tmp_path):
     assert ours and all(r["status"] == "ok" for r in ours)
     assert all(r["max_rel_err_vs_nvidia"] < 1e-5 for r in ours)
     assert "nvidia-ref" in (tmp_path / "peer_nvidia.md").read_text()
+
+
+def _step_row(backend, compile_mode, sec_per_kimg):
+    return dict(config=f"{backend} {compile_mode} mixed", backend=backend, compile=compile_mode,
+                precision="mixed", status="ok", sec_per_kimg=sec_per_kimg,
+                images_per_s=1000 / sec_per_kimg, steps=32, warmup_s=1.0,
+                peak_gpu_mem_gib=3.0, phase_fractions={"Gmain": 0.5, "Dmain": 0.3, "other": 0.2})
+
+
+def test_train_step_speedups_compare_with_eager_and_compiled_reference_of_same_precision():
+    from benchmarks import train_step
+    rows = [_step_row("ref", "eager", 6.0), _step_row("ref", "compiled", 4.0),
+            _step_row("cuda", "compiled", 2.0)]
+    train_step._add_speedups(rows)
+    assert rows[2]["speedup_vs_ref"] == pytest.approx(3.0)
+    assert rows[2]["speedup_vs_compiled"] == pytest.approx(2.0)
+    meta = dict(cfg="paper256", device="X", device_type="cuda", date="d", git_commit="c",
+                torch="t", triton="tr", cuda="cu", what="w")
+    text = train_step.markdown(dict(meta=meta, results=rows))
+    assert "| cuda compiled mixed | 500.0 | 2.00 | 3.00x | 2.00x |" in text
+    assert "| Gmain | Dmain | other |" in text
+
+
+def test_train_step_records_why_when_the_training_loop_is_missing(monkeypatch):
+    import torch
+    from benchmarks import train_step
+    monkeypatch.setattr(train_step, "loop_available", lambda: "no loop here")
+    rows = train_step.run(train_step.parse_args(["--quick"]), torch.device("cpu"))
+    assert rows and all(r["status"] == "unavailable: no loop here" for r in rows)
