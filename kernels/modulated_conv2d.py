@@ -13,11 +13,14 @@ as an implicit GEMM: rows m = (n, oy, ox) of the output, columns o, reduction k 
     A[m, k] = x[n, i, oy + ky - padding, ox + kx - padding] * in_scale[n, i]   (0 outside the image)
     B[k, o] = weight[o, i, ky, kx]
 
-The style scale is applied to the A tile as it is loaded, the demodulation, noise, bias,
-activation, gain and clamp in the epilogue, so neither per-sample weights nor the modulated
-input ever reach memory. A tile of rows may span several samples (small images): the styles are
-then read as one vector per sample and selected per row (gathered per row when a tile covers
-more than 4 samples), out_scale is gathered per row. Accumulation is fp32; fp16/bf16 operands
+The style scale is applied to the operand tiles as they are loaded, the demodulation, noise,
+bias, activation, gain and clamp in the epilogue, so neither per-sample weights nor the
+modulated input ever reach memory. When a tile of rows lies inside one sample (the usual case)
+the style scales the rows of the B tile (sum_i x*s*w = sum_i x*(s*w)): A then goes from its
+asynchronous copy straight to the MMA, whereas an A modified in registers makes ptxas serialise
+Hopper's wgmma (warning C7515). A tile spanning several samples (small images) scales A: the
+styles are read as one vector per sample and selected per row (gathered per row when a tile
+covers more than 4 samples). out_scale is gathered per row in the epilogue. Accumulation is fp32; fp16/bf16 operands
 go to ``tl.dot`` in their own dtype, fp32 operands as tf32 on the GPU (what cuDNN does for fp32
 convolutions with ``torch.backends.cudnn.allow_tf32``, torch's default) and exactly under
 ``TRITON_INTERPRET=1``.
@@ -29,6 +32,7 @@ Tiles (see ``_choose_config``). The StyleGAN2 paper256 generator has two regimes
 - 64..256 px layers, 64..256 channels: many rows, few channels; bandwidth-bound. BLOCK_N covers
   all output channels (up to 128) so each input tile is read from DRAM once, and BLOCK_M = 128
   rows amortises the weight tile.
+BLOCK_M is 64 where that keeps tiles inside one sample (8x8 images) and 128 would not.
 BLOCK_K is 64 for 16-bit operands and 32 for fp32 (128-byte rows either way), shrunk for tiny
 channel counts. The reduction runs as one flat loop over (tap, channel block) so Triton's
 software pipeliner sees a single loop.
@@ -124,13 +128,18 @@ def _modulated_conv2d_fwd_kernel(
         a = tl.load(x_row[:, None] + (ky * stride_xh + kx * stride_xw)
                     + chan[None, :].to(tl.int64) * stride_xc,
                     mask=inside[:, None] & chan_ok[None, :], other=0.0)
-        if SCALE_SAMPLES > 0:
+        if SCALE_SAMPLES > 1:
             s = _load_styles(in_scale_ptr, n, row_ok, first_sample, N, chan, chan_ok, stride_sn,
                              stride_si, SCALE_SAMPLES)
             a = (a.to(tl.float32) * s).to(w_ptr.dtype.element_ty)
         b = tl.load(w_ptr + ky * stride_wh + kx * stride_ww + chan[:, None].to(tl.int64) * stride_wi
                     + cols[None, :] * stride_wo,
                     mask=chan_ok[:, None] & col_ok[None, :], other=0.0)
+        if SCALE_SAMPLES == 1:
+            # The whole row tile is one sample: its style scales the rows of B instead of A.
+            s = tl.load(in_scale_ptr + first_sample * stride_sn + chan * stride_si, mask=chan_ok,
+                        other=0.0).to(tl.float32)
+            b = (b.to(tl.float32) * s[:, None]).to(w_ptr.dtype.element_ty)
         if DOT_IN_FP32:
             # Operands already rounded to their dtype; the fp32 product of two of them is exact.
             a = a.to(tl.float32)
@@ -202,8 +211,8 @@ def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _choose_config(rows: int, in_channels: int, out_channels: int, dtype: torch.dtype,
-                   device: torch.device) -> _Config:
+def _choose_config(rows: int, pixels: int, in_channels: int, out_channels: int,
+                   dtype: torch.dtype, device: torch.device) -> _Config:
     if _interpreting():
         # One small config: the interpreter cannot autotune, and 32x32x16 tiles already make the
         # tiny test shapes span several row, column and channel blocks.
@@ -216,6 +225,10 @@ def _choose_config(rows: int, in_channels: int, out_channels: int, dtype: torch.
                                 else torch.cuda.current_device())
     n_tiles = triton.cdiv(out_channels, block_n)
     block_m = 128
+    if pixels % 128 != 0 and pixels % 64 == 0:
+        # 64-row tiles then stay inside one sample, where the kernel scales B by the style
+        # rather than A (A then feeds the MMA straight from shared memory).
+        block_m = 64
     if triton.cdiv(rows, block_m) * n_tiles < sms:
         # Small images with many channels (the matmul-bound layers): smaller tiles fill the SMs.
         block_m = 64
@@ -315,7 +328,7 @@ def modulated_conv2d_forward(x, weight, in_scale, out_scale, noise, bias, act, a
     # cannot see through the (n, oy, ox) decomposition, so it would load element by element.
     # A no-op when x is already channels-last (keep activations so to skip this copy).
     x = x.contiguous(memory_format=torch.channels_last)
-    config = _choose_config(rows, in_channels, out_channels, x.dtype, x.device)
+    config = _choose_config(rows, out_h * out_w, in_channels, out_channels, x.dtype, x.device)
     _launch_fitting(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, clamp,
                     padding, config=config)
     return y

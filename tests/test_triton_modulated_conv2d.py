@@ -256,6 +256,24 @@ def test_a_config_too_big_for_shared_memory_falls_back_to_a_smaller_one(monkeypa
     assert (y.double() - truth).abs().max().item() <= FLOOR[torch.float32] * scale
 
 
+@pytest.mark.parametrize("case", [
+    # (N, I, O, Ho, Wo, dtype) -> (BLOCK_M, BLOCK_N, BLOCK_K)
+    ((8, 64, 64, 256, 256, torch.float16), (128, 64, 64)),  # bandwidth-bound: all O in one tile
+    ((8, 512, 512, 32, 32, torch.bfloat16), (128, 128, 64)),  # matmul-bound, enough tiles
+    ((8, 512, 512, 8, 8, torch.float16), (64, 64, 64)),  # few rows: fill the SMs
+    ((64, 512, 512, 8, 8, torch.float16), (64, 128, 64)),  # 64 rows = one 8x8 sample
+    ((4, 128, 3, 128, 128, torch.float32), (128, 16, 32)),  # toRGB; fp32 takes BLOCK_K 32
+    ((8, 3, 40, 65, 63, torch.float16), (128, 64, 16)),  # few input channels: small BLOCK_K
+], ids=str)
+def test_tile_choice_follows_the_layer_regime_on_a_132_sm_gpu(monkeypatch, case):
+    (batch, in_ch, out_ch, out_h, out_w, dtype), expected = case
+    monkeypatch.setattr(mc, "_interpreting", lambda: False)
+    monkeypatch.setattr(mc, "_multiprocessor_count", lambda index: 132)
+    config = mc._choose_config(batch * out_h * out_w, out_h * out_w, in_ch, out_ch, dtype,
+                               torch.device("cuda", 0))
+    assert (config.block_m, config.block_n, config.block_k) == expected
+
+
 def test_empty_batch_gives_an_empty_output():
     args = make_inputs(0, 5, 17, 5, 5, 3, 1, torch.float32)
     y = mc.modulated_conv2d_forward(*args.values(), "linear", 0.0, 1.0, None, 1)
