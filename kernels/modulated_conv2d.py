@@ -20,10 +20,11 @@ the style scales the rows of the B tile (sum_i x*s*w = sum_i x*(s*w)): A then go
 asynchronous copy straight to the MMA, whereas an A modified in registers makes ptxas serialise
 Hopper's wgmma (warning C7515). A tile spanning several samples (small images) scales A: the
 styles are read as one vector per sample and selected per row (gathered per row when a tile
-covers more than 4 samples). out_scale is gathered per row in the epilogue. Accumulation is fp32; fp16/bf16 operands
-go to ``tl.dot`` in their own dtype, fp32 operands as tf32 on the GPU (what cuDNN does for fp32
-convolutions with ``torch.backends.cudnn.allow_tf32``, torch's default) and exactly under
-``TRITON_INTERPRET=1``.
+covers more than 4 samples). out_scale is gathered per row in the epilogue.
+
+Accumulation is fp32; fp16/bf16 operands go to ``tl.dot`` in their own dtype, fp32 operands as
+tf32 on the GPU (what cuDNN does for fp32 convolutions with ``torch.backends.cudnn.allow_tf32``,
+torch's default) and exactly under ``TRITON_INTERPRET=1``.
 
 Tiles (see ``_choose_config``). The StyleGAN2 paper256 generator has two regimes:
 - 4x4..32x32 layers, 512 channels: few rows, K = 9 * 512. These are matmul-bound; what limits
@@ -365,7 +366,8 @@ def _launch(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, cl
         DOT_PRECISION="tf32" if fp32 and not _interpreting() else "ieee",
         # Triton 3.8's interpreter multiplies bf16 blocks as their raw uint16 bits.
         DOT_IN_FP32=x.dtype == torch.bfloat16 and _interpreting(),
-        SCALE_SAMPLES=min(scale_samples, batch) if in_scale is not None else 0, EVEN_K=in_channels % config.block_k == 0,
+        SCALE_SAMPLES=min(scale_samples, batch) if in_scale is not None else 0,
+        EVEN_K=in_channels % config.block_k == 0,
         STORE_ROWS_FASTEST=y.stride(1) != 1 and y.stride(3) == 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
