@@ -86,8 +86,8 @@ def _modulated_conv2d_fwd_kernel(
     laid out [kh,kw,I,O]; the padding reads zeros.
 
     SCALE_SAMPLES: 0 without in_scale, else how many samples a row tile can touch (from the image
-    size and BLOCK_M); up to 4 the styles are read as that many vectors and selected per row,
-    beyond that as a per-row gather.
+    size and BLOCK_M). 1: the sample's style vector scales the rows of B. 2 to 4: that many style
+    vectors are selected per row of A. More: the styles are gathered per row of A.
     """
     num_n_tiles = tl.cdiv(O, BLOCK_N)
     # Output-channel tiles of one row block are neighbours in launch order, so they share the
