@@ -7,7 +7,7 @@
 // act in linear / relu / lrelu.)
 //
 // One implicit-GEMM kernel on tensor cores (nvcuda::wmma): rows m = (n, oy, ox) of the output,
-// columns o, reduction k = (i, ky, kx), the order of weight's own memory layout:
+// columns o, reduction k = (ky, kx, i):
 //
 //   A[m, k] = x[n, i, oy + ky - padding, ox + kx - padding] * in_scale[n, i]   (0 outside)
 //   B[k, o] = weight[o, i, ky, kx]
@@ -16,22 +16,25 @@
 // epilogue, so neither per-sample weights nor the modulated input ever reach global memory.
 //
 // Layout choices:
-// - k in weight's own order makes every B tile row a contiguous run of `weight`, read with
-//   16-byte loads and no re-layout (a re-layout would cost more than the whole conv on the
-//   4x4..32x32 layers, where the weight is most of the traffic).
-// - A tiles are stored k-major (column-major A for wmma) because x is contiguous along ox: a warp
-//   then reads 32 consecutive pixels of one channel and tap, coalesced. Each thread keeps one row
-//   m for the whole reduction, so (n, oy, ox) is decoded once, and walks its k's incrementally
-//   (no division per element); the scale is reloaded only when i changes, which is the same for
-//   the whole warp.
-// - Tiles are double-buffered: the global loads of tile t+1 are issued before the MMAs of tile t
-//   and written to the other buffer after them, so one barrier per tile suffices.
+// - A reduction step is one tap (ky, kx) and BK input channels. A thread keeps one row m for the
+//   whole reduction, so (n, oy, ox) is decoded once, the border test is made once per step, and
+//   its BK / (threads per row) channels are one stride apart in x: per element, a load and the
+//   scale-and-round. A tiles are stored k-major (column-major A for wmma) because x is
+//   contiguous along ox: a warp reads 32 consecutive pixels of one channel, coalesced.
+// - B is read from weight's own [O, I, kh, kw] layout (a re-layout per call would cost more than
+//   the whole convolution on the 4x4..32x32 layers, where the weight is most of the traffic);
+//   the channel-block-outer, tap-inner step order makes consecutive steps reuse the same weight
+//   and x lines from L1.
+// - Steps are double-buffered: the global loads of step s+1 are issued before the MMAs of step
+//   s and written to the other buffer after them, so one barrier per step suffices.
 // - fp16/bf16 use 16x16x16 fragments; fp32 uses tf32 16x16x8 fragments with fp32 accumulation,
 //   what cuDNN does for fp32 convolutions under torch's default allow_tf32 (and what the Triton
 //   kernel does). Operands are rounded to tf32 when they are stored to shared memory.
 // - The epilogue goes through shared memory so each warp writes 32 consecutive pixels of one
 //   output channel; a tile may span several samples (small images), so out_scale and noise are
 //   gathered per row.
+// - Layers with too few output tiles to fill the GPU split the reduction over blocks
+//   (deterministically: per-split fp32 slices summed in order by the last block to arrive).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -73,6 +76,7 @@ struct Traits<float> {
   __device__ static float to_float(float v) { return v; }
   __device__ static float from_float(float v) { return v; }
   __device__ static float to_operand(float v) { return wmma::__float_to_tf32(v); }
+  __device__ static float operand_from_storage(float v) { return wmma::__float_to_tf32(v); }
   __device__ static float zero() { return 0.f; }
 };
 
@@ -83,6 +87,7 @@ struct Traits<__half> {
   __device__ static float to_float(__half v) { return __half2float(v); }
   __device__ static __half from_float(float v) { return __float2half_rn(v); }
   __device__ static __half to_operand(float v) { return __float2half_rn(v); }
+  __device__ static __half operand_from_storage(__half v) { return v; }
   __device__ static __half zero() { return __ushort_as_half(static_cast<unsigned short>(0)); }
 };
 
@@ -93,6 +98,7 @@ struct Traits<__nv_bfloat16> {
   __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
   __device__ static __nv_bfloat16 to_operand(float v) { return __float2bfloat16_rn(v); }
+  __device__ static __nv_bfloat16 operand_from_storage(__nv_bfloat16 v) { return v; }
   __device__ static __nv_bfloat16 zero() {
     return __ushort_as_bfloat16(static_cast<unsigned short>(0));
   }
@@ -114,63 +120,67 @@ struct CudaType<at::BFloat16> {
 
 template <typename T>
 struct Params {
-  const T* __restrict__ x;          // [N, I, H, W] contiguous
-  const T* __restrict__ w;          // [O, ldw], row o = weight[o] flattened (i, ky, kx), zero-padded
+  const T* __restrict__ x;              // [N, I, H, W] contiguous
+  const T* __restrict__ w;              // [O, I, KH, KW] contiguous
   const float* __restrict__ in_scale;   // [N, I]
   const float* __restrict__ out_scale;  // [N, O] or null
-  const T* __restrict__ noise;      // [N, Ho * Wo] or null
-  const T* __restrict__ bias;       // [O] or null
-  T* __restrict__ y;                // [N, O, Ho, Wo]
-  int64_t M;                        // N * Ho * Wo
+  const T* __restrict__ noise;          // [N, Ho * Wo] or null
+  const T* __restrict__ bias;           // [O] or null
+  T* __restrict__ y;                    // [N, O, Ho, Wo]
+  float* __restrict__ partials;         // split-K: [splits, tiles, BN, BM] fp32, else null
+  int* __restrict__ arrivals;           // split-K: [tiles] zeros, else null
+  int64_t M;                            // N * Ho * Wo
   int I, H, W, O, Ho, Wo, KH, KW, pad;
-  int K;                            // I * KH * KW
-  int ldw;                          // row stride of w, a multiple of 16 bytes
+  int splits;                           // blocks sharing one output tile along the reduction
   int act;
   float alpha, gain, clamp;
 };
 
-// Block tile BM x BN (rows x output channels), reduction step BK (128 bytes of k per A column
-// for 16-bit types, 64 for fp32, which keeps both buffers of the fp32 tiles in 48 KiB).
+// Block tile BM x BN (rows x output channels); each reduction step covers one tap (ky, kx) and
+// BK input channels (64 bytes of channels per A column for 16-bit types and for fp32).
 template <typename T, int BM, int BN, int WARPS_M, int WARPS_N>
 struct Tile {
   static constexpr int kThreads = WARPS_M * WARPS_N * 32;
   static constexpr int BK = sizeof(T) == 4 ? 16 : 32;
   static constexpr int kMmaK = Traits<T>::kMmaK;
-  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
-  // Padding shifts successive rows across banks; it keeps 32-byte alignment for wmma.
-  static constexpr int ldA = BM + kVec;
-  static constexpr int ldB = BK + kVec;
+  // Padding of 16 bytes shifts successive rows across banks and keeps wmma's 32-byte alignment.
+  static constexpr int kPad = 16 / static_cast<int>(sizeof(T));
+  static constexpr int ldA = BM + kPad;
+  static constexpr int ldB = BK + kPad;
   static constexpr int ldC = BM + 4;
   static constexpr int kAGroups = kThreads / BM;  // threads sharing a row m
   static constexpr int kAPerThread = BK / kAGroups;
-  static constexpr int kBVecsPerRow = BK / kVec;
-  static constexpr int kBPerThread = BN * BK / kVec / kThreads;
+  static constexpr int kBRowsPerPass = kThreads / BK;
+  static constexpr int kBPerThread = BN / kBRowsPerPass;
   static constexpr int kFragsM = BM / WARPS_M / 16;
   static constexpr int kFragsN = BN / WARPS_N / 16;
-  static constexpr int kABytes = BK * ldA * static_cast<int>(sizeof(T));
-  static constexpr int kBBytes = BN * ldB * static_cast<int>(sizeof(T));
-  static constexpr int kMainBytes = 2 * (kABytes + kBBytes);
+  static constexpr int kAElems = BK * ldA;
+  static constexpr int kBElems = BN * ldB;
+  static constexpr int kMainBytes = 2 * (kAElems + kBElems) * static_cast<int>(sizeof(T));
   static constexpr int kCBytes = BN * ldC * 4;
   static constexpr int kSmemBytes = kMainBytes > kCBytes ? kMainBytes : kCBytes;
   static constexpr int kOutPerThread = BM * BN / kThreads;
 
   static_assert(kThreads % BM == 0, "each row m must belong to whole threads");
-  static_assert(BM % 32 == 0, "a warp must share one k group (warp-uniform scale reloads)");
+  static_assert(BM % 32 == 0, "a warp must share one channel group");
   static_assert(BK % kAGroups == 0, "A tile must split evenly over the threads of a row");
-  static_assert((BN * BK / kVec) % kThreads == 0, "B tile must split evenly over the threads");
+  static_assert(kThreads % BK == 0 && BN % kBRowsPerPass == 0, "B tile must split evenly");
   static_assert(BM % (WARPS_M * 16) == 0 && BN % (WARPS_N * 16) == 0, "warp tiles of 16x16");
   static_assert(BK % kMmaK == 0, "BK must be a multiple of the fragment depth");
-  static_assert(kABytes % 128 == 0 && kBBytes % 128 == 0, "buffers must stay 128-byte aligned");
+  static_assert((kAElems * sizeof(T)) % 128 == 0 && (kBElems * sizeof(T)) % 128 == 0,
+                "buffers must stay 128-byte aligned");
   static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
 };
 
-template <typename T>
 __device__ __forceinline__ float activate(float v, int act, float alpha) {
   if (act == MC_RELU) return v > 0.f ? v : 0.f;
   if (act == MC_LRELU) return v > 0.f ? v : v * alpha;
   return v;
 }
 
+// Reduction steps run channel block outer, tap inner: consecutive steps read the same channels
+// of x shifted by one tap and the same weight rows, so they hit in L1; and the style scales of
+// a thread's channels are loaded once per channel block, not once per tap.
 template <typename T, int BM, int BN, int WARPS_M, int WARPS_N>
 __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     modulated_conv2d_kernel(const Params<T> p) {
@@ -180,16 +190,16 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   constexpr int BK = Cfg::BK;
   constexpr int kA = Cfg::kAPerThread;
   constexpr int kB = Cfg::kBPerThread;
-  constexpr int kVec = Cfg::kVec;
 
   __shared__ __align__(128) unsigned char smem[Cfg::kSmemBytes];
   T* const a_smem = reinterpret_cast<T*>(smem);
-  T* const b_smem = reinterpret_cast<T*>(smem + 2 * Cfg::kABytes);
+  T* const b_smem = a_smem + 2 * Cfg::kAElems;
 
   const int tid = threadIdx.x;
   const int m_local = tid % BM;
-  const int k_group = tid / BM;
+  const int a_group = tid / BM;
   const int o0 = blockIdx.y * BN;
+  const int khw = p.KH * p.KW;
 
   // This thread's row m, decoded once.
   const int64_t hw_out = static_cast<int64_t>(p.Ho) * p.Wo;
@@ -204,77 +214,63 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   const float* const scale_n = p.in_scale + n * p.I;
   const int iy0 = oy - p.pad;
   const int ix0 = ox - p.pad;
-  const int khw = p.KH * p.KW;
+
+  // B: a thread always loads the same channel of the block, for BN / kBRowsPerPass channels o.
+  const int b_channel = tid % BK;
+  const int b_row = tid / BK;
+  const int64_t w_row_stride = static_cast<int64_t>(p.I) * khw;
+
+  // This block's share of the reduction steps (split-K over blockIdx.z).
+  const int channel_blocks = (p.I + BK - 1) / BK;
+  const int steps = channel_blocks * khw;
+  const int step_begin = static_cast<int>(static_cast<int64_t>(steps) * blockIdx.z / p.splits);
+  const int step_end = static_cast<int>(static_cast<int64_t>(steps) * (blockIdx.z + 1) / p.splits);
 
   T a_raw[kA];
   float a_scale[kA];
-  uint4 b_raw[kB];
+  T b_raw[kB];
+  int scale_block = -1;
 
-  auto load_a = [&](int k0) {
-    const int k = k0 + k_group * kA;
-    int i = k / khw;
-    const int r = k - i * khw;
-    int ky = r / p.KW;
-    int kx = r - ky * p.KW;
-    int scale_i = -1;
-    float scale = 0.f;
+  auto load = [&](int step) {
+    const int channel_block = step / khw;
+    const int tap = step - channel_block * khw;
+    const int ky = tap / p.KW;
+    const int kx = tap - ky * p.KW;
+    const int i0 = channel_block * BK;
+
+    const int iy = iy0 + ky;
+    const int ix = ix0 + kx;
+    const bool pix_ok = m_ok && static_cast<unsigned>(iy) < static_cast<unsigned>(p.H) &&
+                        static_cast<unsigned>(ix) < static_cast<unsigned>(p.W);
+    const int i_first = i0 + a_group * kA;
+    const int i_left = p.I - i_first;  // channels of this thread's run that exist
+    const T* const src = x_n + (pix_ok ? i_first * hw_in + static_cast<int64_t>(iy) * p.W + ix : 0);
 #pragma unroll
-    for (int j = 0; j < kA; ++j) {
-      const int iy = iy0 + ky;
-      const int ix = ix0 + kx;
-      const bool ok = m_ok && i < p.I && static_cast<unsigned>(iy) < static_cast<unsigned>(p.H) &&
-                      static_cast<unsigned>(ix) < static_cast<unsigned>(p.W);
-      a_raw[j] = ok ? x_n[i * hw_in + static_cast<int64_t>(iy) * p.W + ix] : Tr::zero();
-      if (i != scale_i) {  // warp-uniform: i depends only on k
-        scale_i = i;
-        scale = (m_ok && i < p.I) ? scale_n[i] : 0.f;
-      }
-      a_scale[j] = scale;
-      if (++kx == p.KW) {
-        kx = 0;
-        if (++ky == p.KH) {
-          ky = 0;
-          ++i;
-        }
-      }
+    for (int j = 0; j < kA; ++j) a_raw[j] = (pix_ok && j < i_left) ? src[j * hw_in] : Tr::zero();
+    if (channel_block != scale_block) {  // block-uniform
+      scale_block = channel_block;
+#pragma unroll
+      for (int j = 0; j < kA; ++j) a_scale[j] = (m_ok && j < i_left) ? scale_n[i_first + j] : 0.f;
     }
-  };
 
-  auto store_a = [&](int buf) {
-    T* const dst = a_smem + buf * (Cfg::kABytes / static_cast<int>(sizeof(T))) +
-                   k_group * kA * Cfg::ldA + m_local;
-#pragma unroll
-    for (int j = 0; j < kA; ++j) dst[j * Cfg::ldA] = Tr::to_operand(Tr::to_float(a_raw[j]) * a_scale[j]);
-  };
-
-  auto load_b = [&](int k0) {
+    const int i = i0 + b_channel;
+    const T* const wsrc = p.w + (i < p.I ? static_cast<int64_t>(i) * khw + tap : 0);
 #pragma unroll
     for (int q = 0; q < kB; ++q) {
-      const int idx = tid + q * Cfg::kThreads;
-      const int o = o0 + idx / Cfg::kBVecsPerRow;
-      const int k = k0 + (idx % Cfg::kBVecsPerRow) * kVec;
-      // K is a multiple of kVec (the host pads weight rows), so a vector is wholly in or out.
-      b_raw[q] = (o < p.O && k < p.K)
-                     ? *reinterpret_cast<const uint4*>(p.w + static_cast<int64_t>(o) * p.ldw + k)
-                     : make_uint4(0u, 0u, 0u, 0u);
+      const int o = o0 + b_row + q * Cfg::kBRowsPerPass;
+      b_raw[q] = (o < p.O && i < p.I) ? wsrc[o * w_row_stride] : Tr::zero();
     }
   };
 
-  auto store_b = [&](int buf) {
-    T* const base = b_smem + buf * (Cfg::kBBytes / static_cast<int>(sizeof(T)));
+  auto store = [&](int buf) {
+    T* const a_dst = a_smem + buf * Cfg::kAElems + a_group * kA * Cfg::ldA + m_local;
 #pragma unroll
-    for (int q = 0; q < kB; ++q) {
-      const int idx = tid + q * Cfg::kThreads;
-      T* const dst = base + (idx / Cfg::kBVecsPerRow) * Cfg::ldB + (idx % Cfg::kBVecsPerRow) * kVec;
-      uint4 v = b_raw[q];
-      if constexpr (sizeof(T) == 4) {
-        v.x = __float_as_uint(Tr::to_operand(__uint_as_float(v.x)));
-        v.y = __float_as_uint(Tr::to_operand(__uint_as_float(v.y)));
-        v.z = __float_as_uint(Tr::to_operand(__uint_as_float(v.z)));
-        v.w = __float_as_uint(Tr::to_operand(__uint_as_float(v.w)));
-      }
-      *reinterpret_cast<uint4*>(dst) = v;
-    }
+    for (int j = 0; j < kA; ++j)
+      a_dst[j * Cfg::ldA] = Tr::to_operand(Tr::to_float(a_raw[j]) * a_scale[j]);
+    T* const b_dst = b_smem + buf * Cfg::kBElems + b_row * Cfg::ldB + b_channel;
+#pragma unroll
+    for (int q = 0; q < kB; ++q)
+      b_dst[q * Cfg::kBRowsPerPass * Cfg::ldB] = Tr::operand_from_storage(b_raw[q]);
   };
 
   const int warp = tid / 32;
@@ -287,21 +283,19 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 #pragma unroll
     for (int fn = 0; fn < Cfg::kFragsN; ++fn) wmma::fill_fragment(acc[fm][fn], 0.f);
 
-  auto mma_tile = [&](int buf) {
-    const T* const a_base = a_smem + buf * (Cfg::kABytes / static_cast<int>(sizeof(T)));
-    const T* const b_base = b_smem + buf * (Cfg::kBBytes / static_cast<int>(sizeof(T)));
+  auto mma_step = [&](int buf) {
+    const T* const a_base = a_smem + buf * Cfg::kAElems + warp_m * Cfg::kFragsM * 16;
+    const T* const b_base = b_smem + buf * Cfg::kBElems + warp_n * Cfg::kFragsN * 16 * Cfg::ldB;
 #pragma unroll
     for (int kk = 0; kk < BK; kk += Cfg::kMmaK) {
       wmma::fragment<wmma::matrix_a, 16, 16, Cfg::kMmaK, mma_t, wmma::col_major> a_frag[Cfg::kFragsM];
       wmma::fragment<wmma::matrix_b, 16, 16, Cfg::kMmaK, mma_t, wmma::col_major> b_frag[Cfg::kFragsN];
 #pragma unroll
       for (int fm = 0; fm < Cfg::kFragsM; ++fm)
-        wmma::load_matrix_sync(a_frag[fm], a_base + kk * Cfg::ldA + (warp_m * Cfg::kFragsM + fm) * 16,
-                               Cfg::ldA);
+        wmma::load_matrix_sync(a_frag[fm], a_base + kk * Cfg::ldA + fm * 16, Cfg::ldA);
 #pragma unroll
       for (int fn = 0; fn < Cfg::kFragsN; ++fn)
-        wmma::load_matrix_sync(b_frag[fn], b_base + (warp_n * Cfg::kFragsN + fn) * 16 * Cfg::ldB + kk,
-                               Cfg::ldB);
+        wmma::load_matrix_sync(b_frag[fn], b_base + fn * 16 * Cfg::ldB + kk, Cfg::ldB);
 #pragma unroll
       for (int fm = 0; fm < Cfg::kFragsM; ++fm)
 #pragma unroll
@@ -310,37 +304,64 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     }
   };
 
-  const int k_tiles = (p.K + BK - 1) / BK;
-  load_a(0);
-  load_b(0);
-  store_a(0);
-  store_b(0);
+  // Double buffer: the global loads of step s+1 are in flight during the MMAs of step s.
+  if (step_begin < step_end) {
+    load(step_begin);
+    store(0);
+  }
   __syncthreads();
-  for (int t = 0; t < k_tiles; ++t) {
-    const bool more = t + 1 < k_tiles;
-    if (more) {
-      load_a((t + 1) * BK);
-      load_b((t + 1) * BK);
-    }
-    mma_tile(t & 1);
-    if (more) {
-      store_a((t + 1) & 1);
-      store_b((t + 1) & 1);
-    }
+  for (int s = step_begin; s < step_end; ++s) {
+    const int buf = (s - step_begin) & 1;
+    const bool more = s + 1 < step_end;
+    if (more) load(s + 1);
+    mma_step(buf);
+    if (more) store(buf ^ 1);
     __syncthreads();
   }
 
-  // Epilogue: accumulators -> shared (column-major, so a warp reads 32 consecutive rows of one
-  // channel) -> fused scale, noise, bias, activation, gain, clamp -> output.
-  float* const c_smem = reinterpret_cast<float*>(smem);
+  // The tile's sums, column-major (a warp reads 32 consecutive rows of one channel): in shared
+  // memory, or with split-K in this split's slice of `partials`.
+  const int frag_m = warp_m * Cfg::kFragsM * 16;
+  const int frag_n = warp_n * Cfg::kFragsN * 16;
+  const float* sums;
+  int ld_sums;
+  int64_t split_stride = 0;
+  if (p.splits == 1) {
+    float* const c_smem = reinterpret_cast<float*>(smem);
 #pragma unroll
-  for (int fm = 0; fm < Cfg::kFragsM; ++fm)
+    for (int fm = 0; fm < Cfg::kFragsM; ++fm)
 #pragma unroll
-    for (int fn = 0; fn < Cfg::kFragsN; ++fn)
-      wmma::store_matrix_sync(
-          c_smem + (warp_n * Cfg::kFragsN + fn) * 16 * Cfg::ldC + (warp_m * Cfg::kFragsM + fm) * 16,
-          acc[fm][fn], Cfg::ldC, wmma::mem_col_major);
-  __syncthreads();
+      for (int fn = 0; fn < Cfg::kFragsN; ++fn)
+        wmma::store_matrix_sync(c_smem + (frag_n + fn * 16) * Cfg::ldC + frag_m + fm * 16,
+                                acc[fm][fn], Cfg::ldC, wmma::mem_col_major);
+    __syncthreads();
+    sums = c_smem;
+    ld_sums = Cfg::ldC;
+  } else {
+    // Deterministic split-K: every split writes its own slice; the block that arrives last sums
+    // the slices in split order and runs the epilogue, so the result never depends on timing.
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    split_stride = static_cast<int64_t>(gridDim.x) * gridDim.y * BM * BN;
+    float* const mine = p.partials + blockIdx.z * split_stride + static_cast<int64_t>(tile) * BM * BN;
+#pragma unroll
+    for (int fm = 0; fm < Cfg::kFragsM; ++fm)
+#pragma unroll
+      for (int fn = 0; fn < Cfg::kFragsN; ++fn)
+        wmma::store_matrix_sync(mine + (frag_n + fn * 16) * BM + frag_m + fm * 16, acc[fm][fn],
+                                BM, wmma::mem_col_major);
+    __threadfence();  // this split's slice is visible device-wide before it counts as arrived
+    __syncthreads();
+    __shared__ int last;
+    if (tid == 0) {
+      last = atomicAdd(p.arrivals + tile, 1) == p.splits - 1;
+      if (last) p.arrivals[tile] = 0;  // reusable without another memset
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    sums = p.partials + static_cast<int64_t>(tile) * BM * BN;
+    ld_sums = BM;
+  }
   if (!m_ok) return;
 
   const float noise = p.noise ? Tr::to_float(p.noise[n * hw_out + pix]) : 0.f;
@@ -348,37 +369,73 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   const float* const out_scale_n = p.out_scale ? p.out_scale + n * p.O : nullptr;
 #pragma unroll 4
   for (int q = 0; q < Cfg::kOutPerThread; ++q) {
-    const int o_local = k_group + q * Cfg::kAGroups;
+    const int o_local = a_group + q * Cfg::kAGroups;
     const int o = o0 + o_local;
     if (o >= p.O) break;  // o grows with q
-    float v = c_smem[o_local * Cfg::ldC + m_local];
+    const int at = o_local * ld_sums + m_local;
+    float v;
+    if (p.splits == 1) {
+      v = sums[at];
+    } else {
+      v = 0.f;
+      for (int z = 0; z < p.splits; ++z) v += __ldcg(sums + z * split_stride + at);  // past L1
+    }
     if (out_scale_n) v *= out_scale_n[o];
     v += noise;
     if (p.bias) v += Tr::to_float(p.bias[o]);
-    v = activate<T>(v, p.act, p.alpha) * p.gain;
+    v = activate(v, p.act, p.alpha) * p.gain;
     if (p.clamp >= 0.f) v = fminf(fmaxf(v, -p.clamp), p.clamp);
     y_row[static_cast<int64_t>(o) * hw_out] = Tr::from_float(v);
   }
 }
 
+struct Launch {
+  dim3 grid;
+  int splits;
+};
+
+// Splits the reduction when the output tiles alone would leave SMs idle (the 4x4 and 8x8
+// layers: few rows, K = 9 * 512), keeping at least 8 reduction steps per block.
+template <int BM, int BN, int BK>
+Launch plan(int64_t M, int O, int I, int khw, int64_t sms) {
+  Launch l;
+  l.grid = dim3(static_cast<unsigned>((M + BM - 1) / BM), static_cast<unsigned>((O + BN - 1) / BN), 1);
+  const int64_t tiles = static_cast<int64_t>(l.grid.x) * l.grid.y;
+  const int64_t steps = static_cast<int64_t>((I + BK - 1) / BK) * khw;
+  int64_t splits = 1;
+  if (tiles < sms) splits = std::min<int64_t>({(2 * sms + tiles - 1) / tiles, steps / 8, 16});
+  l.splits = static_cast<int>(std::max<int64_t>(splits, 1));
+  l.grid.z = l.splits;
+  return l;
+}
+
 template <typename T, int BM, int BN, int WARPS_M, int WARPS_N>
-void launch_tile(const Params<T>& p, cudaStream_t stream) {
-  constexpr int threads = WARPS_M * WARPS_N * 32;
-  const dim3 grid(static_cast<unsigned>((p.M + BM - 1) / BM), static_cast<unsigned>((p.O + BN - 1) / BN));
-  modulated_conv2d_kernel<T, BM, BN, WARPS_M, WARPS_N><<<grid, threads, 0, stream>>>(p);
+void launch_tile(Params<T> p, int64_t sms, const at::Tensor& like, cudaStream_t stream) {
+  using Cfg = Tile<T, BM, BN, WARPS_M, WARPS_N>;
+  const Launch l = plan<BM, BN, Cfg::BK>(p.M, p.O, p.I, p.KH * p.KW, sms);
+  p.splits = l.splits;
+  at::Tensor partials, arrivals;
+  if (l.splits > 1) {
+    const int64_t tiles = static_cast<int64_t>(l.grid.x) * l.grid.y;
+    partials = at::empty({l.splits * tiles * BM * BN}, like.options().dtype(at::kFloat));
+    arrivals = at::zeros({tiles}, like.options().dtype(at::kInt));
+    p.partials = partials.data_ptr<float>();
+    p.arrivals = arrivals.data_ptr<int>();
+  }
+  modulated_conv2d_kernel<T, BM, BN, WARPS_M, WARPS_N><<<l.grid, Cfg::kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Large tiles amortise loads best; when they would leave SMs idle (the 4x4..32x32 layers),
-// smaller tiles give more blocks.
+// Large tiles amortise the A loads over more output channels; when they would not fill about
+// one wave of SMs, smaller tiles (and, if still too few, split-K) give more blocks.
 template <typename T>
-void launch(const Params<T>& p, cudaStream_t stream) {
+void launch(const Params<T>& p, const at::Tensor& like, cudaStream_t stream) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t big_blocks = ((p.M + 127) / 128) * ((p.O + 63) / 64);
-  if (big_blocks >= sms) {
-    launch_tile<T, 128, 64, 4, 2>(p, stream);
+  if (4 * big_blocks >= 3 * sms) {
+    launch_tile<T, 128, 64, 4, 2>(p, sms, like, stream);
   } else {
-    launch_tile<T, 64, 32, 2, 2>(p, stream);
+    launch_tile<T, 64, 32, 2, 2>(p, sms, like, stream);
   }
 }
 
@@ -469,18 +526,9 @@ at::Tensor modulated_conv2d_forward(const at::Tensor& x, const at::Tensor& weigh
   at::Tensor y = at::empty({N, O, Ho, Wo}, x.options());
   if (y.numel() == 0) return y;
 
-  // Entry normalisation: everything contiguous in x's dtype (scales in fp32); weight rows padded
-  // to a multiple of 16 bytes (zeros) so every B-tile load is one aligned 16-byte vector.
+  // Entry normalisation: everything contiguous in x's dtype, the scales in fp32.
   const at::Tensor xc = x.contiguous();
-  const int64_t K = I * KH * KW;
-  const int64_t vec = 16 / static_cast<int64_t>(c10::elementSize(dtype));
-  const int64_t ldw = (K + vec - 1) / vec * vec;
-  at::Tensor w = weight.to(dtype).contiguous().reshape({O, K});
-  if (ldw != K || reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 != 0) {
-    at::Tensor padded = at::zeros({O, std::max<int64_t>(ldw, vec)}, w.options());
-    if (K > 0) padded.narrow(1, 0, K).copy_(w);
-    w = padded;
-  }
+  const at::Tensor w = weight.to(dtype).contiguous();
   const at::Tensor in_scale_c = in_scale.contiguous();
   const at::Tensor out_scale_c = out_scale_t ? out_scale_t->contiguous() : at::Tensor();
   const at::Tensor noise_c = noise_t ? noise_t->to(dtype).contiguous() : at::Tensor();
@@ -508,13 +556,14 @@ at::Tensor modulated_conv2d_forward(const at::Tensor& x, const at::Tensor& weigh
     p.KH = static_cast<int>(KH);
     p.KW = static_cast<int>(KW);
     p.pad = static_cast<int>(padding);
-    p.K = static_cast<int>(K);
-    p.ldw = static_cast<int>(ldw);
+    p.partials = nullptr;
+    p.arrivals = nullptr;
+    p.splits = 1;
     p.act = act_code;
     p.alpha = static_cast<float>(alpha);
     p.gain = static_cast<float>(gain);
     p.clamp = clamp < 0 ? -1.f : static_cast<float>(clamp);
-    launch<T>(p, stream);
+    launch<T>(p, y, stream);
   };
   switch (dtype) {
     case at::kFloat:

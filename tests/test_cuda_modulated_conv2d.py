@@ -118,9 +118,10 @@ def clamp_that_bites(args, padding, act="lrelu", alpha=0.2, gain=1.4):
     return 0.5 * unclamped.abs().max().item()
 
 
-# (N, I, O, H, W, k, padding): channel counts that are multiples of no tile size, K = I*k*k not a
-# multiple of 8 (padded weight rows), 1-pixel and odd images, row tiles spanning several samples,
-# and padding wider than the kernel's reach (a border computed by the epilogue alone).
+# (N, I, O, H, W, k, padding): channel counts that are multiples of no tile size, 1-pixel and odd
+# images, row tiles spanning several samples, padding wider than the kernel's reach (a border
+# computed by the epilogue alone), reductions split over blocks (few rows, many channels), and
+# enough rows for the large tile with ragged edges on every side.
 SHAPES = [
     (1, 3, 5, 1, 1, 1, 0),
     (2, 5, 17, 5, 5, 3, 1),
@@ -133,6 +134,8 @@ SHAPES = [
     (7, 33, 65, 4, 4, 3, 1),
     (1, 64, 129, 13, 11, 3, 1),
     (2, 70, 66, 17, 19, 1, 0),
+    (1, 200, 70, 3, 5, 3, 1),
+    (3, 45, 130, 37, 41, 3, 1),
 ]
 
 
