@@ -337,3 +337,35 @@ def test_generator_sized_layers_match_reference_on_gpu(shape, dtype):
     batch, in_ch, out_ch, height, width, k, padding = shape
     args = make_inputs(batch, in_ch, out_ch, height, width, k, padding, dtype)
     check_against_reference(args, clamp=256.0, padding=padding)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="paper256-sized shapes need a GPU (interpreter too slow)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_generator_sized_channels_last_layer_equals_nchw_layer_on_gpu(dtype):
+    args = make_inputs(2, 128, 128, 64, 64, 3, 1, dtype)
+    expected = mc.modulated_conv2d_forward(*args.values(), "lrelu", 0.2, math.sqrt(2), 256.0, 1)
+    args["x"] = args["x"].contiguous(memory_format=torch.channels_last)
+    y = mc.modulated_conv2d_forward(*args.values(), "lrelu", 0.2, math.sqrt(2), 256.0, 1)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="paper256-sized shapes need a GPU (interpreter too slow)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_generator_sized_input_gradient_call_matches_autograd_on_gpu(dtype):
+    args = make_inputs(4, 512, 256, 16, 16, 3, 1, dtype, noise=False, bias=False)
+    x = args["x"].double().requires_grad_()
+    y, _ = reference(x, args["weight"], args["in_scale"], args["out_scale"], None, None,
+                     "linear", 0.0, 1.0, None, 1)
+    dy = torch.randn(y.shape, device=DEVICE, dtype=torch.float64)
+    (dx_truth,) = torch.autograd.grad(y, x, dy)
+    flipped = args["weight"].transpose(0, 1).flip(2, 3)
+    dx = mc.modulated_conv2d_forward(dy.to(dtype), flipped, args["out_scale"], args["in_scale"],
+                                     None, None, "linear", 0.0, 1.0, None, 1)
+    dx_same_dtype, scale = reference(dy.to(dtype), flipped, args["out_scale"], args["in_scale"],
+                                     None, None, "linear", 0.0, 1.0, None, 1, dtype=dtype)
+    error = (dx.double() - dx_truth).abs().max().item()
+    allowed = 2 * (dx_same_dtype.double() - dx_truth).abs().max().item() + FLOOR[dtype] * scale
+    assert error <= allowed
