@@ -112,7 +112,7 @@ class Trainer:
         self.nan_streak = 0
         self.last_checkpoint: Path | None = None
         self._setup_determinism()
-        self._seed(config["seed"] * info.world_size + info.rank)
+        self._seed(config["seed"])  # the same on every rank: identical initial networks
         self.batch_gpu, self.rounds = split_batch(config, info.world_size)
         self.batch = config["batch"]
 
@@ -126,7 +126,9 @@ class Trainer:
         self.G_kwargs, self.D_kwargs = network_kwargs(config, c_dim, self.dataset.num_channels)
         config["G_kwargs"], config["D_kwargs"] = self.G_kwargs, self.D_kwargs
         self.G, self.D = build_networks(self.G_kwargs, self.D_kwargs, self.device)
+        self._broadcast_networks()
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self._seed(config["seed"] * info.world_size + info.rank)
         self.parts = build_training_objects(config, self.G, self.D, self.device, info.rank,
                                             self.log)
         self.phases = self._make_phases()
@@ -150,6 +152,14 @@ class Trainer:
         if deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
+
+    def _broadcast_networks(self) -> None:
+        # Rank 0's weights everywhere, whatever the initialisers did (NVIDIA does the same).
+        if not self.info.distributed:
+            return
+        for module in (self.G, self.D):
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                dist_utils.broadcast_(tensor.data, self.info, what="initial weights broadcast")
 
     @staticmethod
     def _seed(seed: int) -> None:

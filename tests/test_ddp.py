@@ -1,0 +1,139 @@
+"""Two CPU processes over gloo: the same gradients as one process, identical adaptive state,
+checkpoints that resume on another number of processes, and a clear exit when a rank dies."""
+import multiprocessing
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from batikfast.training import checkpoint as ckpt
+from tests.test_training import BATCH, _recording_trainer, micro_config
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _grad_config(**overrides):
+    # Per-sample randomness that ranks cannot share is switched off (diffusion t and noise,
+    # style mixing, path-length noise); minibatch-std groups of 2 see the same images on 2
+    # ranks of 2 as on 1 rank of 4 because the stream is dealt out round-robin.
+    options = dict(diffusion=False, aug="no", style_mixing=0.0, pl_weight=0.0,
+                   d_reg_interval=1, mbstd_group=2)
+    options.update(overrides)
+    return micro_config(**options)
+
+
+def _worker(rank, port, outdir, mode):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    outdir = Path(outdir)
+    try:
+        from batikfast.data import make_loader
+        from batikfast.training import distributed as dist_utils
+        from batikfast.training.loop import train
+
+        if mode == "grads":
+            info = dist_utils.init_distributed("cpu", timeout_s=60)
+            trainer = _recording_trainer(_grad_config(batch_gpu=BATCH // WORLD),
+                                         outdir / "grads_run", info)
+            trainer.train_step(make_loader(trainer.dataset, trainer.batch_gpu, rank, WORLD,
+                                           num_workers=0))
+            torch.save(trainer.recorded, outdir / f"grads{rank}.pt")
+            # a whole run with diffusion and ADA: checkpoints, adaptive p and T on every rank
+            config = micro_config(steps=4, aug="ada", adjust_interval=2, diffusion_target=-1.0,
+                                  batch_gpu=BATCH // WORLD, ddp_timeout_s=60)
+            result = train(config, outdir / "run")  # joins the group made above, then ends it
+            from batikfast.training.loop import Trainer  # noqa: F401 (import check in child)
+            torch.save({"step": result["step"]}, outdir / f"result{rank}.pt")
+        elif mode == "dead":
+            info = dist_utils.init_distributed("cpu", timeout_s=20)
+            if rank == 1:
+                os._exit(17)  # dies without a word, as a crashed or OOM-killed rank does
+            try:
+                dist_utils.barrier(info)
+                dist_utils.all_reduce_mean_(torch.ones(3), info)
+            except dist_utils.RankFailure as error:
+                (outdir / "rank0_error.txt").write_text(str(error))
+                os._exit(5)
+            (outdir / "rank0_error.txt").write_text("no error raised")
+    except BaseException:
+        (outdir / f"crash{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def _run(mode, outdir, timeout=180):
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    processes = [ctx.Process(target=_worker, args=(rank, port, str(outdir), mode))
+                 for rank in range(WORLD)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout)
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [p.exitcode for p in processes]
+
+
+def _crashes(outdir):
+    return "\n".join(p.read_text() for p in Path(outdir).glob("crash*.txt"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_gloo_ranks_match_one_process_and_share_adaptive_state(tmp_path):
+    codes = _run("grads", tmp_path)
+    assert codes == [0, 0], _crashes(tmp_path)
+
+    # the gradients after the all-reduce equal one process's on the same global batch
+    single = _recording_trainer(_grad_config(batch_gpu=BATCH), tmp_path / "single")
+    from batikfast.data import make_loader
+    single.train_step(make_loader(single.dataset, single.batch_gpu, num_workers=0))
+    grads = [torch.load(tmp_path / f"grads{r}.pt") for r in range(WORLD)]
+    for phase in ("Gmain", "Dmain", "Dreg"):
+        assert grads[0][phase].keys() == single.recorded[phase].keys()
+        for name, expected in single.recorded[phase].items():
+            assert torch.equal(grads[0][phase][name], grads[1][phase][name]), (phase, name)
+            torch.testing.assert_close(grads[0][phase][name], expected, rtol=1e-4, atol=1e-6,
+                                       msg=f"{phase} {name}")
+
+    # the whole run wrote one checkpoint holding both ranks' RNG and an adapted p and T
+    assert [torch.load(tmp_path / f"result{r}.pt")["step"] for r in range(WORLD)] == [4, 4]
+    run = tmp_path / "run"
+    state = ckpt.load_checkpoint(ckpt.latest_valid_checkpoint(run))
+    assert len(state["rng"]) == WORLD and state["progress"]["world_size"] == WORLD
+    diffusion = state["training"]["diffusion"]
+    assert diffusion["p"] > 0 and state["training"]["augment_p"] > 0
+
+    # and resumes in a single process (another number of GPUs)
+    from batikfast.training.loop import train
+    result = train(micro_config(steps=6, aug="ada", adjust_interval=2, diffusion_target=-1.0),
+                   run, resume="auto")
+    assert result["step"] == 6
+    assert "reseeded" in (run / "log.txt").read_text()
+
+
+def test_a_dead_rank_makes_the_others_exit_with_a_clear_message(tmp_path):
+    codes = _run("dead", tmp_path, timeout=120)
+    assert codes[1] == 17
+    message = (tmp_path / "rank0_error.txt").read_text() if (tmp_path / "rank0_error.txt").exists() \
+        else _crashes(tmp_path)
+    assert codes[0] == 5, message
+    assert "another rank died" in message and "--resume auto" in message
