@@ -19,8 +19,9 @@
 // - A reduction step is one tap (ky, kx) and BK input channels. A thread keeps one row m for the
 //   whole reduction, so (n, oy, ox) is decoded once, the border test is made once per step, and
 //   its BK / (threads per row) channels are one stride apart in x: per element, a load and the
-//   scale-and-round. A tiles are stored k-major (column-major A for wmma) because x is
-//   contiguous along ox: a warp reads 32 consecutive pixels of one channel, coalesced.
+//   scale-and-round. Threads of a warp hold consecutive rows, and x is contiguous along ox, so
+//   a warp reads 32 consecutive pixels of one channel, coalesced. In shared memory A is
+//   row-major, so a thread's run of channels leaves as 16-byte stores.
 // - B is read from weight's own [O, I, kh, kw] layout (a re-layout per call would cost more than
 //   the whole convolution on the 4x4..32x32 layers, where the weight is most of the traffic);
 //   the channel-block-outer, tap-inner step order makes consecutive steps reuse the same weight
@@ -78,6 +79,7 @@ struct Traits<float> {
   __device__ static float to_operand(float v) { return wmma::__float_to_tf32(v); }
   __device__ static float operand_from_storage(float v) { return wmma::__float_to_tf32(v); }
   __device__ static float zero() { return 0.f; }
+  __device__ static unsigned bits(float v) { return __float_as_uint(v); }
 };
 
 template <>
@@ -89,6 +91,7 @@ struct Traits<__half> {
   __device__ static __half to_operand(float v) { return __float2half_rn(v); }
   __device__ static __half operand_from_storage(__half v) { return v; }
   __device__ static __half zero() { return __ushort_as_half(static_cast<unsigned short>(0)); }
+  __device__ static unsigned bits(__half v) { return __half_as_ushort(v); }
 };
 
 template <>
@@ -102,6 +105,7 @@ struct Traits<__nv_bfloat16> {
   __device__ static __nv_bfloat16 zero() {
     return __ushort_as_bfloat16(static_cast<unsigned short>(0));
   }
+  __device__ static unsigned bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
 };
 
 // ATen's storage types and the CUDA types the intrinsics take (same bits).
@@ -145,7 +149,7 @@ struct Tile {
   static constexpr int kMmaK = Traits<T>::kMmaK;
   // Padding of 16 bytes shifts successive rows across banks and keeps wmma's 32-byte alignment.
   static constexpr int kPad = 16 / static_cast<int>(sizeof(T));
-  static constexpr int ldA = BM + kPad;
+  static constexpr int ldA = BK + kPad;
   static constexpr int ldB = BK + kPad;
   static constexpr int ldC = BM + 4;
   static constexpr int kAGroups = kThreads / BM;  // threads sharing a row m
@@ -154,7 +158,7 @@ struct Tile {
   static constexpr int kBPerThread = BN / kBRowsPerPass;
   static constexpr int kFragsM = BM / WARPS_M / 16;
   static constexpr int kFragsN = BN / WARPS_N / 16;
-  static constexpr int kAElems = BK * ldA;
+  static constexpr int kAElems = BM * ldA;
   static constexpr int kBElems = BN * ldB;
   static constexpr int kMainBytes = 2 * (kAElems + kBElems) * static_cast<int>(sizeof(T));
   static constexpr int kCBytes = BN * ldC * 4;
@@ -164,6 +168,7 @@ struct Tile {
   static_assert(kThreads % BM == 0, "each row m must belong to whole threads");
   static_assert(BM % 32 == 0, "a warp must share one channel group");
   static_assert(BK % kAGroups == 0, "A tile must split evenly over the threads of a row");
+  static_assert((kAPerThread * sizeof(T)) % 16 == 0, "a thread's A run is whole 16-byte stores");
   static_assert(kThreads % BK == 0 && BN % kBRowsPerPass == 0, "B tile must split evenly");
   static_assert(BM % (WARPS_M * 16) == 0 && BN % (WARPS_N * 16) == 0, "warp tiles of 16x16");
   static_assert(BK % kMmaK == 0, "BK must be a multiple of the fragment depth");
@@ -263,10 +268,27 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   };
 
   auto store = [&](int buf) {
-    T* const a_dst = a_smem + buf * Cfg::kAElems + a_group * kA * Cfg::ldA + m_local;
+    // A is row-major in shared memory: a thread's run of channels is contiguous there, so it
+    // goes out as 16-byte stores.
+    uint4* const a_dst = reinterpret_cast<uint4*>(a_smem + buf * Cfg::kAElems + m_local * Cfg::ldA +
+                                                  a_group * kA);
+    constexpr int kPerWord = 4 / static_cast<int>(sizeof(T));
+    constexpr int kPerVec = 16 / static_cast<int>(sizeof(T));
 #pragma unroll
-    for (int j = 0; j < kA; ++j)
-      a_dst[j * Cfg::ldA] = Tr::to_operand(Tr::to_float(a_raw[j]) * a_scale[j]);
+    for (int c = 0; c < kA / kPerVec; ++c) {
+      unsigned word[4];
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        word[w] = 0u;
+#pragma unroll
+        for (int e = 0; e < kPerWord; ++e) {
+          const int j = c * kPerVec + w * kPerWord + e;
+          word[w] |= Tr::bits(Tr::to_operand(Tr::to_float(a_raw[j]) * a_scale[j]))
+                     << (16 * e);
+        }
+      }
+      a_dst[c] = make_uint4(word[0], word[1], word[2], word[3]);
+    }
     T* const b_dst = b_smem + buf * Cfg::kBElems + b_row * Cfg::ldB + b_channel;
 #pragma unroll
     for (int q = 0; q < kB; ++q)
@@ -284,15 +306,15 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     for (int fn = 0; fn < Cfg::kFragsN; ++fn) wmma::fill_fragment(acc[fm][fn], 0.f);
 
   auto mma_step = [&](int buf) {
-    const T* const a_base = a_smem + buf * Cfg::kAElems + warp_m * Cfg::kFragsM * 16;
+    const T* const a_base = a_smem + buf * Cfg::kAElems + warp_m * Cfg::kFragsM * 16 * Cfg::ldA;
     const T* const b_base = b_smem + buf * Cfg::kBElems + warp_n * Cfg::kFragsN * 16 * Cfg::ldB;
 #pragma unroll
     for (int kk = 0; kk < BK; kk += Cfg::kMmaK) {
-      wmma::fragment<wmma::matrix_a, 16, 16, Cfg::kMmaK, mma_t, wmma::col_major> a_frag[Cfg::kFragsM];
+      wmma::fragment<wmma::matrix_a, 16, 16, Cfg::kMmaK, mma_t, wmma::row_major> a_frag[Cfg::kFragsM];
       wmma::fragment<wmma::matrix_b, 16, 16, Cfg::kMmaK, mma_t, wmma::col_major> b_frag[Cfg::kFragsN];
 #pragma unroll
       for (int fm = 0; fm < Cfg::kFragsM; ++fm)
-        wmma::load_matrix_sync(a_frag[fm], a_base + kk * Cfg::ldA + fm * 16, Cfg::ldA);
+        wmma::load_matrix_sync(a_frag[fm], a_base + fm * 16 * Cfg::ldA + kk, Cfg::ldA);
 #pragma unroll
       for (int fn = 0; fn < Cfg::kFragsN; ++fn)
         wmma::load_matrix_sync(b_frag[fn], b_base + fn * 16 * Cfg::ldB + kk, Cfg::ldB);
