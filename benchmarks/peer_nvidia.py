@@ -304,7 +304,7 @@ def main(argv=None) -> dict:
     device = default_device()
     nvidia = Nvidia(args.nvidia_path, device)
     timer = Timer(device, rep_ms=args.rep_ms or (20.0 if args.quick else 100.0),
-                  min_repeats=2 if device.type == "cpu" else 10)
+                  min_repeats=1 if device.type == "cpu" else 10)
     meta = common.run_metadata(device)
     meta.update(timing=timer.method, nvidia_path=str(args.nvidia_path),
                 nvidia_flavour=nvidia.flavour, nvidia_paths=nvidia.paths)

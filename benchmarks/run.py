@@ -254,7 +254,7 @@ def main(argv=None) -> dict:
         _raise_compile_limits()
     rep_ms = args.rep_ms or (20.0 if args.quick else 100.0)
     timer = Timer(device, warmup_ms=rep_ms / 4, rep_ms=rep_ms,
-                  min_repeats=2 if device.type == "cpu" else 10)
+                  min_repeats=1 if device.type == "cpu" else 10)
     meta = common.run_metadata(device)
     meta.update(timing=timer.method, quick=args.quick,
                 compile=("off" if "compiled" not in args.backends

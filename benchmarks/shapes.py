@@ -126,12 +126,12 @@ def tiny_cases() -> list[Case]:
     return [
         Case("bias_act", "tiny.act", "tiny", dict(channels=8, res=8, act="lrelu",
                                                   clamp=CONV_CLAMP)),
-        Case("upfirdn2d", "tiny.up2", "tiny", dict(channels=4, res=8, mode="up2")),
-        Case("upfirdn2d", "tiny.down2", "tiny", dict(channels=4, res=8, mode="down2")),
+        Case("upfirdn2d", "tiny.up2", "tiny", dict(channels=2, res=8, mode="up2")),
+        Case("upfirdn2d", "tiny.down2", "tiny", dict(channels=2, res=8, mode="down2")),
         _synthesis_layer("tiny.modconv", "tiny", 8, 8, 8, up=1),
-        _synthesis_layer("tiny.modconv_up2", "tiny", 8, 8, 4, up=2),
+        _synthesis_layer("tiny.modconv_up2", "tiny", 4, 4, 4, up=2),
         Case("conv2d_resample", "tiny.conv_down2", "tiny", dict(
-            in_channels=8, out_channels=8, in_res=8, out_res=4, kernel=3, up=1, down=2)),
+            in_channels=4, out_channels=4, in_res=8, out_res=4, kernel=3, up=1, down=2)),
         Case("diffusion_noise", "tiny.noise", "tiny", dict(channels=IMG_CHANNELS, res=16)),
     ]
 

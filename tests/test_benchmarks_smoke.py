@@ -29,7 +29,7 @@ def _run(args, tmp_path, timeout=240):
 def quick_run(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("bench")
     stdout = _run([str(REPO / "benchmarks" / "run.py"), "--quick", "--ops", "bias_act",
-                   "upfirdn2d", "--backends", "ref", "triton", "cuda", "--outdir", str(outdir)],
+                   "diffusion_noise", "--backends", "ref", "triton", "cuda", "--outdir", str(outdir)],
                   outdir)
     return outdir, stdout, json.loads((outdir / "ops.json").read_text())
 
@@ -48,7 +48,7 @@ def test_quick_run_writes_json_with_provenance_and_ceilings(quick_run):
 def test_quick_run_times_every_requested_case_mode_and_implementation(quick_run):
     _, _, payload = quick_run
     rows = payload["results"]
-    tiny = [c for c in shapes.tiny_cases() if c.op in ("bias_act", "upfirdn2d")]
+    tiny = [c for c in shapes.tiny_cases() if c.op in ("bias_act", "diffusion_noise")]
     assert len(rows) == len(tiny) * len(opcases.MODES) * 3
     for row in rows:
         assert row["status"] == "ok" or row["status"].startswith(("unavailable:", "error:"))
@@ -72,7 +72,7 @@ def test_quick_run_prints_table_and_writes_markdown_labelled_cpu(quick_run):
     assert "tiny.act" in stdout and "ms" in stdout
     text = (outdir / "ops.md").read_text()
     assert text.startswith("# batikfast op benchmarks")
-    assert "| case | shape |" in text and "tiny.up2" in text
+    assert "| case | shape |" in text and "tiny.noise" in text
     assert payload["meta"]["torch"] in text
     if payload["meta"]["device_type"] == "cpu":
         assert "CPU (not comparable)" in text and "CPU (not comparable)" in stdout
