@@ -3,10 +3,20 @@
 The Python package always installs. The CUDA extension ``batikfast._C`` is built from ``csrc/``
 when a CUDA toolkit is found, unless ``BATIKFAST_BUILD_CUDA=0``; see ``csrc/extension.py``.
 ``kernels/`` (the Triton kernels) installs as ``batikfast.kernels``.
+
+setup.py imports torch to build the extension, so install without build isolation:
+``pip install --no-build-isolation -e '.[test]'``.
 """
+import os
+import sys
+
 from setuptools import find_packages, setup
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
+from extension import build_ext_class, cuda_extensions  # noqa: E402
+
 packages = find_packages(include=["batikfast", "batikfast.*"]) + ["batikfast.kernels"]
+ext_modules = cuda_extensions()
 
 setup(
     name="batikfast",
@@ -19,4 +29,6 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "scipy", "ninja", "pybind11", "pytest-benchmark"],
     },
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext_class()} if ext_modules else {},
 )
