@@ -14,6 +14,8 @@ fabric grain are added so that the images have the fine texture a discriminator 
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from batikfast.data.dataset import Dataset
@@ -29,6 +31,11 @@ COLOURWAYS = {
 }
 
 
+def _uniform(rng: np.random.Generator, low: float = 0.0, high: float = 1.0) -> float:
+    # A Python float: numpy float64 scalars would promote the float32 fields to float64 (NEP 50).
+    return float(rng.uniform(low, high))
+
+
 def _smooth_inside(signed: np.ndarray, width: float) -> np.ndarray:
     """1 inside (signed < 0), 0 outside, with a soft edge of ``width`` for anti-aliasing."""
     return np.clip(0.5 - signed / width, 0.0, 1.0)
@@ -40,13 +47,13 @@ def _outline(signed: np.ndarray, thickness: float, width: float) -> np.ndarray:
 
 def _kawung(x, y, rng, aa):
     cx, cy = x - np.floor(x) - 0.5, y - np.floor(y) - 0.5
-    major, minor = rng.uniform(0.20, 0.26), rng.uniform(0.09, 0.13)
-    centre = rng.uniform(0.21, 0.26)
+    major, minor = _uniform(rng, 0.20, 0.26), _uniform(rng, 0.09, 0.13)
+    centre = _uniform(rng, 0.21, 0.26)
     fill = np.zeros_like(x)
     line = np.zeros_like(x)
     accent = np.zeros_like(x)
     for angle in (0.25, 0.75, 1.25, 1.75):
-        ux, uy = np.cos(angle * np.pi), np.sin(angle * np.pi)
+        ux, uy = math.cos(angle * math.pi), math.sin(angle * math.pi)
         along = cx * ux + cy * uy - centre
         across = -cx * uy + cy * ux
         radius = np.sqrt((along / major) ** 2 + (across / minor) ** 2)
@@ -61,13 +68,13 @@ def _kawung(x, y, rng, aa):
 
 
 def _parang(x, y, rng, aa):
-    amplitude = rng.uniform(0.10, 0.22)
-    wiggle = rng.integers(1, 3)
+    amplitude = _uniform(rng, 0.10, 0.22)
+    wiggle = int(rng.integers(1, 3))
     s = (x + y) / np.sqrt(2.0)
     d = (x - y) / np.sqrt(2.0)
     wave = s + amplitude * np.sin(2 * np.pi * wiggle * d)
     frac = wave - np.floor(wave)
-    half_width = rng.uniform(0.22, 0.32)
+    half_width = _uniform(rng, 0.22, 0.32)
     signed = (np.abs(frac - 0.5) - half_width) / (1 + 2 * np.pi * amplitude * wiggle)
     fill = _smooth_inside(signed, aa)
     line = _outline(signed, 0.012, aa)
@@ -86,8 +93,8 @@ def _parang(x, y, rng, aa):
 def _ceplok(x, y, rng, aa):
     cx, cy = x - np.floor(x) - 0.5, y - np.floor(y) - 0.5
     petals = int(rng.choice([4, 6, 8]))
-    depth = rng.uniform(0.25, 0.45)
-    radius = rng.uniform(0.28, 0.36)
+    depth = _uniform(rng, 0.25, 0.45)
+    radius = _uniform(rng, 0.28, 0.36)
     r = np.sqrt(cx ** 2 + cy ** 2)
     phi = np.arctan2(cy, cx)
     petal_edge = radius * (1 - depth + depth * np.abs(np.cos(petals * phi / 2)))
@@ -97,7 +104,7 @@ def _ceplok(x, y, rng, aa):
     ring = _outline(r - radius * 0.35, 0.012, aa)
     centre = _smooth_inside(r - radius * 0.18, aa)
     corner_r = np.sqrt((0.5 - np.abs(cx)) ** 2 + (0.5 - np.abs(cy)) ** 2)
-    corners = _smooth_inside(corner_r - rng.uniform(0.10, 0.16), aa)
+    corners = _smooth_inside(corner_r - _uniform(rng, 0.10, 0.16), aa)
     line = np.maximum(line, _outline(corner_r - 0.18, 0.01, aa))
     accent = np.maximum(np.maximum(ring, centre), corners)
     return fill, accent, line
@@ -106,8 +113,8 @@ def _ceplok(x, y, rng, aa):
 def _truntum(x, y, rng, aa):
     ix, iy = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
     cells = 64
-    offsets = rng.uniform(0.25, 0.75, size=(2, cells, cells))
-    sizes = rng.uniform(0.10, 0.17, size=(cells, cells))
+    offsets = rng.uniform(0.25, 0.75, size=(2, cells, cells)).astype(np.float32)
+    sizes = rng.uniform(0.10, 0.17, size=(cells, cells)).astype(np.float32)
     present = rng.uniform(size=(cells, cells)) < 0.85
     ox = offsets[0][iy % cells, ix % cells]
     oy = offsets[1][iy % cells, ix % cells]
@@ -144,13 +151,14 @@ def render_batik(resolution: int, rng: np.random.Generator, motif: str | None = 
     ground, fill_c, accent_c, line_c = (np.clip(c + j, 0, 1) for c, j in
                                         zip((ground, fill_c, accent_c, line_c), jitter))
 
-    tiles = rng.uniform(2.0, 5.0) if motif != "truntum" else rng.uniform(4.0, 8.0)
+    tiles = _uniform(rng, 2.0, 5.0) if motif != "truntum" else _uniform(rng, 4.0, 8.0)
     coords = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution
     x, y = np.meshgrid(coords, coords)
-    angle = rng.normal(0, 0.05)
-    x, y = x * np.cos(angle) - y * np.sin(angle), x * np.sin(angle) + y * np.cos(angle)
-    x = x * tiles + rng.uniform(0, 1)
-    y = y * tiles + rng.uniform(0, 1)
+    angle = float(rng.normal(0, 0.05))
+    cos, sin = math.cos(angle), math.sin(angle)
+    x, y = x * cos - y * sin, x * sin + y * cos
+    x = x * tiles + _uniform(rng, 0, 1)
+    y = y * tiles + _uniform(rng, 0, 1)
     aa = 1.5 * tiles / resolution
     fill, accent, line = _DRAW[motif](x, y, rng, aa)
 
@@ -168,12 +176,12 @@ def _add_texture(image: np.ndarray, rng: np.random.Generator, resolution: int) -
     x, y = np.meshgrid(coords, coords)
     crackle = np.zeros_like(x)
     for _ in range(int(rng.integers(2, 6))):
-        fx, fy = rng.uniform(3, 12, size=2)
-        px, py = rng.uniform(0, 2 * np.pi, size=2)
+        fx, fy = (float(v) for v in rng.uniform(3, 12, size=2))
+        px, py = (float(v) for v in rng.uniform(0, 2 * np.pi, size=2))
         field = np.sin(fx * 2 * np.pi * x + px + 2 * np.sin(fy * np.pi * y + py))
         crackle = np.maximum(crackle, np.clip(1 - np.abs(field) * resolution / 6, 0, 1))
     image = image * (1 - 0.25 * crackle[None])
-    grain = rng.normal(0, 0.015, size=(1, resolution, resolution)).astype(np.float32)
+    grain = rng.standard_normal(size=(1, resolution, resolution), dtype=np.float32) * 0.015
     return image + grain
 
 

@@ -41,7 +41,7 @@ DEFAULTS = dict(
     diffusion=True, beta_schedule="linear", beta_start=1e-4, beta_end=2e-2, t_min=10,
     t_max=1000, diffusion_target=0.6, diffusion_kimg=100.0, ts_dist="priority", noise_std=0.05,
     adjust_interval=4, g_reg_interval=4, d_reg_interval=16, backend="auto", compile=None,
-    deterministic=False, workers=2, keep_checkpoints=3, max_nan_skips=10, metrics=[],
+    deterministic=False, workers=None, keep_checkpoints=3, max_nan_skips=10, metrics=[],
     metrics_features=None, metrics_num=10000, grid_seeds=16, device="auto",
     ddp_timeout_s=600.0, stop_after_steps=None,
 )

@@ -372,6 +372,14 @@ class Trainer:
         dist_utils.barrier(self.info, "metrics barrier")
 
     # ---- the loop ------------------------------------------------------------------------
+    def _workers(self) -> int:
+        if self.config["workers"] is not None:
+            return int(self.config["workers"])
+        if self.device.type != "cuda":
+            return 0  # a CPU run needs every core for the networks
+        local_ranks = max(torch.cuda.device_count(), 1)
+        return max(1, min(8, (os.cpu_count() or 2) // local_ranks - 1))
+
     def _install_signal_handlers(self):
         previous = {}
 
@@ -401,8 +409,8 @@ class Trainer:
         cfg = self.config
         total_nimg = int(round(cfg["kimg"] * 1000))
         loader = make_loader(self.dataset, self.batch_gpu, self.info.rank, self.info.world_size,
-                             seed=cfg["seed"], start=self.cur_nimg, num_workers=cfg["workers"],
-                             pin_memory=self.device.type == "cuda")
+                             seed=cfg["seed"], start=self.cur_nimg, num_workers=self._workers(),
+                             pin_memory=self.device.type == "cuda", prefetch_factor=4)
         previous_handlers = self._install_signal_handlers()
         self.log(self.parts.describe())
         self.log(f"training {cfg['cfg']} at {cfg['resolution']}x{cfg['resolution']} for "
