@@ -72,6 +72,7 @@ def _speedup_panel(ax, rows, key):
         if xs:
             ax.bar(xs, ys, width, label=impl, color=COLORS[impl])
     ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")  # ratios: 0.5x and 2x sit equally far from 1x
     ax.set_xticks(range(len(cases)))
     ax.set_xticklabels(cases, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("speed-up over eager ref")

@@ -275,7 +275,10 @@ def main(argv=None) -> dict:
     common.write_json(outdir / "ops.json", payload)
     (outdir / "ops.md").write_text(report.markdown(payload))
     from benchmarks import plot
-    png_note = plot.plot_ops(payload, outdir / "ops.png")
+    try:
+        png_note = plot.plot_ops(payload, outdir / "ops.png")
+    except Exception as error:  # the data is saved; a chart can be redrawn with plot.py
+        png_note = f"no PNG chart ({type(error).__name__}: {error})"
     print(f"\nwrote {outdir / 'ops.json'}, {outdir / 'ops.md'}; {png_note}")
     if runner.skipped:
         print(f"{runner.skipped} measurements skipped: --budget {args.budget} s reached")

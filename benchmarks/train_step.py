@@ -309,7 +309,10 @@ def main(argv=None) -> dict:
     common.write_json(outdir / "train_step.json", payload)
     (outdir / "train_step.md").write_text(markdown(payload))
     from benchmarks import plot
-    note = plot.plot_train_step(payload, outdir / "train_step.png")
+    try:
+        note = plot.plot_train_step(payload, outdir / "train_step.png")
+    except Exception as error:  # the data is saved; a chart can be redrawn with plot.py
+        note = f"no PNG chart ({type(error).__name__}: {error})"
     print(f"wrote {outdir / 'train_step.json'}, {outdir / 'train_step.md'}; {note}")
     return payload
 

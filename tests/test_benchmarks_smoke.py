@@ -207,3 +207,36 @@ def test_train_step_records_why_when_the_training_loop_is_missing(monkeypatch):
     monkeypatch.setattr(train_step, "loop_available", lambda: "no loop here")
     rows = train_step.run(train_step.parse_args(["--quick"]), torch.device("cpu"))
     assert rows and all(r["status"] == "unavailable: no loop here" for r in rows)
+
+
+def _gpu_like_payload():
+    rows = []
+    for impl, ms in (("ref", 2.0), ("ref+compile", 1.5), ("triton", 1.0), ("cuda", 0.8)):
+        nbytes = 2 * 2**30
+        rows.append(dict(op="bias_act", case="G.b256.act", shape_set="paper256-g", batch=64,
+                         dtype="fp16", mode="fwd", shape="[64,64,256,256]", impl=impl,
+                         status="ok", ms=ms, ms_p20=ms, ms_p80=ms, bytes=nbytes, flops=0,
+                         gbps=nbytes / (ms * 1e-3) / 1e9, tflops=None,
+                         frac_roofline=nbytes / (ms * 1e-3) / 3e12,
+                         speedup_vs_ref=2.0 / ms, speedup_vs_compiled=1.5 / ms))
+    meta = dict(device="GPU", device_type="cuda", date="d", git_commit="c", torch="t",
+                triton="tr", cuda="cu", cudnn=1, timing="CUDA events", compile="dynamic shapes")
+    ceilings = dict(copy_gbps=3000.0, matmul_tflops=dict(bf16=700.0, fp16=700.0, fp32=50.0,
+                                                         tf32=350.0))
+    return dict(meta=meta, ceilings=ceilings, results=rows)
+
+
+def test_markdown_reports_share_of_copy_bandwidth_for_large_memory_bound_cases():
+    text = report.markdown(_gpu_like_payload())
+    assert "## Memory-bound ops: achieved share of measured copy bandwidth" in text
+    # 2 GiB in 0.8 ms = 2684 GB/s = 89% of 3000 GB/s
+    assert "| bias_act | fp16 | fwd | cuda | 1 | 89% | 89% |" in text
+    assert "CPU (not comparable)" not in text
+
+
+def test_plot_draws_a_png_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks import plot
+    note = plot.plot_ops(_gpu_like_payload(), tmp_path / "ops.png")
+    assert note.startswith("wrote")
+    assert (tmp_path / "ops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
