@@ -264,15 +264,16 @@ def _triton_kernels_missing():
 @pytest.mark.skipif(bool(_triton_kernels_missing()), reason=str(_triton_kernels_missing()))
 def test_generator_and_discriminator_match_between_reference_and_triton():
     torch.manual_seed(4)
-    G = Generator(8, 0, 8, 8, 3, channel_base=64, channel_max=8,
+    # Interpreted Triton is slow: the smallest networks that still up- and down-sample.
+    G = Generator(4, 0, 4, 8, 3, channel_base=32, channel_max=4,
                   mapping_kwargs=dict(num_layers=1)).eval()
-    D = Discriminator(0, 8, 3, channel_base=64, channel_max=8,
+    D = Discriminator(0, 8, 3, channel_base=32, channel_max=4,
                       mapping_kwargs=dict(num_layers=1), epilogue_kwargs=dict(mbstd_group_size=2))
     for layer in G.synthesis.modules():
         if hasattr(layer, "noise_strength"):
             layer.noise_strength.data.fill_(0.3)
-    z = torch.randn(2, 8)
-    t = torch.tensor([0, 5])
+    z = torch.randn(2, 4)
+    t = torch.tensor([3, 5])
     results = {}
     try:
         for impl in ("ref", "triton"):
