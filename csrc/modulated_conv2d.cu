@@ -22,9 +22,11 @@
 //   scale-and-round. Threads of a warp hold consecutive rows, and x is contiguous along ox, so
 //   a warp reads 32 consecutive pixels of one channel, coalesced. In shared memory A is
 //   row-major, so a thread's run of channels leaves as 16-byte stores.
-// - B is read from weight's own [O, I, kh, kw] layout (a re-layout per call would cost more than
-//   the whole convolution on the 4x4..32x32 layers, where the weight is most of the traffic);
-//   the channel-block-outer, tap-inner step order makes consecutive steps reuse the same weight
+// - B: the large tiles, which read each weight tile many times, take weight re-laid out once per
+//   call as [O, kh, kw, I] (16-byte loads of BK contiguous channels). The small tiles serve the
+//   4x4..16x16 layers, which read their (large) weight once or twice: a re-layout would cost
+//   more than the convolution there, so they read [O, I, kh, kw] in place, element by element.
+//   The channel-block-outer, tap-inner step order makes consecutive steps reuse the same weight
 //   and x lines from L1.
 // - Steps are double-buffered: the global loads of step s+1 are issued before the MMAs of step
 //   s and written to the other buffer after them, so one barrier per step suffices.
@@ -125,7 +127,7 @@ struct CudaType<at::BFloat16> {
 template <typename T>
 struct Params {
   const T* __restrict__ x;              // [N, I, H, W] contiguous
-  const T* __restrict__ w;              // [O, I, KH, KW] contiguous
+  const T* __restrict__ w;              // [O, I, KH, KW], or tap-major [O, KH, KW, I_pad]
   const float* __restrict__ in_scale;   // [N, I]
   const float* __restrict__ out_scale;  // [N, O] or null
   const T* __restrict__ noise;          // [N, Ho * Wo] or null
@@ -135,6 +137,7 @@ struct Params {
   int* __restrict__ arrivals;           // split-K: [tiles] zeros, else null
   int64_t M;                            // N * Ho * Wo
   int I, H, W, O, Ho, Wo, KH, KW, pad;
+  int I_pad;                            // tap-major weight: I rounded up to 16 bytes, zero-filled
   int splits;                           // blocks sharing one output tile along the reduction
   int act;
   float alpha, gain, clamp;
@@ -145,6 +148,7 @@ struct Params {
 template <typename T, int BM, int BN, int WARPS_M, int WARPS_N>
 struct Tile {
   static constexpr int kThreads = WARPS_M * WARPS_N * 32;
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
   static constexpr int BK = sizeof(T) == 4 ? 16 : 32;
   static constexpr int kMmaK = Traits<T>::kMmaK;
   // Padding of 16 bytes shifts successive rows across banks and keeps wmma's 32-byte alignment.
@@ -156,6 +160,8 @@ struct Tile {
   static constexpr int kAPerThread = BK / kAGroups;
   static constexpr int kBRowsPerPass = kThreads / BK;
   static constexpr int kBPerThread = BN / kBRowsPerPass;
+  static constexpr int kBVecsPerRow = BK / kVec;
+  static constexpr int kBVecsPerThread = BN * kBVecsPerRow / kThreads;
   static constexpr int kFragsM = BM / WARPS_M / 16;
   static constexpr int kFragsN = BN / WARPS_N / 16;
   static constexpr int kAElems = BM * ldA;
@@ -170,6 +176,7 @@ struct Tile {
   static_assert(BK % kAGroups == 0, "A tile must split evenly over the threads of a row");
   static_assert((kAPerThread * sizeof(T)) % 16 == 0, "a thread's A run is whole 16-byte stores");
   static_assert(kThreads % BK == 0 && BN % kBRowsPerPass == 0, "B tile must split evenly");
+  static_assert((BN * kBVecsPerRow) % kThreads == 0, "B vectors must split evenly");
   static_assert(BM % (WARPS_M * 16) == 0 && BN % (WARPS_N * 16) == 0, "warp tiles of 16x16");
   static_assert(BK % kMmaK == 0, "BK must be a multiple of the fragment depth");
   static_assert((kAElems * sizeof(T)) % 128 == 0 && (kBElems * sizeof(T)) % 128 == 0,
@@ -186,7 +193,12 @@ __device__ __forceinline__ float activate(float v, int act, float alpha) {
 // Reduction steps run channel block outer, tap inner: consecutive steps read the same channels
 // of x shifted by one tap and the same weight rows, so they hit in L1; and the style scales of
 // a thread's channels are loaded once per channel block, not once per tap.
-template <typename T, int BM, int BN, int WARPS_M, int WARPS_N>
+//
+// kTapMajor: weight comes re-laid out as [O, KH, KW, I_pad], so a step's B tile is BN rows of BK
+// contiguous channels, read with 16-byte loads. Otherwise weight is read in place, [O, I, KH,
+// KW], one element at a time (KH*KW apart): cheaper for layers that read the weight only once
+// or twice, where the re-layout would cost more than it saves.
+template <typename T, int BM, int BN, int WARPS_M, int WARPS_N, bool kTapMajor>
 __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     modulated_conv2d_kernel(const Params<T> p) {
   using Cfg = Tile<T, BM, BN, WARPS_M, WARPS_N>;
@@ -194,7 +206,8 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   using mma_t = typename Tr::mma_t;
   constexpr int BK = Cfg::BK;
   constexpr int kA = Cfg::kAPerThread;
-  constexpr int kB = Cfg::kBPerThread;
+  constexpr int kB = kTapMajor ? 1 : Cfg::kBPerThread;
+  constexpr int kBV = kTapMajor ? Cfg::kBVecsPerThread : 1;
 
   __shared__ __align__(128) unsigned char smem[Cfg::kSmemBytes];
   T* const a_smem = reinterpret_cast<T*>(smem);
@@ -234,6 +247,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   T a_raw[kA];
   float a_scale[kA];
   T b_raw[kB];
+  uint4 b_vec[kBV];
   int scale_block = -1;
 
   auto load = [&](int step) {
@@ -258,12 +272,27 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
       for (int j = 0; j < kA; ++j) a_scale[j] = (m_ok && j < i_left) ? scale_n[i_first + j] : 0.f;
     }
 
-    const int i = i0 + b_channel;
-    const T* const wsrc = p.w + (i < p.I ? static_cast<int64_t>(i) * khw + tap : 0);
+    if constexpr (kTapMajor) {
+      const int64_t row_stride = static_cast<int64_t>(khw) * p.I_pad;
 #pragma unroll
-    for (int q = 0; q < kB; ++q) {
-      const int o = o0 + b_row + q * Cfg::kBRowsPerPass;
-      b_raw[q] = (o < p.O && i < p.I) ? wsrc[o * w_row_stride] : Tr::zero();
+      for (int q = 0; q < kBV; ++q) {
+        const int idx = tid + q * Cfg::kThreads;
+        const int o = o0 + idx / Cfg::kBVecsPerRow;
+        const int i = i0 + (idx % Cfg::kBVecsPerRow) * Cfg::kVec;
+        // I_pad is a multiple of kVec, so a vector is wholly inside or outside.
+        b_vec[q] = (o < p.O && i < p.I_pad)
+                       ? *reinterpret_cast<const uint4*>(p.w + o * row_stride +
+                                                         static_cast<int64_t>(tap) * p.I_pad + i)
+                       : make_uint4(0u, 0u, 0u, 0u);
+      }
+    } else {
+      const int i = i0 + b_channel;
+      const T* const wsrc = p.w + (i < p.I ? static_cast<int64_t>(i) * khw + tap : 0);
+#pragma unroll
+      for (int q = 0; q < kB; ++q) {
+        const int o = o0 + b_row + q * Cfg::kBRowsPerPass;
+        b_raw[q] = (o < p.O && i < p.I) ? wsrc[o * w_row_stride] : Tr::zero();
+      }
     }
   };
 
@@ -289,10 +318,27 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
       }
       a_dst[c] = make_uint4(word[0], word[1], word[2], word[3]);
     }
-    T* const b_dst = b_smem + buf * Cfg::kBElems + b_row * Cfg::ldB + b_channel;
+    if constexpr (kTapMajor) {
 #pragma unroll
-    for (int q = 0; q < kB; ++q)
-      b_dst[q * Cfg::kBRowsPerPass * Cfg::ldB] = Tr::operand_from_storage(b_raw[q]);
+      for (int q = 0; q < kBV; ++q) {
+        const int idx = tid + q * Cfg::kThreads;
+        uint4 v = b_vec[q];
+        if constexpr (sizeof(T) == 4) {  // round to tf32
+          v.x = __float_as_uint(Tr::to_operand(__uint_as_float(v.x)));
+          v.y = __float_as_uint(Tr::to_operand(__uint_as_float(v.y)));
+          v.z = __float_as_uint(Tr::to_operand(__uint_as_float(v.z)));
+          v.w = __float_as_uint(Tr::to_operand(__uint_as_float(v.w)));
+        }
+        *reinterpret_cast<uint4*>(b_smem + buf * Cfg::kBElems +
+                                  (idx / Cfg::kBVecsPerRow) * Cfg::ldB +
+                                  (idx % Cfg::kBVecsPerRow) * Cfg::kVec) = v;
+      }
+    } else {
+      T* const b_dst = b_smem + buf * Cfg::kBElems + b_row * Cfg::ldB + b_channel;
+#pragma unroll
+      for (int q = 0; q < kB; ++q)
+        b_dst[q * Cfg::kBRowsPerPass * Cfg::ldB] = Tr::operand_from_storage(b_raw[q]);
+    }
   };
 
   const int warp = tid / 32;
@@ -431,7 +477,7 @@ Launch plan(int64_t M, int O, int I, int khw, int64_t sms) {
   return l;
 }
 
-template <typename T, int BM, int BN, int WARPS_M, int WARPS_N>
+template <typename T, int BM, int BN, int WARPS_M, int WARPS_N, bool kTapMajor>
 void launch_tile(Params<T> p, int64_t sms, const at::Tensor& like, cudaStream_t stream) {
   using Cfg = Tile<T, BM, BN, WARPS_M, WARPS_N>;
   const Launch l = plan<BM, BN, Cfg::BK>(p.M, p.O, p.I, p.KH * p.KW, sms);
@@ -444,20 +490,42 @@ void launch_tile(Params<T> p, int64_t sms, const at::Tensor& like, cudaStream_t 
     p.partials = partials.data_ptr<float>();
     p.arrivals = arrivals.data_ptr<int>();
   }
-  modulated_conv2d_kernel<T, BM, BN, WARPS_M, WARPS_N><<<l.grid, Cfg::kThreads, 0, stream>>>(p);
+  modulated_conv2d_kernel<T, BM, BN, WARPS_M, WARPS_N, kTapMajor>
+      <<<l.grid, Cfg::kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Large tiles amortise the A loads over more output channels; when they would not fill about
-// one wave of SMs, smaller tiles (and, if still too few, split-K) give more blocks.
+// weight as [O, KH, KW, I_pad] in x's dtype, channels zero-padded to a multiple of 16 bytes:
+// one copy that also does the cast.
+at::Tensor tap_major_weight(const at::Tensor& weight, at::ScalarType dtype, int64_t i_pad) {
+  const int64_t O = weight.size(0), I = weight.size(1), KH = weight.size(2), KW = weight.size(3);
+  const auto options = weight.options().dtype(dtype);
+  at::Tensor w = i_pad == I ? at::empty({O, KH, KW, i_pad}, options)
+                            : at::zeros({O, KH, KW, i_pad}, options);
+  w.narrow(3, 0, I).copy_(weight.permute({0, 2, 3, 1}));
+  return w;
+}
+
+// Large tiles amortise the A loads over more output channels and read every weight tile many
+// times, so they take the tap-major weight (16-byte loads) and its one re-layout copy. When they
+// would not fill about one wave of SMs (the 4x4..16x16 layers, which read their large weight
+// once or twice), smaller tiles read the weight in place, with split-K if still too few.
 template <typename T>
-void launch(const Params<T>& p, const at::Tensor& like, cudaStream_t stream) {
+void launch(Params<T> p, const at::Tensor& weight, const at::Tensor& like, cudaStream_t stream) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t big_blocks = ((p.M + 127) / 128) * ((p.O + 63) / 64);
+  const auto dtype = like.scalar_type();
   if (4 * big_blocks >= 3 * sms) {
-    launch_tile<T, 128, 64, 4, 2>(p, sms, like, stream);
+    const int64_t vec = 16 / static_cast<int64_t>(sizeof(T));
+    p.I_pad = static_cast<int>((p.I + vec - 1) / vec * vec);
+    const at::Tensor w = tap_major_weight(weight, dtype, p.I_pad);
+    p.w = reinterpret_cast<const T*>(w.data_ptr());
+    launch_tile<T, 128, 64, 4, 2, true>(p, sms, like, stream);
   } else {
-    launch_tile<T, 64, 32, 2, 2>(p, sms, like, stream);
+    const at::Tensor w = weight.to(dtype).contiguous();
+    p.w = reinterpret_cast<const T*>(w.data_ptr());
+    p.I_pad = p.I;
+    launch_tile<T, 64, 32, 2, 2, false>(p, sms, like, stream);
   }
 }
 
@@ -548,9 +616,9 @@ at::Tensor modulated_conv2d_forward(const at::Tensor& x, const at::Tensor& weigh
   at::Tensor y = at::empty({N, O, Ho, Wo}, x.options());
   if (y.numel() == 0) return y;
 
-  // Entry normalisation: everything contiguous in x's dtype, the scales in fp32.
+  // Entry normalisation: x, noise and bias contiguous in x's dtype, the scales in fp32; the
+  // weight's layout goes with the tile (see launch).
   const at::Tensor xc = x.contiguous();
-  const at::Tensor w = weight.to(dtype).contiguous();
   const at::Tensor in_scale_c = in_scale.contiguous();
   const at::Tensor out_scale_c = out_scale_t ? out_scale_t->contiguous() : at::Tensor();
   const at::Tensor noise_c = noise_t ? noise_t->to(dtype).contiguous() : at::Tensor();
@@ -562,7 +630,7 @@ at::Tensor modulated_conv2d_forward(const at::Tensor& x, const at::Tensor& weigh
     using T = typename CudaType<AT>::type;
     Params<T> p;
     p.x = reinterpret_cast<const T*>(xc.data_ptr());
-    p.w = reinterpret_cast<const T*>(w.data_ptr());
+    p.w = nullptr;  // set by launch, which picks the weight layout
     p.in_scale = in_scale_c.data_ptr<float>();
     p.out_scale = out_scale_t ? out_scale_c.data_ptr<float>() : nullptr;
     p.noise = noise_t ? reinterpret_cast<const T*>(noise_c.data_ptr()) : nullptr;
@@ -585,7 +653,7 @@ at::Tensor modulated_conv2d_forward(const at::Tensor& x, const at::Tensor& weigh
     p.alpha = static_cast<float>(alpha);
     p.gain = static_cast<float>(gain);
     p.clamp = clamp < 0 ? -1.f : static_cast<float>(clamp);
-    launch<T>(p, y, stream);
+    launch<T>(p, weight, y, stream);
   };
   switch (dtype) {
     case at::kFloat:
