@@ -16,6 +16,7 @@ them from the JSON without a GPU. CPU timings are labelled "CPU (not comparable)
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import sys
 import time
 from pathlib import Path
@@ -39,12 +40,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="+", choices=sorted(opcases.OPS), default=None,
-                        help="ops to time (default: all)")
+                        metavar="OP", help=f"ops to time, of {', '.join(sorted(opcases.OPS))} "
+                                           "(default: all)")
+    parser.add_argument("--cases", nargs="+", default=None, metavar="PATTERN",
+                        help="only cases whose name matches one of these shell patterns, "
+                             "e.g. 'G.b256.*' '*.conv0'")
     parser.add_argument("--backends", nargs="+", choices=IMPLS, default=list(IMPLS),
+                        metavar="IMPL",
                         help="implementations: ref (eager), compiled (ref under torch.compile), "
-                             "triton, cuda")
+                             "triton, cuda (default: all)")
     parser.add_argument("--shapes", nargs="+", choices=shapes.SHAPE_SETS, default=None,
-                        help="shape sets (default: paper256-g paper256-d; --quick: tiny)")
+                        metavar="SET", help=f"shape sets, of {', '.join(shapes.SHAPE_SETS)} "
+                                            "(default: paper256-g paper256-d; --quick: tiny)")
     parser.add_argument("--batch", nargs="+", type=int, default=None,
                         help="batch sizes, in order of priority under --budget "
                              "(default: 64 16; --quick: 2)")
@@ -170,6 +177,10 @@ class Runner:
                 for shape_set in self.args.shapes:
                     for case in shapes.cases_for(shape_set):
                         if self.args.ops is not None and case.op not in self.args.ops:
+                            continue
+                        if self.args.cases is not None and not any(
+                                fnmatch.fnmatchcase(case.name, pattern)
+                                for pattern in self.args.cases):
                             continue
                         for mode in self.args.modes:
                             self.run_case(case, batch, dtype_name, mode)
