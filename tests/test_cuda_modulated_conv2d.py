@@ -193,6 +193,15 @@ def test_rows_of_different_samples_in_one_tile_use_their_own_scales(dtype):
     check_against_reference(args, padding=1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zero_input_channels_give_the_epilogue_of_zero(dtype):
+    args = make_inputs(2, 0, 5, 4, 3, 3, 1, dtype, out_scale=False, seed=11)
+    y = run(args, act="lrelu", alpha=0.2, gain=1.4, clamp=None, padding=1)
+    z = (args["noise"].double() + args["bias"].double()[None, :, None, None])
+    expected = torch.where(z > 0, z, 0.2 * z) * 1.4
+    torch.testing.assert_close(y.double(), expected, rtol=FLOOR[dtype], atol=FLOOR[dtype])
+
+
 def _strided(t, kind):
     """The same values in a layout the kernel must not assume away."""
     if kind == "channels_last" and t.ndim == 4:
