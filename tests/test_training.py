@@ -75,6 +75,18 @@ def test_each_loss_and_augmentation_trains_and_writes_outputs(tmp_path, loss, au
     assert "sec/kimg" in log and "torch.compile off" in log
 
 
+def test_metrics_are_computed_at_checkpoints_on_the_given_feature_network(tmp_path):
+    from batikfast.metrics import SmallFeatureNet
+    SmallFeatureNet(channels=(4, 8), resolution=16).save(tmp_path / "features.pt")
+    config = micro_config(steps=2, metrics=["fid", "kid", "pr"], metrics_num=8,
+                          metrics_features=str(tmp_path / "features.pt"))
+    train(config, tmp_path / "run")
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "metrics fid" in log and "kid" in log and "precision" in log
+    stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert any("Metrics/fid" in s and s["Metrics/fid"] >= 0 for s in stats)
+
+
 def test_lazy_regularisation_corrects_adam_and_runs_phases_on_their_interval(tmp_path):
     trainer = Trainer(micro_config(g_reg_interval=4, d_reg_interval=16), tmp_path, DistInfo())
     phases = {p.name: p for p in trainer.phases}

@@ -129,6 +129,7 @@ class Trainer:
         self._broadcast_networks()
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self._seed(config["seed"] * info.world_size + info.rank)
+        self._check_space_for_checkpoints()
         self.parts = build_training_objects(config, self.G, self.D, self.device, info.rank,
                                             self.log)
         self.phases = self._make_phases()
@@ -152,6 +153,24 @@ class Trainer:
         if deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
+
+    def checkpoint_bytes(self) -> int:
+        """About the size of one checkpoint: G, D, G_ema and Adam's two moments of G and D."""
+        g = sum(p.numel() * p.element_size() for p in self.G.parameters())
+        d = sum(p.numel() * p.element_size() for p in self.D.parameters())
+        return 4 * g + 3 * d
+
+    def _check_space_for_checkpoints(self) -> None:
+        error = None
+        if self.info.is_main:
+            # the new checkpoint is complete before the previous one goes: room for two
+            try:
+                rundir.check_output_dir(self.outdir, need_bytes=2 * self.checkpoint_bytes())
+            except rundir.OutputDirError as err:
+                error = str(err)
+        error = dist_utils.broadcast_object(error, self.info, "output folder check")
+        if error:  # every rank stops, none waits for the others
+            raise rundir.OutputDirError(error)
 
     def _broadcast_networks(self) -> None:
         # Rank 0's weights everywhere, whatever the initialisers did (NVIDIA does the same).
@@ -401,6 +420,8 @@ class Trainer:
     def _stop_agreed(self) -> bool:
         if not self.info.distributed:
             return self.stop_signal is not None
+        if self.step % self.config["adjust_interval"]:
+            return False  # ranks agree every few steps only: each check is a collective
         flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
         dist_utils.all_reduce_sum_(flag, self.info, "stop flag")
         return bool(flag.item() > 0)
