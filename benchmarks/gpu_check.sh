@@ -58,14 +58,16 @@ run_step() {
     local name=$1 seconds=$2 rc
     shift 2
     log "step $name: start (limit ${seconds}s): $*"
-    timeout --kill-after=15 "$seconds" "$@" 2>&1 | tee -a "$LOG"
+    # SIGINT first: pytest then writes its junit XML and summary, the benchmark scripts write
+    # what they measured so far; SIGKILL 20 s later if that hangs.
+    timeout --signal=INT --kill-after=20 "$seconds" "$@" 2>&1 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
-    if ((rc == 124 || rc == 137)); then
+    if ((rc == 124 || rc == 137 || rc == 130)); then
         log "step $name: TIMED OUT after ${seconds}s"
     else
         log "step $name: exit $rc"
     fi
-    echo "$name: exit $rc$( ((rc == 124 || rc == 137)) && echo ' (timed out)')" >>"$SUMMARY"
+    echo "$name: exit $rc$( ((rc == 124 || rc == 137 || rc == 130)) && echo ' (time limit)')" >>"$SUMMARY"
     ((rc > WORST)) && WORST=$rc
     return 0
 }

@@ -173,9 +173,9 @@ def _measure(timer, device, row, fn):
     return outputs
 
 
-def run(args, nvidia: Nvidia, device: torch.device, timer: Timer) -> list[dict]:
+def run(args, nvidia: Nvidia, device: torch.device, timer: Timer, rows: list) -> list[dict]:
+    """Appends to ``rows`` as it goes, so an interrupted run keeps what it measured."""
     started = time.perf_counter()
-    rows = []
     _print_header()
     for shape_set in args.shapes:
         cases = [c for c in shapes.cases_for(shape_set) if c.op in args.ops]
@@ -191,8 +191,8 @@ def run(args, nvidia: Nvidia, device: torch.device, timer: Timer) -> list[dict]:
                         if args.budget is not None and time.perf_counter() - started > args.budget:
                             rows.append(dict(base, impl="all", status="skipped: time budget"))
                             continue
-                        rows += _run_case(args, nvidia, device, timer, case, batch, dtype, mode,
-                                          base)
+                        rows.extend(_run_case(args, nvidia, device, timer, case, batch, dtype,
+                                              mode, base))
     return rows
 
 
@@ -265,6 +265,8 @@ def markdown(payload: dict) -> str:
             f"timing: {meta['timing']}",
             "- NVIDIA paths that ran: " + "; ".join(
                 f"{op}: **{kind}** ({why})" for op, (kind, why) in meta["nvidia_paths"].items()),
+            *(["- **interrupted by a time limit: the run is incomplete**"]
+              if meta.get("interrupted") else []),
             "", "Each cell: median ms, speed-up over NVIDIA's path that ran, and the largest "
             "deviation from NVIDIA's result relative to its largest value.", ""]
     groups = {}
@@ -311,7 +313,12 @@ def main(argv=None) -> dict:
     print(f"batikfast vs NVIDIA {nvidia.flavour} on {meta['device']} ({meta['timing']})")
     for op, (kind, why) in nvidia.paths.items():
         print(f"  NVIDIA {op}: {kind} ({why})")
-    rows = run(args, nvidia, device, timer)
+    rows = []
+    try:
+        run(args, nvidia, device, timer, rows)
+    except KeyboardInterrupt:  # gpu_check.sh's time limit sends SIGINT: keep what was measured
+        meta["interrupted"] = True
+        print("\ninterrupted: writing the measurements taken so far")
     payload = dict(meta=meta, results=rows)
     outdir = common.output_dir(args.outdir, device)
     common.write_json(outdir / "peer_nvidia.json", payload)

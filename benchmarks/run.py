@@ -278,7 +278,12 @@ def main(argv=None) -> dict:
         ceilings = ceilings_mod.measure_ceilings(device, timer)
         print(report.ceilings_line(ceilings, device))
     runner = Runner(args, device, timer, ceilings)
-    rows = runner.run()
+    try:
+        rows = runner.run()
+    except KeyboardInterrupt:  # gpu_check.sh's time limit sends SIGINT: keep what was measured
+        rows = runner.rows
+        meta["interrupted"] = True
+        print("\ninterrupted: writing the measurements taken so far")
     meta["skipped_for_budget"] = runner.skipped
     meta["elapsed_s"] = round(time.perf_counter() - runner.started, 1)
     payload = dict(meta=meta, ceilings=ceilings, results=rows)

@@ -200,8 +200,9 @@ def phase_breakdown(trainer, loader, device, steps: int) -> dict | None:
     return fractions
 
 
-def run(args, device) -> list[dict]:
-    rows = []
+def run(args, device, rows: list | None = None) -> list[dict]:
+    """Appends to ``rows`` as it goes, so an interrupted run keeps what it measured."""
+    rows = [] if rows is None else rows
     missing = loop_available()
     started = time.perf_counter()
     for precision, compile_mode, backend in itertools.product(
@@ -261,7 +262,9 @@ def markdown(payload) -> str:
         out += [f"**{common.CPU_LABEL}**: checks the script only.", ""]
     out += [f"- date {meta['date']}, commit `{meta.get('git_commit')}`; torch {meta['torch']}, "
             f"triton {meta['triton']}, CUDA {meta['cuda']}",
-            f"- {meta['what']}", "",
+            f"- {meta['what']}",
+            *(["- **interrupted by a time limit: the run is incomplete**"]
+              if meta.get("interrupted") else []), "",
             "| setup | images/s | sec/kimg | x eager ref | x compiled ref | peak GPU GiB | "
             "steps (warm-up s) |", "|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -303,7 +306,15 @@ def main(argv=None) -> dict:
     missing = loop_available()
     if missing:
         print(f"  {missing}: nothing to time yet")
-    rows = run(args, device)
+    rows = []
+    try:
+        run(args, device, rows)
+    except KeyboardInterrupt:  # gpu_check.sh's time limit sends SIGINT: keep what was measured
+        meta["interrupted"] = True
+        print("\ninterrupted: writing the setups measured so far")
+        for row in rows:
+            row.setdefault("status", "interrupted")
+        _add_speedups([r for r in rows if r.get("status") == "ok"])
     payload = dict(meta=meta, results=rows)
     outdir = common.output_dir(args.outdir, device)
     common.write_json(outdir / "train_step.json", payload)
