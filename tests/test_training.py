@@ -45,17 +45,20 @@ def _weights(path):
     return ckpt.load_checkpoint(path)
 
 
-@pytest.mark.parametrize("loss,aug,diffusion", [
-    ("stylegan2", "no", True), ("stylegan2", "ada", True), ("stylegan2", "diff", True),
-    ("wgan", "no", True), ("wgan", "ada", False), ("stylegan2", "no", False)])
-def test_each_loss_and_augmentation_trains_and_writes_outputs(tmp_path, loss, aug, diffusion):
-    config = micro_config(steps=4, loss=loss, aug=aug, diffusion=diffusion,
+@pytest.mark.parametrize("loss,aug,diffusion,cond", [
+    ("stylegan2", "no", True, False), ("stylegan2", "ada", True, False),
+    ("stylegan2", "diff", True, True), ("wgan", "no", True, False),
+    ("wgan", "ada", False, False), ("stylegan2", "no", False, True)])
+def test_each_loss_and_augmentation_trains_and_writes_outputs(tmp_path, loss, aug, diffusion,
+                                                              cond):
+    config = micro_config(steps=4, loss=loss, aug=aug, diffusion=diffusion, cond=cond,
                           adjust_interval=2, diffusion_target=-1.0, ada_target=-1.0)
     result = train(config, tmp_path)
     assert result["step"] == 4 and result["cur_nimg"] == 4 * BATCH
     state = _weights(result["checkpoint"])
     assert state["progress"]["step"] == 4
-    initial = Trainer(micro_config(), tmp_path / "fresh", DistInfo())
+    initial = Trainer(micro_config(cond=cond), tmp_path / "fresh", DistInfo())
+    assert initial.G.c_dim == (4 if cond else 0)
     for name, value in state["G"].items():
         assert torch.isfinite(value).all(), name
     changed = [n for n, v in state["D"].items() if not torch.equal(v, initial.D.state_dict()[n])]
