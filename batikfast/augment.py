@@ -129,7 +129,8 @@ class AugmentPipe(torch.nn.Module):
         # Inverse map (output pixel -> input pixel), centred pixel units, composed left to right.
         g_inv = _eye(batch, 3, device)
         if self.xflip > 0:
-            flip = torch.randint(2, [batch], device=device) * self._chosen(self.xflip, batch, device)
+            flip = torch.randint(2, [batch], device=device)
+            flip = flip * self._chosen(self.xflip, batch, device)
             g_inv = g_inv @ _scale2d(1 - 2 * flip, 1, device)
         if self.rotate90 > 0:
             quarter = torch.randint(4, [batch], device=device) * self._chosen(self.rotate90, batch,
@@ -270,8 +271,9 @@ class DiffAugment(torch.nn.Module):
         shift_y = torch.randint(-max_y, max_y + 1, [batch, 1, 1], device=device)
         shift_x = torch.randint(-max_x, max_x + 1, [batch, 1, 1], device=device)
         # Index into a one-pixel zero border: sources outside the image read zeros.
-        rows = (torch.arange(height, device=device)[None, :, None] + shift_y + 1).clamp(0, height + 1)
-        cols = (torch.arange(width, device=device)[None, None, :] + shift_x + 1).clamp(0, width + 1)
+        rows = torch.arange(height, device=device)[None, :, None] + shift_y + 1
+        cols = torch.arange(width, device=device)[None, None, :] + shift_x + 1
+        rows, cols = rows.clamp(0, height + 1), cols.clamp(0, width + 1)
         padded = F.pad(x, [1, 1, 1, 1])
         samples = torch.arange(batch, device=device)[:, None, None]
         return padded.permute(0, 2, 3, 1)[samples, rows, cols].permute(0, 3, 1, 2)

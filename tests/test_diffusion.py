@@ -83,7 +83,8 @@ def test_p_and_T_follow_the_ada_rule_on_a_scripted_sequence_of_signs():
     expected_p = 0.0
     for mean_sign in script:
         positives = round((mean_sign + 1) / 2 * batch)
-        logits = torch.cat([torch.full([positives, 1], 2.0), torch.full([batch - positives, 1], -3.0)])
+        logits = torch.cat([torch.full([positives, 1], 2.0),
+                            torch.full([batch - positives, 1], -3.0)])
         for minibatch in range(4):
             diffusion.accumulate(logits)
             updated = diffusion.step(batch)

@@ -1,5 +1,4 @@
 """StyleGAN2 / Wasserstein losses with augmentation and diffusion before the discriminator."""
-import importlib.util
 from pathlib import Path
 
 import pytest

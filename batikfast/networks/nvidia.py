@@ -7,8 +7,10 @@ carries the Python source of the defining module (``module_src``), the class nam
 object's ``__dict__`` (parameters, buffers, child modules, constructor arguments). NVIDIA's own
 loader executes ``module_src``. We never do: a restricted unpickler admits only the handful of
 globals such files need (tensor and storage rebuilding, ``OrderedDict``, numpy scalars,
-``dnnlib.EasyDict`` read as a plain dict, the persistence hook read as a plain record) and
-refuses everything else, so a pickle carrying a code payload raises before anything runs.
+``dnnlib.EasyDict`` read as a plain dict, the persistence hook read as a plain record). Any
+other class is replaced by an inert stand-in that keeps the pickled state as data (Diffusion-GAN
+snapshots hold e.g. a ``training.diffusion.Identity``), and calling any other global -- the way
+a code payload runs -- raises before anything runs.
 Storages are read with ``torch.load(weights_only=True)``. The records then become batikfast
 networks built from their constructor arguments, with the weights copied by name (the
 parameter names are the same).
@@ -120,6 +122,67 @@ def _numpy_array(subtype, shape, dtype_code):
     return np.ndarray.__new__(np.ndarray, shape, dtype_code)
 
 
+def _rebuild_from_type(func, new_type, args, state=None):
+    """``torch._tensor._rebuild_from_type_v2`` restricted to plain tensors and parameters."""
+    if func not in (_rebuild_tensor, _rebuild_parameter) or \
+            new_type not in (torch.Tensor, torch.nn.Parameter):
+        raise pickle.UnpicklingError("refusing a tensor rebuilt by an unknown function or type")
+    tensor = func(*args)
+    if new_type is torch.nn.Parameter and not isinstance(tensor, torch.nn.Parameter):
+        tensor = torch.nn.Parameter(tensor.detach(), requires_grad=tensor.requires_grad)
+    return tensor
+
+
+class _OpaqueClass(type):
+    """Metaclass of the stand-ins for classes the loader does not import: calling one (what a
+    pickle does to run a function or build an object by calling its class) is refused."""
+
+    def __call__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError(
+            f"refusing to call {cls.global_name}: load_nvidia reads only network weights and "
+            "never runs code from the file (is this a StyleGAN2-ADA or Diffusion-GAN network "
+            "pickle?)")
+
+
+class OpaqueObject(metaclass=_OpaqueClass):
+    """An object of a class that is not imported (say ``training.diffusion.Identity``): its
+    pickled state, kept as data."""
+
+    global_name = "?"
+
+    def __new__(cls, *args, **kwargs):  # what pickle's NEWOBJ does; runs nothing of the class
+        obj = object.__new__(cls)
+        obj.new_args, obj.state = args, None
+        return obj
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<opaque {self.global_name}>"
+
+
+_opaque_classes: dict = {}
+
+
+def _opaque_class(module: str, name: str) -> type:
+    key = f"{module}.{name}"
+    if key not in _opaque_classes:
+        _opaque_classes[key] = _OpaqueClass(name, (OpaqueObject,), {"global_name": key})
+    return _opaque_classes[key]
+
+
+def _reconstructor(cls, base, state):
+    """``copyreg._reconstructor`` (pickle protocols 0 and 1) for stand-ins and plain dicts."""
+    if isinstance(cls, _OpaqueClass):
+        obj = cls.__new__(cls)
+        obj.state = state
+        return obj
+    if cls in (PlainDict, collections.OrderedDict) and base is dict:
+        return cls(state or {})
+    raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r}")
+
+
 _TORCH_DTYPES = {name: getattr(torch, name) for name in (
     "float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8",
     "bool")}
@@ -132,6 +195,10 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _load_storage,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+    ("torch", "Tensor"): torch.Tensor,
+    ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+    ("copyreg", "_reconstructor"): _reconstructor,
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_record,
     ("dnnlib.util", "EasyDict"): PlainDict,
     ("dnnlib", "EasyDict"): PlainDict,
@@ -146,16 +213,16 @@ _ALLOWED = {
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles NVIDIA network pickles as data; any other global is refused."""
+    """Unpickles NVIDIA network pickles as data.
+
+    The globals such files need map to safe stand-ins. Any other global becomes an inert
+    :class:`OpaqueObject` class: objects of it keep their pickled state as data, and calling
+    it (how a code payload runs: ``os.system(...)``, ``eval(...)``) raises.
+    """
 
     def find_class(self, module, name):
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(
-                f"refusing to load the global {module}.{name}: load_nvidia reads only network "
-                "weights and never runs code from the file (is this a StyleGAN2-ADA or "
-                "Diffusion-GAN network pickle?)") from None
+        allowed = _ALLOWED.get((module, name))
+        return allowed if allowed is not None else _opaque_class(module, name)
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("persistent ids are not used by NVIDIA network pickles; "
@@ -243,15 +310,32 @@ def _augment_pipe_from_record(record: PersistentRecord):
     return pipe
 
 
+def _diffusion_from_record(record: PersistentRecord):
+    """Diffusion-GAN's ``Diffusion`` object as a :class:`batikfast.diffusion.Diffusion` with
+    its schedule options and its p (hence T)."""
+    from batikfast.diffusion import Diffusion
+
+    accepted = inspect.signature(Diffusion).parameters
+    kwargs = {k: v for k, v in record.init_kwargs.items() if k in accepted}
+    diffusion = Diffusion(**kwargs)
+    p = record.state.get("p")
+    if p is not None:
+        diffusion.p = min(max(float(p), 0.0), 1.0)
+        diffusion.update_T()
+    return diffusion
+
+
 def load_nvidia(path, device="cpu"):
     """Load an NVIDIA StyleGAN2-ADA or Diffusion-GAN network pickle as batikfast networks.
 
     Returns, for a snapshot dict, the same dict with ``G``, ``D``, ``G_ema`` as batikfast
     :class:`Generator` / :class:`Discriminator` (eval mode, no grad), ``augment_pipe`` as a
-    :class:`batikfast.augment.AugmentPipe`, and other persistent objects left as
-    :class:`PersistentRecord`; for a pickle of a single network, that network.
-    Never executes code from the file; raises :class:`pickle.UnpicklingError` if the file
-    asks for anything but data.
+    :class:`batikfast.augment.AugmentPipe`, Diffusion-GAN's ``diffusion`` as a
+    :class:`batikfast.diffusion.Diffusion` (its p and T), other persistent objects left as
+    :class:`PersistentRecord` and objects of other classes as :class:`OpaqueObject`; for a
+    pickle of a single network, that network. Never executes code from the file; raises
+    :class:`pickle.UnpicklingError` if the file tries to call anything but the tensor and
+    container rebuilders.
     """
     contents = read_nvidia_pickle(path)
 
@@ -262,6 +346,8 @@ def load_nvidia(path, device="cpu"):
             return network_from_record(value, device)
         if value.class_name == "AugmentPipe":
             return _augment_pipe_from_record(value)
+        if value.class_name == "Diffusion":
+            return _diffusion_from_record(value)
         return value
 
     if isinstance(contents, dict):
