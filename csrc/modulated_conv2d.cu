@@ -440,13 +440,13 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     const int o_local = a_group + q * Cfg::kAGroups;
     const int o = o0 + o_local;
     if (o >= p.O) break;  // o grows with q
-    const int at = o_local * ld_sums + m_local;
+    const int slot = o_local * ld_sums + m_local;
     float v;
     if (p.splits == 1) {
-      v = sums[at];
+      v = sums[slot];
     } else {
       v = 0.f;
-      for (int z = 0; z < p.splits; ++z) v += __ldcg(sums + z * split_stride + at);  // past L1
+      for (int z = 0; z < p.splits; ++z) v += __ldcg(sums + z * split_stride + slot);  // past L1
     }
     if (out_scale_n) v *= out_scale_n[o];
     v += noise;
