@@ -64,6 +64,11 @@ def make_config(cfg: str = "paper256", **overrides) -> dict:
         if key not in config:
             raise ValueError(f"unknown training option {key!r}")
         config[key] = value
+    if overrides.get("batch") is not None and overrides.get("batch_gpu") is None:
+        # the preset's per-GPU batch, shrunk to the largest divisor of the new batch
+        batch = int(config["batch"])
+        config["batch_gpu"] = max(d for d in range(1, min(config["batch_gpu"], batch) + 1)
+                                  if batch % d == 0)
     validate_config(config)
     return config
 
