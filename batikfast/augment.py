@@ -174,7 +174,9 @@ class AugmentPipe(torch.nn.Module):
             raise ValueError(f"colour augmentation needs 1 or 3 image channels, got {channels}")
         device = images.device
         c = _eye(batch, 4, device)
-        luma_axis = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device) / math.sqrt(3)
+        # Built on the device without a host copy (a copy would synchronise with the GPU).
+        luma_axis = torch.cat([torch.full([3], 1 / math.sqrt(3), device=device),
+                               torch.zeros([1], device=device)])
         luma_outer = torch.outer(luma_axis, luma_axis)
         if self.brightness > 0:
             offset = torch.randn([batch], device=device) * self.brightness_std
@@ -192,7 +194,7 @@ class AugmentPipe(torch.nn.Module):
         if self.hue > 0 and channels > 1:
             angle = (torch.rand([batch], device=device) * 2 - 1) * math.pi * self.hue_max
             angle = angle * self._chosen(self.hue, batch, device)
-            c = _rotate3d(luma_axis[:3].tolist(), angle, device) @ c
+            c = _rotate3d([1 / math.sqrt(3)] * 3, angle, device) @ c
         if self.saturation > 0 and channels > 1:
             factor = torch.exp2(torch.randn([batch], device=device) * self.saturation_std)
             factor = torch.lerp(torch.ones_like(factor), factor,
@@ -205,10 +207,11 @@ class AugmentPipe(torch.nn.Module):
 def _resample(images, g_inv):
     """Sample ``images`` at ``g_inv`` applied to every output pixel (bilinear, reflection)."""
     batch, _, height, width = images.shape
-    to_normalised = torch.diag(torch.tensor([2.0 / width, 2.0 / height, 1.0],
-                                            device=images.device))
-    to_pixels = torch.diag(torch.tensor([width / 2.0, height / 2.0, 1.0], device=images.device))
-    theta = (to_normalised @ g_inv @ to_pixels)[:, :2, :]
+    # theta = diag(2/W, 2/H, 1) @ g_inv @ diag(W/2, H/2, 1), written out so that no constant
+    # tensor has to be copied to the device.
+    rows = torch.stack([g_inv[:, 0] * (2.0 / width), g_inv[:, 1] * (2.0 / height)], dim=1)
+    theta = torch.stack([rows[:, :, 0] * (width / 2.0), rows[:, :, 1] * (height / 2.0),
+                         rows[:, :, 2]], dim=2)
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection",
                          align_corners=False)
