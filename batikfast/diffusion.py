@@ -223,7 +223,7 @@ class Diffusion:
     def sample_t(self, batch_size: int, device=None) -> torch.Tensor:
         """Per-image steps drawn from the pool, as an int64 tensor [batch_size]."""
         picks = torch.randint(0, self.pool_size, (batch_size,), generator=self._call_stream())
-        return self.pool[picks].to(device if device is not None else "cpu")
+        return _to_device(self.pool[picks], torch.device(device or "cpu"))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | None = None,
                  noise: torch.Tensor | None = None):
@@ -234,7 +234,7 @@ class Diffusion:
         stream = self._call_stream()
         if t is None:
             picks = torch.randint(0, self.pool_size, (x.shape[0],), generator=stream)
-            t = self.pool[picks].to(x.device, non_blocking=True)
+            t = _to_device(self.pool[picks], x.device)
         noise_seed = int(torch.randint(0, 2 ** 62, (), generator=stream))
         sqrt_alpha_bar, sqrt_one_minus_alpha_bar = self.schedules(x.device)
         x_t = ops.diffusion_noise(x, t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar,
@@ -268,6 +268,14 @@ class Diffusion:
     def __repr__(self) -> str:
         return (f"Diffusion(beta_schedule={self.beta_schedule!r}, p={self.p:.4f}, T={self.T}, "
                 f"ts_dist={self.ts_dist!r}, noise_std={self.noise_std})")
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device``; through pinned memory to a GPU, so that the copy
+    is asynchronous (from pageable memory it would wait for the GPU's queued work)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _set_augment_p(pipe, value: float) -> None:
