@@ -20,7 +20,8 @@
 # Knobs (environment): GPU_CHECK_SECONDS (total, default 560), TESTS_SECONDS (default 200),
 # BENCH_SECONDS (op benchmark budget, default 180), TRAIN_SECONDS (default 90),
 # BENCH_ARGS / TRAIN_ARGS / PEER_ARGS (extra arguments), NVIDIA_PATH (default: .peer/stylegan3
-# or .peer/stylegan2-ada-pytorch), PYTHON (default python3).
+# or .peer/stylegan2-ada-pytorch), RESULTS_DIR (default benchmarks/results/<device>-<date>),
+# PYTHON (default python3).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -102,13 +103,10 @@ if want tests; then
         --junitxml="$OUT/junit.xml" -p no:cacheprovider tests
 fi
 
-RESULTS_DIR=$("$PYTHON" - <<'EOF'
-import sys
-sys.path.insert(0, ".")
-from benchmarks.common import default_device, output_dir
-print(output_dir(None, default_device()))
-EOF
-)
+if [[ -z "${RESULTS_DIR:-}" ]]; then
+    RESULTS_DIR=$("$PYTHON" -c "import sys; sys.path.insert(0, '.'); from benchmarks.common import default_device, output_dir; print(output_dir(None, default_device()))")
+fi
+mkdir -p "$RESULTS_DIR"
 log "results folder: $RESULTS_DIR"
 
 if want bench; then

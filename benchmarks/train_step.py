@@ -73,6 +73,12 @@ def parse_args(argv=None):
         if args.precision == ["mixed", "fp32"]:
             args.precision = ["fp32"]
     args.cfg = args.cfg or "paper256"
+    try:
+        from batikfast.training.config import PRESETS
+    except Exception:  # the loop is missing: run() records that for every setup
+        PRESETS = None
+    if PRESETS is not None and args.cfg not in PRESETS:
+        parser.error(f"--cfg must be one of {sorted(PRESETS)}, got {args.cfg!r}")
     return args
 
 
@@ -329,4 +335,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    failed = [r for r in result["results"] if r.get("status", "").startswith("error")]
+    # Non-zero when setups failed, so gpu_check.sh's summary shows it.
+    sys.exit(1 if failed else 0)
