@@ -172,8 +172,8 @@ class Diffusion:
         """(sqrt_alpha_bar, sqrt_one_minus_alpha_bar) of length T + 1 on ``device``."""
         device = torch.device(device)
         if device not in self._device_schedules:
-            self._device_schedules[device] = (self.sqrt_alpha_bar.to(device),
-                                              self.sqrt_one_minus_alpha_bar.to(device))
+            self._device_schedules[device] = (_to_device(self.sqrt_alpha_bar, device),
+                                              _to_device(self.sqrt_one_minus_alpha_bar, device))
         return self._device_schedules[device]
 
     # -- adaptation ---------------------------------------------------------------------------
