@@ -26,7 +26,7 @@ set -u -o pipefail
 
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-OUT=${OUT:-$REPO/gpu_check_out}
+OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 PYTHON=${PYTHON:-python3}
