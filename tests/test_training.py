@@ -344,3 +344,32 @@ def test_generate_rejects_bad_seeds_and_missing_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         parse_seeds("5-2")
     assert main(["--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "g.png")]) == 2
+
+
+def test_command_line_options_reach_the_config(capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("batikfast_train_cli", REPO / "train.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = cli.build_parser().parse_args(
+        ["--outdir", "x", "--cfg", "paper256", "--loss", "wgan", "--aug", "ada", "--ts-dist",
+         "uniform", "--no-diffusion", "--precision", "bf16", "--batch", "32", "--no-compile",
+         "--kimg", "5", "--seed", "3", "--backend", "ref", "--deterministic"])
+    config = cli.config_from_args(args)
+    assert (config["loss"], config["aug"], config["ts_dist"], config["diffusion"]) == \
+        ("wgan", "ada", "uniform", False)
+    assert (config["precision"], config["batch"], config["batch_gpu"]) == ("bf16", 32, 16)
+    assert (config["compile"], config["kimg"], config["seed"], config["deterministic"]) == \
+        (False, 5, 3, True)
+    # the paper's defaults
+    paper = cli.config_from_args(cli.build_parser().parse_args(["--outdir", "x"]))
+    assert (paper["resolution"], paper["batch"], paper["glr"], paper["r1_gamma"],
+            paper["ema_kimg"], paper["channel_base"], paper["mbstd_group"]) == \
+        (256, 64, 0.0025, 1.0, 20.0, 16384, 8)
+    assert (paper["t_min"], paper["t_max"], paper["diffusion_target"], paper["noise_std"],
+            paper["ts_dist"], paper["mirror"]) == (10, 1000, 0.6, 0.05, "priority", True)
+    with pytest.raises(ValueError, match="metrics-features"):
+        cli.config_from_args(cli.build_parser().parse_args(["--outdir", "x", "--metrics", "fid"]))
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--outdir", "x", "--loss", "hinge"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from batikfast.data import make_loader, open_dataset
+from batikfast.data import DatasetError, make_loader, open_dataset
 from batikfast.metrics.compute import to_uint8
 from batikfast.training import checkpoint as ckpt
 from batikfast.training import distributed as dist_utils
@@ -120,7 +120,7 @@ class Trainer:
                                     xflip=config["mirror"], use_labels=config["cond"],
                                     seed=config["data_seed"], size=config["data_size"])
         if self.dataset.resolution != config["resolution"]:
-            raise ValueError(f"the dataset is {self.dataset.resolution}x{self.dataset.resolution} "
+            raise DatasetError(f"the dataset is {self.dataset.resolution}x{self.dataset.resolution} "
                              f"but --cfg {config['cfg']} trains at {config['resolution']}")
         c_dim = self.dataset.label_dim
         self.G_kwargs, self.D_kwargs = network_kwargs(config, c_dim, self.dataset.num_channels)
@@ -152,7 +152,7 @@ class Trainer:
         torch.backends.cudnn.allow_tf32 = False
         if deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
     def checkpoint_bytes(self) -> int:
         """About the size of one checkpoint: G, D, G_ema and Adam's two moments of G and D."""
