@@ -132,7 +132,11 @@ def _bias_act_kernel(x_ptr, b_ptr, dy_ptr, out_ptr, rows, inner, channels, alpha
 
     z = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        z += tl.load(b_ptr + row % channels, mask=row < rows, other=0.0).to(tl.float32)[:, None]
+        # 32-bit channel arithmetic from the tile's first row: a 64-bit remainder per row
+        # would dominate when rows are single elements (inner == 1: FC or channels-last).
+        first_channel = ((pid_r * BLOCK_R) % channels).to(tl.int32)
+        channel = (first_channel + tl.arange(0, BLOCK_R)) % channels
+        z += tl.load(b_ptr + channel, mask=row < rows, other=0.0).to(tl.float32)[:, None]
     value, derivative = _act_and_derivative(z, alpha, ACT, ORDER)
     if ORDER == 0:
         out = value * gain

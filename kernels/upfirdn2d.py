@@ -81,8 +81,9 @@ def _upfirdn2d_kernel(x_ptr, f_ptr, y_ptr,
                       UPX: tl.constexpr, UPY: tl.constexpr, DOWNX: tl.constexpr,
                       DOWNY: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
                       FLIP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-    """y[plane, oy, ox] = gain * sum_{i, j} fk[i, j] * u[oy * DOWNY + i - pady0, ox * DOWNX + j - padx0]
-    with u the zero-inserted x and fk the flipped filter unless FLIP; y is [N * C * out_h, out_w].
+    """y[plane, oy, ox] = gain * sum_{i, j} fk[i, j] * u[oy * DOWNY + i - pady0,
+    ox * DOWNX + j - padx0], u the zero-inserted x, fk the filter (flipped unless FLIP); y is
+    [N * C * out_h, out_w].
 
     lead = skip * up - pad0 >= 0 (skip = ceil(max(pad0, 0) / up)) keeps every dividend of the
     phase arithmetic non-negative, so C-style and floor division agree."""

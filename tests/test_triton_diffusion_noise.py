@@ -68,7 +68,8 @@ def test_diffusion_noise_with_given_noise_matches_float64(dtype):
                                        noise.to(DEVICE), 7, 0)
         truth = (per_sample(x_scale.double(), x) * x.double()
                  + per_sample(noise_scale.double(), x) * noise.double())
-        baseline = per_sample(x_scale.to(dtype), x) * x + per_sample(noise_scale.to(dtype), x) * noise
+        baseline = (per_sample(x_scale.to(dtype), x) * x
+                    + per_sample(noise_scale.to(dtype), x) * noise)
         assert_close(y, truth, baseline, dtype, f"shape {shape}")
 
 

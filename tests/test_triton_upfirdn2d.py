@@ -7,7 +7,6 @@ computed from the same rounded inputs: the kernel accumulates in fp32, so its on
 error is the final rounding, allowed one unit in the last place of the output's scale.
 Without a GPU the kernel runs in Triton's interpreter, so the images stay tiny.
 """
-import math
 import os
 import random
 
