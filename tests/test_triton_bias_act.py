@@ -16,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from batikfast import backends  # noqa: E402
+from batikfast import backends, ops  # noqa: E402
 
 ba = backends.triton_kernels("bias_act")
 
@@ -217,6 +217,22 @@ def test_bias_act_refuses_bad_input_with_a_clear_error(monkeypatch):
     monkeypatch.setattr(ba, "_interpreting", lambda: False)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         ba.bias_act_forward(torch.zeros(2, 3), None, 1, "relu", 0.0, 1.0, None)
+
+
+@pytest.mark.parametrize("act", ["lrelu", "tanh", "swish"])
+def test_bias_act_ops_triton_matches_ops_reference_with_gradients(act):
+    x = rand(2, 4, 3, 3, seed=14, scale=2).float().to(DEVICE).requires_grad_(True)
+    b = rand(4, seed=15).float().to(DEVICE).requires_grad_(True)
+    dy = rand(2, 4, 3, 3, seed=16).float().to(DEVICE)
+    results = {}
+    for impl in ("triton", "ref"):
+        y = ops.bias_act(x, b, act=act, clamp=2.0, impl=impl)
+        dx, db = torch.autograd.grad(y, [x, b], dy, create_graph=True)
+        (ddx,) = torch.autograd.grad((dx * dy).sum(), [x])
+        results[impl] = (y, dx, db, ddx)
+    for what, fast, ref in zip(["y", "dx", "db", "d(dx . dy)/dx"], results["triton"],
+                               results["ref"]):
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5, msg=f"{act} {what}")
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU: a tensor past 2**31 elements")
