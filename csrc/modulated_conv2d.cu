@@ -12,8 +12,9 @@
 //   A[m, k] = x[n, i, oy + ky - padding, ox + kx - padding] * in_scale[n, i]   (0 outside)
 //   B[k, o] = weight[o, i, ky, kx]
 //
-// The style scale is applied to A as it travels from registers to shared memory, the rest in the
-// epilogue, so neither per-sample weights nor the modulated input ever reach global memory.
+// The style scale is applied as a tile travels from registers to shared memory (to the A tile,
+// or to the B tile when all rows of the block belong to one sample), the rest in the epilogue,
+// so neither per-sample weights nor the modulated input ever reach global memory.
 //
 // Layout choices:
 // - A reduction step is one tap (ky, kx) and BK input channels. A thread keeps one row m for the
@@ -82,6 +83,7 @@ struct Traits<float> {
   __device__ static float operand_from_storage(float v) { return wmma::__float_to_tf32(v); }
   __device__ static float zero() { return 0.f; }
   __device__ static unsigned bits(float v) { return __float_as_uint(v); }
+  __device__ static float from_bits(unsigned b) { return __uint_as_float(b); }
 };
 
 template <>
@@ -94,6 +96,9 @@ struct Traits<__half> {
   __device__ static __half operand_from_storage(__half v) { return v; }
   __device__ static __half zero() { return __ushort_as_half(static_cast<unsigned short>(0)); }
   __device__ static unsigned bits(__half v) { return __half_as_ushort(v); }
+  __device__ static __half from_bits(unsigned b) {
+    return __ushort_as_half(static_cast<unsigned short>(b & 0xffffu));
+  }
 };
 
 template <>
@@ -108,6 +113,9 @@ struct Traits<__nv_bfloat16> {
     return __ushort_as_bfloat16(static_cast<unsigned short>(0));
   }
   __device__ static unsigned bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+  __device__ static __nv_bfloat16 from_bits(unsigned b) {
+    return __ushort_as_bfloat16(static_cast<unsigned short>(b & 0xffffu));
+  }
 };
 
 // ATen's storage types and the CUDA types the intrinsics take (same bits).
@@ -194,10 +202,15 @@ __device__ __forceinline__ float activate(float v, int act, float alpha) {
 // of x shifted by one tap and the same weight rows, so they hit in L1; and the style scales of
 // a thread's channels are loaded once per channel block, not once per tap.
 //
-// kTapMajor: weight comes re-laid out as [O, KH, KW, I_pad], so a step's B tile is BN rows of BK
-// contiguous channels, read with 16-byte loads. Otherwise weight is read in place, [O, I, KH,
-// KW], one element at a time (KH*KW apart): cheaper for layers that read the weight only once
-// or twice, where the re-layout would cost more than it saves.
+// kTapMajor (the large tiles; the host guarantees that every row tile lies in one sample):
+// - weight comes re-laid out as [O, KH, KW, I_pad], so a step's B tile is BN rows of BK
+//   contiguous channels, read with 16-byte loads;
+// - the style scale of the tile's one sample goes onto the B tile (w * s, as NVIDIA's fused
+//   modconv does) instead of the A tile, which then goes to shared memory as loaded: the
+//   convert-scale-round work is done on BN x BK elements per step instead of BM x BK.
+// Otherwise weight is read in place, [O, I, KH, KW], one element at a time (KH*KW apart), and A
+// rows are scaled per sample: cheaper for layers that read their weight only once or twice
+// (where a re-layout would cost more than it saves) and general for any image size.
 template <typename T, int BM, int BN, int WARPS_M, int WARPS_N, bool kTapMajor>
 __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     modulated_conv2d_kernel(const Params<T> p) {
@@ -248,7 +261,13 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   float a_scale[kA];
   T b_raw[kB];
   uint4 b_vec[kBV];
+  float b_scale[Cfg::kVec];  // kTapMajor: the scales of this thread's B channels
   int scale_block = -1;
+  // kTapMajor: this thread's B vectors all cover the same channels (kThreads is a multiple of
+  // kBVecsPerRow), of the block's one sample.
+  const int b_vec_channel = (tid % Cfg::kBVecsPerRow) * Cfg::kVec;
+  const float* const tile_scale =
+      p.in_scale + (static_cast<int64_t>(blockIdx.x) * BM / hw_out) * p.I;
 
   auto load = [&](int step) {
     const int channel_block = step / khw;
@@ -268,8 +287,16 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     for (int j = 0; j < kA; ++j) a_raw[j] = (pix_ok && j < i_left) ? src[j * hw_in] : Tr::zero();
     if (channel_block != scale_block) {  // block-uniform
       scale_block = channel_block;
+      if constexpr (kTapMajor) {
 #pragma unroll
-      for (int j = 0; j < kA; ++j) a_scale[j] = (m_ok && j < i_left) ? scale_n[i_first + j] : 0.f;
+        for (int e = 0; e < Cfg::kVec; ++e) {
+          const int i = i0 + b_vec_channel + e;
+          b_scale[e] = i < p.I ? tile_scale[i] : 0.f;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < kA; ++j) a_scale[j] = (m_ok && j < i_left) ? scale_n[i_first + j] : 0.f;
+      }
     }
 
     if constexpr (kTapMajor) {
@@ -312,8 +339,9 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 #pragma unroll
         for (int e = 0; e < kPerWord; ++e) {
           const int j = c * kPerVec + w * kPerWord + e;
-          word[w] |= Tr::bits(Tr::to_operand(Tr::to_float(a_raw[j]) * a_scale[j]))
-                     << (16 * e);
+          const T value = kTapMajor ? Tr::operand_from_storage(a_raw[j])
+                                    : Tr::to_operand(Tr::to_float(a_raw[j]) * a_scale[j]);
+          word[w] |= Tr::bits(value) << (16 * e);
         }
       }
       a_dst[c] = make_uint4(word[0], word[1], word[2], word[3]);
@@ -322,16 +350,22 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 #pragma unroll
       for (int q = 0; q < kBV; ++q) {
         const int idx = tid + q * Cfg::kThreads;
-        uint4 v = b_vec[q];
-        if constexpr (sizeof(T) == 4) {  // round to tf32
-          v.x = __float_as_uint(Tr::to_operand(__uint_as_float(v.x)));
-          v.y = __float_as_uint(Tr::to_operand(__uint_as_float(v.y)));
-          v.z = __float_as_uint(Tr::to_operand(__uint_as_float(v.z)));
-          v.w = __float_as_uint(Tr::to_operand(__uint_as_float(v.w)));
+        const unsigned in[4] = {b_vec[q].x, b_vec[q].y, b_vec[q].z, b_vec[q].w};
+        unsigned out[4];
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          out[w] = 0u;
+#pragma unroll
+          for (int e = 0; e < kPerWord; ++e) {
+            const T weight = Tr::from_bits(in[w] >> (16 * e));
+            const T value = Tr::to_operand(Tr::to_float(weight) * b_scale[w * kPerWord + e]);
+            out[w] |= Tr::bits(value) << (16 * e);
+          }
         }
         *reinterpret_cast<uint4*>(b_smem + buf * Cfg::kBElems +
                                   (idx / Cfg::kBVecsPerRow) * Cfg::ldB +
-                                  (idx % Cfg::kBVecsPerRow) * Cfg::kVec) = v;
+                                  (idx % Cfg::kBVecsPerRow) * Cfg::kVec) =
+            make_uint4(out[0], out[1], out[2], out[3]);
       }
     } else {
       T* const b_dst = b_smem + buf * Cfg::kBElems + b_row * Cfg::ldB + b_channel;
@@ -507,15 +541,19 @@ at::Tensor tap_major_weight(const at::Tensor& weight, at::ScalarType dtype, int6
 }
 
 // Large tiles amortise the A loads over more output channels and read every weight tile many
-// times, so they take the tap-major weight (16-byte loads) and its one re-layout copy. When they
-// would not fill about one wave of SMs (the 4x4..16x16 layers, which read their large weight
-// once or twice), smaller tiles read the weight in place, with split-K if still too few.
+// times, so they take the tap-major weight (16-byte loads) and its one re-layout copy; they also
+// need every 128-row tile inside one sample (Ho*Wo a multiple of 128: every StyleGAN layer from
+// 16x16 up), so the style can scale the weight tile. When they would not fill about one wave of
+// SMs (the 4x4..16x16 layers, which read their large weight once or twice), or for image sizes
+// that are not, smaller tiles read the weight in place and scale A per row, with split-K if
+// there are still too few tiles.
 template <typename T>
 void launch(Params<T> p, const at::Tensor& weight, const at::Tensor& like, cudaStream_t stream) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t big_blocks = ((p.M + 127) / 128) * ((p.O + 63) / 64);
   const auto dtype = like.scalar_type();
-  if (4 * big_blocks >= 3 * sms) {
+  const bool sample_tiles = (static_cast<int64_t>(p.Ho) * p.Wo) % 128 == 0;
+  if (4 * big_blocks >= 3 * sms && sample_tiles) {
     const int64_t vec = 16 / static_cast<int64_t>(sizeof(T));
     p.I_pad = static_cast<int>((p.I + vec - 1) / vec * vec);
     const at::Tensor w = tap_major_weight(weight, dtype, p.I_pad);

@@ -120,8 +120,9 @@ def clamp_that_bites(args, padding, act="lrelu", alpha=0.2, gain=1.4):
 
 # (N, I, O, H, W, k, padding): channel counts that are multiples of no tile size, 1-pixel and odd
 # images, row tiles spanning several samples, padding wider than the kernel's reach (a border
-# computed by the epilogue alone), reductions split over blocks (few rows, many channels), and
-# enough rows for the large tile with ragged edges on every side.
+# computed by the epilogue alone), reductions split over blocks (few rows, many channels), many
+# rows of an odd-sized image (small tiles), and 48x48 images with enough rows for the large
+# tiles (style on the weight tile), with ragged channels, alone and with a split reduction.
 SHAPES = [
     (1, 3, 5, 1, 1, 1, 0),
     (2, 5, 17, 5, 5, 3, 1),
@@ -136,6 +137,8 @@ SHAPES = [
     (2, 70, 66, 17, 19, 1, 0),
     (1, 200, 70, 3, 5, 3, 1),
     (3, 45, 130, 37, 41, 3, 1),
+    (3, 43, 130, 48, 48, 3, 1),
+    (2, 43, 130, 48, 48, 3, 1),
 ]
 
 
