@@ -261,3 +261,19 @@ def test_make_dataset_tool_fails_clearly_on_an_empty_folder(tmp_path):
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no images" in result.stderr
     assert not (tmp_path / "x.zip").exists()
+
+
+def test_loader_workers_read_a_zip_in_their_own_processes(tmp_path):
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in range(5):
+            buffer = io.BytesIO()
+            Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(buffer, "png")
+            z.writestr(f"img{i}.png", buffer.getvalue())
+    ds = ImageFolderDataset(archive)
+    ds[0]  # opens the zip in this process; workers must reopen their own handle
+    loader = make_loader(ds, batch_gpu=4, num_workers=1)
+    images, _ = next(loader)
+    stream = iter(InfiniteSampler(5, seed=0))
+    expected = [int(ds[next(stream)][0][0, 0, 0]) for _ in range(4)]
+    assert images.shape == (4, 3, 8, 8) and images[:, 0, 0, 0].tolist() == expected

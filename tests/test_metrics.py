@@ -183,3 +183,21 @@ def test_dataset_features_cover_the_requested_count(tmp_path):
     dataset = BuiltinBatikDataset(resolution=16, size=7)
     extractor = load_feature_network(_saved_small_net(tmp_path))
     assert dataset_features(dataset, extractor, num=5, batch=2).shape == (5, 8)
+
+
+def test_metrics_command_line_on_a_checkpoint(tmp_path, capsys):
+    import json
+
+    from batikfast.metrics.compute import main
+    from batikfast.training.config import make_config
+    from batikfast.training.loop import train
+
+    config = make_config("tiny", resolution=16, z_dim=8, w_dim=8, channel_base=128,
+                         channel_max=8, batch=4, kimg=0.004, workers=0, device="cpu",
+                         compile=False, grid_seeds=4, data_size=16)
+    checkpoint = train(config, tmp_path / "run")["checkpoint"]
+    features = _saved_small_net(tmp_path)
+    assert main(["--ckpt", str(checkpoint), "--features", str(features), "--num-gen", "8",
+                 "--num-real", "8", "--metrics", "fid,kid", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result.keys() == {"fid", "kid"} and result["fid"] > 0

@@ -99,7 +99,8 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description="FID / KID / precision-recall of a checkpoint")
     parser.add_argument("--ckpt", required=True, help="batikfast checkpoint")
-    parser.add_argument("--data", default="builtin", help="folder, zip or 'builtin'")
+    parser.add_argument("--data", default=None,
+                        help="folder, zip or 'builtin' (default: the run's training data)")
     parser.add_argument("--features", required=True,
                         help="feature network file (TorchScript InceptionV3 or SmallFeatureNet)")
     parser.add_argument("--metrics", default="fid,kid,pr")
@@ -110,8 +111,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     G, config = load_generator(args.ckpt, device=args.device)
-    dataset = open_dataset(args.data, resolution=G.img_resolution,
-                           use_labels=bool(G.c_dim), seed=config.get("data_seed", 0))
+    dataset = open_dataset(args.data or config.get("data", "builtin"),
+                           resolution=G.img_resolution, use_labels=bool(G.c_dim),
+                           seed=config.get("data_seed", 0), size=config.get("data_size", 20000))
     extractor = load_feature_network(args.features, args.device)
     result = compute_metrics(G, dataset, extractor, tuple(args.metrics.split(",")),
                              args.num_gen, args.num_real, args.batch, args.trunc,

@@ -523,6 +523,9 @@ def _train(config: dict, outdir: Path, resume, info) -> dict:
         for key, value in config.items():
             if key in RUNTIME_KEYS:
                 saved[key] = value
+            elif key in saved and saved[key] != value and info.is_main and key != "cfg":
+                print(f"resuming: keeping the checkpoint's {key}={saved[key]!r} "
+                      f"(not {value!r}); only run-time options change on resume")
         config = saved
     trainer = Trainer(config, outdir, info)
     if info.is_main:
