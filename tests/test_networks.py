@@ -1,4 +1,5 @@
 """The StyleGAN2 generator and the t-conditioned discriminator."""
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -251,40 +252,67 @@ def test_bad_inputs_raise_errors_naming_the_argument():
         G(torch.randn(2, 16), None, noise_mode="loud")
 
 
-def _triton_kernels_missing():
-    kernels_dir = Path(backends.__file__).resolve().parent.parent / "kernels"
-    for op in ("bias_act", "upfirdn2d", "modulated_conv2d"):
-        if not ((kernels_dir / f"{op}.py").exists()
-                or importlib.util.find_spec("batikfast.kernels") is not None
-                and importlib.util.find_spec(f"batikfast.kernels.{op}") is not None):
-            return f"the Triton kernel batikfast.kernels.{op} is not there (not yet written?)"
-    return backends.triton_unavailable_reason(torch.device("cpu"), torch.float32)
+def fast_backend_unavailable(impl, device):
+    """Why the ``impl`` kernels cannot run the model on ``device``; None when they can."""
+    if impl == "triton":
+        kernels_dir = Path(backends.__file__).resolve().parent.parent / "kernels"
+        for op in ("bias_act", "upfirdn2d", "modulated_conv2d"):
+            if not ((kernels_dir / f"{op}.py").exists()
+                    or importlib.util.find_spec("batikfast.kernels") is not None
+                    and importlib.util.find_spec(f"batikfast.kernels.{op}") is not None):
+                return f"the Triton kernel batikfast.kernels.{op} is not there (not yet written?)"
+    return backends.unavailable_reason(impl, device, torch.float32)
 
 
-@pytest.mark.skipif(bool(_triton_kernels_missing()), reason=str(_triton_kernels_missing()))
-def test_generator_and_discriminator_match_between_reference_and_triton():
+@contextlib.contextmanager
+def full_fp32_on_gpu():
+    """The reference must not run its convolutions and matmuls in TF32 when it is the truth."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("mixed", [None, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_generator_and_discriminator_match_between_reference_and_fast_backends(impl, mixed,
+                                                                                 device):
+    reason = fast_backend_unavailable(impl, device)
+    if reason:
+        pytest.skip(reason)
+    if mixed is not None and device.type != "cuda":
+        pytest.skip("the fp16 comparison runs on a GPU only (interpreted Triton is too slow)")
     torch.manual_seed(4)
     # Interpreted Triton is slow: the smallest networks that still up- and down-sample.
-    G = Generator(4, 0, 4, 8, 3, channel_base=32, channel_max=4,
-                  mapping_kwargs=dict(num_layers=1)).eval()
-    D = Discriminator(0, 8, 3, channel_base=32, channel_max=4,
-                      mapping_kwargs=dict(num_layers=1), epilogue_kwargs=dict(mbstd_group_size=2))
+    precision = {} if mixed is None else dict(num_fp16_res=1, mixed_precision_dtype=mixed)
+    G = Generator(4, 0, 4, 8, 3, channel_base=32, channel_max=4, conv_clamp=256,
+                  mapping_kwargs=dict(num_layers=1), **precision).eval().to(device)
+    D = Discriminator(0, 8, 3, channel_base=32, channel_max=4, conv_clamp=256,
+                      mapping_kwargs=dict(num_layers=1), epilogue_kwargs=dict(mbstd_group_size=2),
+                      **precision).to(device)
     for layer in G.synthesis.modules():
         if hasattr(layer, "noise_strength"):
             layer.noise_strength.data.fill_(0.3)
-    z = torch.randn(2, 4)
-    t = torch.tensor([3, 5])
+    z = torch.randn(2, 4, device=device)
+    t = torch.tensor([3, 5], device=device)
     results = {}
     try:
-        for impl in ("ref", "triton"):
-            batikfast.set_backend(impl)
-            G.zero_grad(), D.zero_grad()
-            img = G(z, None, noise_mode="const")
-            logits = D(img, None, t)
-            logits.sum().backward()
-            results[impl] = (img.detach(), logits.detach(),
-                             G.synthesis.b8.conv0.weight.grad.clone())
+        with full_fp32_on_gpu():
+            for backend in ("ref", impl):
+                batikfast.set_backend(backend)
+                G.zero_grad(), D.zero_grad()
+                img = G(z, None, noise_mode="const")
+                logits = D(img, None, t)
+                logits.sum().backward()
+                results[backend] = (img.detach(), logits.detach(),
+                                    G.synthesis.b8.conv0.weight.grad.clone(),
+                                    D.b8.conv0.weight.grad.clone())
     finally:
         batikfast.set_backend(None)
-    for ref, fast in zip(results["ref"], results["triton"]):
-        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    # fp32: kernels may use TF32 on a GPU; fp16: both sides round to fp16 in their own order.
+    tolerance = 1e-4 if device.type == "cpu" else 1e-2 if mixed is None else 3e-2
+    for ref, fast in zip(results["ref"], results[impl]):
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(fast, ref, rtol=tolerance, atol=tolerance * max(scale, 1.0))
