@@ -279,8 +279,10 @@ class Trainer:
             c = torch.stack([self._rank_slice(self.labels[pi]) for pi in idx])
         else:
             c = torch.zeros([n_phases, self.batch // self.info.world_size, 0])
-        z = z.to(self.device).split(self.batch_gpu, dim=1)
-        c = c.to(self.device).split(self.batch_gpu, dim=1)
+        if self.device.type == "cuda":  # pinned: the copy does not hold up the host
+            z, c = z.pin_memory(), c.pin_memory()
+        z = z.to(self.device, non_blocking=True).split(self.batch_gpu, dim=1)
+        c = c.to(self.device, non_blocking=True).split(self.batch_gpu, dim=1)
         return z, c
 
     def _next_reals(self, loader):

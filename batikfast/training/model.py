@@ -74,7 +74,8 @@ class TrainingParts:
                                  "compile")
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
-        self._ada_signs = torch.zeros([2], dtype=torch.float64)
+        self._ada_sign_sum = torch.zeros([], dtype=torch.float64, device=self.device)
+        self._ada_sign_count = 0
 
     # ---- construction helpers ---------------------------------------------------------------
     def _want_compile(self, config) -> bool:
@@ -106,9 +107,9 @@ class TrainingParts:
             self._sums[key] = self._sums.get(key, 0) + value.sum()
             self._counts[key] = self._counts.get(key, 0) + value.numel()
         if "signs/real" in stats and self.diffusion is None:
-            signs = stats["signs/real"]
-            self._ada_signs += torch.stack([signs.sum().double().cpu(),
-                                            torch.tensor(float(signs.numel()), dtype=torch.float64)])
+            signs = stats["signs/real"]  # kept on the device: no synchronisation per phase
+            self._ada_sign_sum = self._ada_sign_sum + signs.detach().double().sum()
+            self._ada_sign_count += signs.numel()
 
     @property
     def augment_p(self) -> float:
@@ -124,9 +125,11 @@ class TrainingParts:
                                                    info, "diffusion statistics")
             self.diffusion.step(batch, stats)
         elif self.config["aug"] == "ada" and due:
-            stats = dist_utils.all_reduce_sum_(self._ada_signs.clone().to(self.device), info,
-                                               "ADA statistics").cpu()
-            self._ada_signs.zero_()
+            stats = torch.stack([self._ada_sign_sum, torch.tensor(
+                float(self._ada_sign_count), dtype=torch.float64, device=self.device)])
+            stats = dist_utils.all_reduce_sum_(stats, info, "ADA statistics").cpu()
+            self._ada_sign_sum = torch.zeros_like(self._ada_sign_sum)
+            self._ada_sign_count = 0
             if stats[1] > 0:
                 error = float(stats[0] / stats[1]) - self.config["ada_target"]
                 interval = self.config["adjust_interval"]
@@ -156,13 +159,16 @@ class TrainingParts:
     def state_dict(self) -> dict:
         return {"diffusion": self.diffusion.state_dict() if self.diffusion else None,
                 "augment_p": self.augment_p, "ada_p": self.ada_p,
-                "ada_signs": self._ada_signs.clone(), "loss": self.eager_loss.state_dict()}
+                "ada_signs": [float(self._ada_sign_sum), self._ada_sign_count],
+                "loss": self.eager_loss.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if self.diffusion is not None and state.get("diffusion") is not None:
             self.diffusion.load_state_dict(state["diffusion"])
         self.ada_p = float(state["ada_p"])
-        self._ada_signs = state["ada_signs"].clone().double()
+        self._ada_sign_sum = torch.tensor(float(state["ada_signs"][0]), dtype=torch.float64,
+                                          device=self.device)
+        self._ada_sign_count = int(state["ada_signs"][1])
         if self.augment_pipe is not None and hasattr(self.augment_pipe, "p"):
             self.augment_pipe.p = float(state["augment_p"])
         self.eager_loss.load_state_dict(state["loss"])
