@@ -19,10 +19,10 @@
 // Layout choices:
 // - A reduction step is one tap (ky, kx) and BK input channels. A thread keeps one row m for the
 //   whole reduction, so (n, oy, ox) is decoded once, the border test is made once per step, and
-//   its BK / (threads per row) channels are one stride apart in x: per element, a load and the
-//   scale-and-round. Threads of a warp hold consecutive rows, and x is contiguous along ox, so
-//   a warp reads 32 consecutive pixels of one channel, coalesced. In shared memory A is
-//   row-major, so a thread's run of channels leaves as 16-byte stores.
+//   its BK / (threads per row) channels are one stride apart in x: per element, a load (and on
+//   the small tiles the scale-and-round). Threads of a warp hold consecutive rows, and x is
+//   contiguous along ox, so a warp reads 32 consecutive pixels of one channel, coalesced. In
+//   shared memory A is row-major, so a thread's run of channels leaves as 16-byte stores.
 // - B: the large tiles, which read each weight tile many times, take weight re-laid out once per
 //   call as [O, kh, kw, I] (16-byte loads of BK contiguous channels). The small tiles serve the
 //   4x4..16x16 layers, which read their (large) weight once or twice: a re-layout would cost
