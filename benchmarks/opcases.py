@@ -17,6 +17,10 @@ import torch
 from benchmarks.shapes import DIFFUSION_STEPS, Case
 
 MODES = ("fwd", "fwd+bwd")
+# Double backward, as R1 and path-length regularisation run it: the gradient with
+# create_graph, a squared-norm penalty on it, and that penalty's gradient. Optional.
+DOUBLE_BACKWARD = "fwd+bwd2"
+ALL_MODES = MODES + (DOUBLE_BACKWARD,)
 RESAMPLE_TAPS = [1, 3, 3, 1]
 
 
@@ -196,23 +200,30 @@ def _noise_cost(case, batch, dtype, mode):
 
 # --------------------------------------------------------------------------- registry
 
+class NotApplicable(Exception):
+    """This case has nothing to time in this mode."""
+
+
 class OpSpec:
-    def __init__(self, make_inputs, call, grad_names, cost, deterministic=True):
+    def __init__(self, make_inputs, call, grad_names, cost, deterministic=True, linear=False):
         self.make_inputs = make_inputs
         self.call = call
         self.grad_names = grad_names
         self.cost = cost
         self.deterministic = deterministic
+        # Linear in its inputs: the gradient does not depend on them (no double backward).
+        self.linear = linear
 
 
 OPS = {
     "bias_act": OpSpec(_bias_act_inputs, _bias_act_call, ("x", "b"), _bias_act_cost),
-    "upfirdn2d": OpSpec(_upfirdn2d_inputs, _upfirdn2d_call, ("x",), _upfirdn2d_cost),
+    "upfirdn2d": OpSpec(_upfirdn2d_inputs, _upfirdn2d_call, ("x",), _upfirdn2d_cost,
+                        linear=True),
     "modulated_conv2d": OpSpec(_modconv_inputs, _modconv_call,
                                ("x", "weight", "styles", "bias"), _modconv_cost),
     "conv2d_resample": OpSpec(_conv_inputs, _conv_call, ("x", "w"), _conv_cost),
     "diffusion_noise": OpSpec(_noise_inputs, _noise_call, ("x",), _noise_cost,
-                              deterministic=False),
+                              deterministic=False, linear=True),
 }
 
 
@@ -225,8 +236,11 @@ def grad_tensors(case: Case, inputs: dict) -> list[torch.Tensor]:
     return [inputs[name] for name in OPS[case.op].grad_names]
 
 
-def cost(case: Case, batch: int, dtype: torch.dtype, mode: str) -> tuple[int, int]:
-    """(minimal bytes moved, useful FLOPs) of one call."""
+def cost(case: Case, batch: int, dtype: torch.dtype, mode: str) -> tuple[int | None, int | None]:
+    """(minimal bytes moved, useful FLOPs) of one call; (None, None) where not counted
+    (the double backward: its minimal traffic depends on what each implementation saves)."""
+    if mode == DOUBLE_BACKWARD:
+        return None, None
     return OPS[case.op].cost(case, batch, dtype, mode)
 
 
@@ -238,6 +252,9 @@ def make_callable(case: Case, inputs: dict, impl: str, mode: str, compiled: bool
     backward then runs the compiled backward graph AOTAutograd made. ``call(inputs, impl,
     case)`` replaces the op's own call (the NVIDIA peer comparison uses it).
     """
+    if mode == DOUBLE_BACKWARD and OPS[case.op].linear:
+        raise NotApplicable(f"{case.op} is linear in its inputs: its gradient does not depend "
+                            "on them, so there is no double backward to time")
     call = call or OPS[case.op].call
     names = sorted(k for k, v in inputs.items() if isinstance(v, torch.Tensor))
 
@@ -255,12 +272,25 @@ def make_callable(case: Case, inputs: dict, impl: str, mode: str, compiled: bool
     wrt = grad_tensors(case, inputs)
     state = {}
 
-    def run_with_backward():
-        y = forward(*tensors)
+    def upstream(y):
         if "dy" not in state:
             # Seeded so every implementation differentiates the same upstream gradient.
             generator = torch.Generator(device=y.device).manual_seed(1)
             state["dy"] = torch.randn(y.shape, generator=generator, device=y.device,
                                       dtype=y.dtype)
-        return torch.autograd.grad(y, wrt, state["dy"])
-    return run_with_backward
+        return state["dy"]
+
+    def run_with_backward():
+        y = forward(*tensors)
+        return torch.autograd.grad(y, wrt, upstream(y))
+
+    def run_with_double_backward():
+        y = forward(*tensors)
+        grads = torch.autograd.grad(y, wrt, upstream(y), create_graph=True)
+        dependent = [g for g in grads if g.requires_grad]
+        if not dependent:
+            raise NotApplicable(f"{case.op}: no gradient depends on the inputs")
+        penalty = sum(g.float().square().sum() for g in dependent)
+        return torch.autograd.grad(penalty, wrt, allow_unused=True)
+
+    return run_with_double_backward if mode == DOUBLE_BACKWARD else run_with_backward

@@ -150,7 +150,8 @@ def parse_args(argv=None):
     parser.add_argument("--shapes", nargs="+", choices=shapes.SHAPE_SETS, default=None)
     parser.add_argument("--batch", nargs="+", type=int, default=None)
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None)
-    parser.add_argument("--modes", nargs="+", choices=opcases.MODES, default=list(opcases.MODES))
+    parser.add_argument("--modes", nargs="+", choices=opcases.ALL_MODES,
+                        default=list(opcases.MODES))
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU check)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds after which no new measurement starts")
@@ -168,7 +169,8 @@ def _measure(timer, device, row, fn):
     common.synchronize(device)
     timing = timer(fn)
     row.update(status="ok", ms=timing.median_ms, ms_p20=timing.p20_ms, ms_p80=timing.p80_ms,
-               repeats=timing.repeats, gbps=row["bytes"] / (timing.median_ms * 1e-3) / 1e9,
+               repeats=timing.repeats,
+               gbps=row["bytes"] / (timing.median_ms * 1e-3) / 1e9 if row["bytes"] else None,
                tflops=(row["flops"] / (timing.median_ms * 1e-3) / 1e12) if row["flops"] else None)
     return outputs
 

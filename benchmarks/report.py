@@ -6,7 +6,7 @@ from collections import OrderedDict, defaultdict
 from benchmarks.textfmt import CPU_LABEL, fmt_float
 
 IMPL_ORDER = ("ref", "ref+compile", "triton", "cuda")
-_COLUMNS = (("case", 18), ("dtype", 5), ("mode", 7), ("impl", 11), ("ms", 8), ("p20-p80", 15),
+_COLUMNS = (("case", 18), ("dtype", 5), ("mode", 8), ("impl", 11), ("ms", 8), ("p20-p80", 15),
             ("xeager", 6), ("xcomp", 6), ("GB/s", 8), ("TFLOP/s", 8), ("%roof", 5), ("err", 7))
 
 
@@ -122,7 +122,7 @@ def _cell(row) -> str:
         parts.append(f"{row['speedup_vs_compiled']:.2f}x comp")
     if row.get("tflops"):
         parts.append(f"{fmt_float(row['tflops'])} TFLOP/s")
-    else:
+    elif row.get("gbps"):
         parts.append(f"{fmt_float(row['gbps'])} GB/s")
     if row.get("frac_roofline") is not None:
         parts.append(f"{_pct(row['frac_roofline'])} roof")

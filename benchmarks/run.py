@@ -57,7 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(default: 64 16; --quick: 2)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
                         help="dtypes (default: fp16 fp32; --quick: fp32)")
-    parser.add_argument("--modes", nargs="+", choices=opcases.MODES, default=list(opcases.MODES))
+    parser.add_argument("--modes", nargs="+", choices=opcases.ALL_MODES,
+                        default=list(opcases.MODES),
+                        help="fwd, fwd+bwd (default both) and fwd+bwd2: the double backward "
+                             "of R1 / path-length regularisation (time only, no GB/s)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, few repeats, no torch.compile: checks the script works")
     parser.add_argument("--no-compile", action="store_true",
@@ -125,6 +128,8 @@ def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype) -> s
 def _describe_error(error: BaseException) -> str:
     name = type(error).__name__
     message = " ".join(str(error).split())
+    if isinstance(error, opcases.NotApplicable):
+        return f"n/a: {message}"
     if len(message) > 300:
         message = message[:297] + "..."
     if name == "BackendUnavailableError" or "cannot run this call" in message:
@@ -138,18 +143,22 @@ def _describe_error(error: BaseException) -> str:
 
 
 def _relative_error(outputs, reference) -> float | None:
+    """Largest |got - want| over max |want|, per output tensor, worst over the tensors.
+
+    A tensor whose reference is (near) zero, such as a bias gradient the penalty does not
+    reach, is scaled by a thousandth of the largest reference value instead of by ~0.
+    """
     if outputs is None or reference is None:
         return None
     if isinstance(outputs, torch.Tensor):
         outputs, reference = [outputs], [reference]
-    worst = 0.0
-    for got, want in zip(outputs, reference):
-        if got is None or want is None:
-            continue
-        want32 = want.detach().float()
-        scale = max(want32.abs().max().item(), 1e-6)
-        worst = max(worst, (got.detach().float() - want32).abs().max().item() / scale)
-    return worst
+    pairs = [(got.detach().float(), want.detach().float())
+             for got, want in zip(outputs, reference) if got is not None and want is not None]
+    if not pairs:
+        return None
+    floor = max(max(want.abs().max().item() for _, want in pairs) * 1e-3, 1e-12)
+    return max((got - want).abs().max().item() / max(want.abs().max().item(), floor)
+               for got, want in pairs)
 
 
 class Runner:
@@ -239,9 +248,9 @@ class Runner:
         row.update(status="ok", ms=timing.median_ms, ms_p20=timing.p20_ms, ms_p80=timing.p80_ms,
                    repeats=timing.repeats)
         seconds = timing.median_ms * 1e-3
-        row["gbps"] = row["bytes"] / seconds / 1e9
+        row["gbps"] = row["bytes"] / seconds / 1e9 if row["bytes"] else None
         row["tflops"] = row["flops"] / seconds / 1e12 if row["flops"] else None
-        row["frac_roofline"] = ceilings_mod.roofline_fraction(
+        row["frac_roofline"] = None if row["bytes"] is None else ceilings_mod.roofline_fraction(
             timing.median_ms, row["bytes"], row["flops"], self.ceilings, DTYPES[row["dtype"]])
         return outputs
 

@@ -261,3 +261,23 @@ def test_gpu_check_script_runs_its_steps_independently_and_collects_outputs(tmp_
     assert (out / "results.tar.gz").stat().st_size > 0
     assert "step bench: exit 0" in (out / "gpu_check.log").read_text()
     assert len(list(out.iterdir())) <= 8
+
+
+def test_double_backward_mode_times_nonlinear_ops_and_says_linear_ones_have_none(tmp_path):
+    from benchmarks import run as bench_run
+    payload = bench_run.main(["--quick", "--modes", "fwd+bwd2", "--ops", "bias_act", "upfirdn2d",
+                              "--backends", "ref", "--no-ceilings", "--outdir", str(tmp_path)])
+    status = {row["case"]: row["status"] for row in payload["results"]}
+    assert status["tiny.act"] == "ok"
+    assert status["tiny.up2"].startswith("n/a: upfirdn2d is linear")
+    act = [r for r in payload["results"] if r["case"] == "tiny.act"][0]
+    assert act["bytes"] is None and act["gbps"] is None  # traffic not counted for this mode
+
+
+def test_relative_error_is_not_inflated_by_an_all_zero_reference_gradient():
+    import torch
+    from benchmarks.run import _relative_error
+    want = [torch.tensor([100.0, -50.0]), torch.zeros(3)]
+    got = [torch.tensor([100.0, -50.01]), torch.full((3,), 1e-5)]
+    assert _relative_error(got, want) == pytest.approx(1e-4, rel=1e-3)
+    assert _relative_error([torch.tensor([2.0])], [torch.tensor([1.0])]) == pytest.approx(1.0)
