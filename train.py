@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kimg", type=float, default=None, help="train for this many thousand images")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in --outdir) or a path")
+    p.add_argument("--init", default=None, help="start from these weights (a batikfast checkpoint "
+                   "or an NVIDIA StyleGAN2-ADA / Diffusion-GAN .pkl), matched by name and shape")
     p.add_argument("--loss", choices=CHOICES["loss"], default=None)
     p.add_argument("--aug", choices=CHOICES["aug"], default=None,
                    help="no | ada (adaptive augmentation) | diff (DiffAugment)")

@@ -373,3 +373,16 @@ def test_command_line_options_reach_the_config(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--outdir", "x", "--loss", "hinge"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_init_starts_from_another_runs_weights_matched_by_name_and_shape(tmp_path):
+    donor = train(micro_config(steps=1), tmp_path / "donor")["checkpoint"]
+    donor_state = _weights(donor)
+    trainer = Trainer(micro_config(init=str(donor)), tmp_path / "same", DistInfo())
+    _same_state({k: v for k, v in trainer.G.state_dict().items()}, donor_state["G"])
+    _same_state({k: v for k, v in trainer.G_ema.state_dict().items()}, donor_state["G_ema"])
+    wider = Trainer(micro_config(init=str(donor), channel_max=16), tmp_path / "wider", DistInfo())
+    log = (tmp_path / "wider" / "log.txt").read_text()
+    assert "keep their initialisation" in log
+    assert torch.equal(wider.G.state_dict()["mapping.fc0.weight"],
+                       donor_state["G"]["mapping.fc0.weight"])

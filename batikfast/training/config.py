@@ -43,7 +43,7 @@ DEFAULTS = dict(
     adjust_interval=4, g_reg_interval=4, d_reg_interval=16, backend="auto", compile=None,
     deterministic=False, workers=None, keep_checkpoints=3, max_nan_skips=10, metrics=[],
     metrics_features=None, metrics_num=10000, grid_seeds=16, device="auto",
-    ddp_timeout_s=600.0, stop_after_steps=None,
+    ddp_timeout_s=600.0, stop_after_steps=None, init=None,
 )
 
 CHOICES = dict(cfg=tuple(PRESETS), loss=("stylegan2", "wgan"), aug=("no", "ada", "diff"),

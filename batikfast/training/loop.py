@@ -126,8 +126,10 @@ class Trainer:
         self.G_kwargs, self.D_kwargs = network_kwargs(config, c_dim, self.dataset.num_channels)
         config["G_kwargs"], config["D_kwargs"] = self.G_kwargs, self.D_kwargs
         self.G, self.D = build_networks(self.G_kwargs, self.D_kwargs, self.device)
-        self._broadcast_networks()
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        if config.get("init"):
+            self._init_from(config["init"])
+        self._broadcast_networks()
         self._seed(config["seed"] * info.world_size + info.rank)
         self._check_space_for_checkpoints()
         self.parts = build_training_objects(config, self.G, self.D, self.device, info.rank,
@@ -172,11 +174,37 @@ class Trainer:
         if error:  # every rank stops, none waits for the others
             raise rundir.OutputDirError(error)
 
+    def _init_from(self, path: str) -> None:
+        """Start from the weights of a batikfast checkpoint or an NVIDIA StyleGAN2-ADA /
+        Diffusion-GAN pickle (the batik paper fine-tuned from one), matched by name and shape."""
+        if str(path).endswith(".pkl"):
+            from batikfast.networks import load_nvidia
+
+            snapshot = load_nvidia(path)
+            sources = {k: snapshot[k].state_dict() for k in ("G", "D", "G_ema")
+                       if isinstance(snapshot, dict) and hasattr(snapshot.get(k), "state_dict")}
+        else:
+            state = ckpt.load_checkpoint(path)
+            sources = {k: state[k] for k in ("G", "D", "G_ema") if k in state}
+        if "G_ema" not in sources and "G" in sources:
+            sources["G_ema"] = sources["G"]
+        for name, module in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
+            source = sources.get(name, {})
+            target = module.state_dict()
+            matched = {k: v for k, v in source.items()
+                       if k in target and tuple(v.shape) == tuple(target[k].shape)}
+            with torch.no_grad():
+                for key, value in matched.items():
+                    target[key].copy_(value)
+            self.log(f"init {name} from {path}: {len(matched)} of {len(target)} tensors copied"
+                     + ("" if len(matched) == len(target) else
+                        f"; the other {len(target) - len(matched)} keep their initialisation"))
+
     def _broadcast_networks(self) -> None:
         # Rank 0's weights everywhere, whatever the initialisers did (NVIDIA does the same).
         if not self.info.distributed:
             return
-        for module in (self.G, self.D):
+        for module in (self.G, self.D, self.G_ema):
             for tensor in list(module.parameters()) + list(module.buffers()):
                 dist_utils.broadcast_(tensor.data, self.info, what="initial weights broadcast")
 
