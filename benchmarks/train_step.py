@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import itertools
 import math
 import sys
@@ -117,7 +118,8 @@ def _fixed_batches(trainer):
     return itertools.repeat(batch)
 
 
-def measure_setup(args, device, backend, compile_mode, precision, workdir) -> dict:
+def measure_setup(args, device, backend, compile_mode, precision, workdir,
+                  batch_gpu: int | None = None) -> dict:
     import batikfast
     from batikfast.training.config import make_config
     from batikfast.training.distributed import DistInfo
@@ -127,9 +129,9 @@ def measure_setup(args, device, backend, compile_mode, precision, workdir) -> di
                      precision=PRECISIONS[precision], device=device.type, workers=4)
     if args.batch:
         overrides["batch"] = args.batch
-    overrides["batch_gpu"] = args.batch_gpu or args.batch or None
+    overrides["batch_gpu"] = batch_gpu or args.batch or None
     config = make_config(args.cfg, **overrides)
-    if not args.batch_gpu:
+    if not batch_gpu:
         config["batch_gpu"] = config["batch"]
     batikfast.set_backend(backend)
     try:
@@ -221,20 +223,39 @@ def run(args, device, rows: list | None = None) -> list[dict]:
         elif args.budget is not None and time.perf_counter() - started > args.budget:
             row["status"] = "skipped: time budget"
         else:
-            with tempfile.TemporaryDirectory(prefix="bench-train-") as workdir:
-                try:
-                    row.update(measure_setup(args, device, backend, compile_mode, precision,
-                                             workdir))
-                except Exception as error:
-                    from benchmarks.run import _describe_error
-                    row["status"] = _describe_error(error)
-                finally:
-                    if device.type == "cuda":
-                        with contextlib.suppress(Exception):
-                            torch.cuda.empty_cache()
+            _measure_with_retries(args, device, backend, compile_mode, precision, row)
         _print_row(row)
     _add_speedups(rows)
     return rows
+
+
+def _measure_with_retries(args, device, backend, compile_mode, precision, row) -> None:
+    """Measure one setup; out of GPU memory with the whole batch in one round, halve the
+    round (gradient accumulation, as the loop does) down to 8 images and say so."""
+    from batikfast.training.config import PRESETS
+    from benchmarks.run import _describe_error
+    batch_gpu = args.batch_gpu
+    while True:
+        out_of_memory = False
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as workdir:
+            try:
+                row.update(measure_setup(args, device, backend, compile_mode, precision,
+                                         workdir, batch_gpu))
+            except torch.cuda.OutOfMemoryError as error:
+                out_of_memory = True
+                row["status"] = _describe_error(error)
+            except Exception as error:
+                row["status"] = _describe_error(error)
+        gc.collect()
+        if device.type == "cuda":
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()
+        tried = batch_gpu or args.batch or PRESETS[args.cfg]["batch"]
+        if not out_of_memory or args.batch_gpu or tried <= 8:
+            return
+        batch_gpu = tried // 2
+        row["note"] = f"out of GPU memory with {tried} images per round; retried with {batch_gpu}"
+        print(f"  {row['config']}: {row['note']}", flush=True)
 
 
 def _add_speedups(rows):
@@ -277,6 +298,8 @@ def markdown(payload) -> str:
         if row.get("status") != "ok":
             out.append(f"| {row['config']} | {row.get('status')} | | | | | |")
             continue
+        if row.get("note"):
+            row = dict(row, config=f"{row['config']} ({row['note']})")
         mem = row.get("peak_gpu_mem_gib")
         out.append(
             f"| {row['config']} | {row['images_per_s']:.1f} | {row['sec_per_kimg']:.2f} | "

@@ -281,3 +281,23 @@ def test_relative_error_is_not_inflated_by_an_all_zero_reference_gradient():
     got = [torch.tensor([100.0, -50.01]), torch.full((3,), 1e-5)]
     assert _relative_error(got, want) == pytest.approx(1e-4, rel=1e-3)
     assert _relative_error([torch.tensor([2.0])], [torch.tensor([1.0])]) == pytest.approx(1.0)
+
+
+def test_train_step_halves_the_round_when_the_whole_batch_runs_out_of_gpu_memory(monkeypatch):
+    import torch
+    from benchmarks import train_step
+    tried = []
+
+    def fake_measure(args, device, backend, compile_mode, precision, workdir, batch_gpu=None):
+        tried.append(batch_gpu)
+        if batch_gpu is None or batch_gpu > 16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return dict(status="ok", sec_per_kimg=1.0, images_per_s=1000.0, steps=32,
+                    warmup_steps=16, warmup_s=1.0, peak_gpu_mem_gib=70.0)
+    monkeypatch.setattr(train_step, "loop_available", lambda: None)
+    monkeypatch.setattr(train_step, "measure_setup", fake_measure)
+    args = train_step.parse_args(["--backends", "ref", "--compile-modes", "eager",
+                                  "--precision", "mixed", "--batch", "64"])
+    (row,) = train_step.run(args, torch.device("cpu"))
+    assert tried == [None, 32, 16]
+    assert row["status"] == "ok" and "retried with 16" in row["note"]
