@@ -386,3 +386,21 @@ def test_init_starts_from_another_runs_weights_matched_by_name_and_shape(tmp_pat
     assert "keep their initialisation" in log
     assert torch.equal(wider.G.state_dict()["mapping.fc0.weight"],
                        donor_state["G"]["mapping.fc0.weight"])
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_training_goes_on(tmp_path,
+                                                                             monkeypatch):
+    trainer = Trainer(micro_config(steps=10), tmp_path, DistInfo())
+    from batikfast.data import make_loader
+    loader = make_loader(trainer.dataset, trainer.batch_gpu, num_workers=0)
+    trainer.train_step(loader)
+    good = trainer.save_checkpoint()
+    trainer.train_step(loader)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: type("U", (), {"free": 100})())
+    assert trainer.save_checkpoint() is None
+    assert "checkpoint not written: not enough disk space" in (tmp_path / "log.txt").read_text()
+    trainer.train_step(loader)  # still training
+    with pytest.raises(ckpt.CheckpointError, match="not enough disk space"):
+        trainer.save_checkpoint(final=True)
+    monkeypatch.undo()
+    assert ckpt.latest_valid_checkpoint(tmp_path) == good

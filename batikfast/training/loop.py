@@ -282,15 +282,26 @@ class Trainer:
                      "continue exactly)")
         self.log(f"resumed from {source} at kimg {self.cur_nimg / 1000:.3f} (step {self.step})")
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, final: bool = False) -> Path | None:
+        """Write a checkpoint (rank 0). A failed write (full disk, say) keeps the previous one;
+        training goes on and tries again at the next snapshot, unless this is the ``final``
+        checkpoint of the run (end or signal), whose failure is raised."""
         state = self.state_dict()  # collective: every rank takes part
-        path = None
+        path, error = None, None
         if self.info.is_main:
-            path = ckpt.save_checkpoint(state, self.outdir / ckpt.checkpoint_name(self.step))
-            ckpt.prune_checkpoints(self.outdir, self.config["keep_checkpoints"])
-            self.last_checkpoint = path
-            self.log(f"checkpoint {path}")
-        dist_utils.barrier(self.info, "checkpoint barrier")
+            try:
+                path = ckpt.save_checkpoint(state, self.outdir / ckpt.checkpoint_name(self.step))
+                ckpt.prune_checkpoints(self.outdir, self.config["keep_checkpoints"])
+                self.last_checkpoint = path
+                self.log(f"checkpoint {path}")
+            except ckpt.CheckpointError as err:
+                error = str(err)
+        error = dist_utils.broadcast_object(error, self.info, "checkpoint result")
+        if error:
+            if final:
+                raise ckpt.CheckpointError(error)
+            self.log(f"checkpoint not written: {error}; training continues and tries again at "
+                     "the next snapshot")
         return path
 
     # ---- one step ------------------------------------------------------------------------
@@ -490,7 +501,7 @@ class Trainer:
                 if done or stopping or self.tick % cfg["image_snap"] == 0:
                     self.save_grid(f"fakes{self.step:08d}.png")
                 if done or stopping or self.tick % cfg["snap"] == 0:
-                    self.save_checkpoint()
+                    self.save_checkpoint(final=done or stopping)
                     if cfg["metrics"]:
                         self.evaluate_metrics()
                 if stopping:
