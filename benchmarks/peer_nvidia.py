@@ -111,7 +111,8 @@ class Nvidia:
         kinds = {kind for kind, _ in self.paths.values()}
         if kinds == {"cuda"}:
             return "cuda", "CUDA plugins loaded"
-        return "ref", "; ".join(f"{op}: {why}" for op, (k, why) in self.paths.items() if k != "cuda")
+        return "ref", "; ".join(f"{op}: {why}" for op, (kind, why) in self.paths.items()
+                                if kind != "cuda")
 
     def call(self, inputs: dict, impl: str, case) -> torch.Tensor:
         p = case.params
@@ -273,7 +274,8 @@ def markdown(payload: dict) -> str:
             "deviation from NVIDIA's result relative to its largest value.", ""]
     groups = {}
     for row in rows:
-        groups.setdefault((row["shape_set"], row["batch"], row["dtype"], row["mode"]), []).append(row)
+        key = (row["shape_set"], row["batch"], row["dtype"], row["mode"])
+        groups.setdefault(key, []).append(row)
     impls = list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "all"))
     for (shape_set, batch, dtype, mode), group in groups.items():
         out += [f"## {shape_set}, batch {batch}, {dtype}, {mode}", "",

@@ -42,7 +42,8 @@ def plot_ops(payload: dict, path: Path) -> str:
     rows = [r for r in payload["results"] if r.get("status") == "ok"]
     panels = {}
     for row in rows:
-        panels.setdefault((row["shape_set"], row["batch"], row["dtype"], row["mode"]), []).append(row)
+        key = (row["shape_set"], row["batch"], row["dtype"], row["mode"])
+        panels.setdefault(key, []).append(row)
     if not panels:
         return "no PNG chart: no successful measurements"
     keys = list(panels)[:MAX_PANELS]

@@ -156,7 +156,8 @@ def _sum_tables(rows) -> list[str]:
     lines = ["## Summed over the layers of each shape set", "",
              "Sum of median ms over the cases every listed implementation completed; speed-ups "
              "are ratios of the sums (what a whole network pass sees, launch gaps aside).", "",
-             "| shape set | batch | dtype | mode | op | cases | ref ms | ref+compile | triton | cuda |",
+             "| shape set | batch | dtype | mode | op | cases | ref ms | ref+compile | triton "
+             "| cuda |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (shape_set, batch, dtype, mode, op), entry in sums.items():
         ms = entry["ms"]
@@ -171,7 +172,8 @@ def _sum_tables(rows) -> list[str]:
             text = f"{fmt_float(ms[impl])}"
             if ref:
                 text += f" ({ref / ms[impl]:.2f}x eager"
-                text += f", {compiled / ms[impl]:.2f}x comp)" if compiled and impl != "ref+compile" else ")"
+                versus_compiled = compiled and impl != "ref+compile"
+                text += f", {compiled / ms[impl]:.2f}x comp)" if versus_compiled else ")"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]

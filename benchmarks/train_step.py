@@ -144,7 +144,9 @@ def measure_setup(args, device, backend, compile_mode, precision, workdir,
         else:
             loader = _fixed_batches(trainer)
         cycle = math.lcm(config["g_reg_interval"], config["d_reg_interval"])
-        warmup = args.warmup_steps if args.warmup_steps is not None else (1 if args.quick else cycle)
+        warmup = args.warmup_steps
+        if warmup is None:
+            warmup = 1 if args.quick else cycle
         steps = (args.cycles or 2) * cycle if not args.quick else (args.cycles or 2)
         begin = time.perf_counter()
         for _ in range(warmup):

@@ -29,7 +29,8 @@ def _run(args, tmp_path, timeout=240):
 def quick_run(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("bench")
     stdout = _run([str(REPO / "benchmarks" / "run.py"), "--quick", "--ops", "bias_act",
-                   "diffusion_noise", "--backends", "ref", "triton", "cuda", "--outdir", str(outdir)],
+                   "diffusion_noise", "--backends", "ref", "triton", "cuda",
+                   "--outdir", str(outdir)],
                   outdir)
     return outdir, stdout, json.loads((outdir / "ops.json").read_text())
 
