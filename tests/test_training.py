@@ -404,3 +404,14 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_training_goes_on(t
         trainer.save_checkpoint(final=True)
     monkeypatch.undo()
     assert ckpt.latest_valid_checkpoint(tmp_path) == good
+
+
+def test_backend_option_selects_the_op_implementation(tmp_path):
+    import batikfast
+    try:
+        Trainer(micro_config(backend="ref"), tmp_path, DistInfo())
+        assert batikfast.get_backend() == "ref"
+        Trainer(micro_config(backend="auto"), tmp_path, DistInfo())
+        assert batikfast.get_backend() in (None, os.environ.get("BATIKFAST_BACKEND"))
+    finally:
+        batikfast.set_backend(None)

@@ -112,6 +112,9 @@ class Trainer:
         self.nan_streak = 0
         self.last_checkpoint: Path | None = None
         self._setup_determinism()
+        import batikfast
+
+        batikfast.set_backend(None if config["backend"] == "auto" else config["backend"])
         self._seed(config["seed"])  # the same on every rank: identical initial networks
         self.batch_gpu, self.rounds = split_batch(config, info.world_size)
         self.batch = config["batch"]
@@ -475,6 +478,8 @@ class Trainer:
                              pin_memory=self.device.type == "cuda", prefetch_factor=4)
         previous_handlers = self._install_signal_handlers()
         self.log(self.parts.describe())
+        self.log(f"op backend: {cfg['backend']} (batikfast.set_backend; "
+                 "`python -m batikfast.info` lists what can run here)")
         self.log(f"training {cfg['cfg']} at {cfg['resolution']}x{cfg['resolution']} for "
                  f"{cfg['kimg']} kimg: batch {self.batch} = {self.info.world_size} processes x "
                  f"{self.rounds} rounds x {self.batch_gpu}, on {self.device}")
