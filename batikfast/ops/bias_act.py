@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from batikfast import backends
+from batikfast.ops._autograd import differentiable
 from batikfast.ops._validate import check_same_device, check_tensor
 
 
@@ -63,8 +64,7 @@ def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, dim: int = 1, act: 
     chosen = backends.resolve("bias_act", x, impl)
     if chosen == "ref":
         return bias_act_reference(x, b, dim, act, alpha, gain, clamp)
-    return torch.ops.batikfast.bias_act(x, b, dim, act, alpha, gain,
-                                        -1.0 if clamp is None else clamp, chosen)
+    return _bias_act_fast(x, b, dim, act, alpha, gain, -1.0 if clamp is None else clamp, chosen)
 
 
 def _checked_arguments(x, b, dim, act, alpha, gain, clamp):
@@ -156,13 +156,13 @@ def _bias_act_setup(ctx, inputs, output):
 
 def _bias_act_backward(ctx, dy):
     x, b = ctx.saved_tensors
-    dx = torch.ops.batikfast.bias_act_grad(dy, x, b, ctx.dim, ctx.act, ctx.alpha, ctx.gain,
+    dx = _bias_act_grad_fast(dy, x, b, ctx.dim, ctx.act, ctx.alpha, ctx.gain,
                                            ctx.clamp, 1, ctx.impl)
     db = _sum_to_bias(dx, ctx.dim).to(b.dtype) if b is not None and ctx.needs_input_grad[1] else None
     return dx, db, None, None, None, None, None, None
 
 
-_bias_act_op.register_autograd(_bias_act_backward, setup_context=_bias_act_setup)
+_bias_act_fast = differentiable(_bias_act_op, _bias_act_setup, _bias_act_backward)
 
 
 @torch.library.custom_op("batikfast::bias_act_grad", mutates_args=())
@@ -186,14 +186,15 @@ def _bias_act_grad_setup(ctx, inputs, output):
 def _bias_act_grad_backward(ctx, ddx):
     dy, x, b = ctx.saved_tensors
     args = (ctx.dim, ctx.act, ctx.alpha, ctx.gain, ctx.clamp)
-    d_dy = torch.ops.batikfast.bias_act_grad(ddx, x, b, *args, ctx.order, ctx.impl)
+    d_dy = _bias_act_grad_fast(ddx, x, b, *args, ctx.order, ctx.impl)
     next_order = ctx.order + 1
     if next_order <= 2:
-        d_x = torch.ops.batikfast.bias_act_grad(ddx * dy, x, b, *args, next_order, ctx.impl)
+        d_x = _bias_act_grad_fast(ddx * dy, x, b, *args, next_order, ctx.impl)
     else:
         d_x = _bias_act_grad_reference(ddx * dy, x, b, *args, next_order)
     d_b = _sum_to_bias(d_x, ctx.dim).to(b.dtype) if b is not None and ctx.needs_input_grad[2] else None
     return d_dy, d_x, d_b, None, None, None, None, None, None, None
 
 
-_bias_act_grad_op.register_autograd(_bias_act_grad_backward, setup_context=_bias_act_grad_setup)
+_bias_act_grad_fast = differentiable(_bias_act_grad_op, _bias_act_grad_setup,
+                                     _bias_act_grad_backward)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from batikfast import backends
+from batikfast.ops._autograd import differentiable
 from batikfast.ops._validate import check_same_device, check_tensor
 
 _SEED_RANGE = 2 ** 62
@@ -45,7 +46,7 @@ def diffusion_noise(x: torch.Tensor, t: torch.Tensor, sqrt_alpha_bar: torch.Tens
         seed_tensor = torch.randint(0, _SEED_RANGE, (), dtype=torch.int64)
     else:
         seed_tensor = torch.tensor(seed, dtype=torch.int64)
-    return torch.ops.batikfast.diffusion_noise(x, x_scale, noise_scale, noise, seed_tensor, chosen)
+    return _diffusion_noise_fast(x, x_scale, noise_scale, noise, seed_tensor, chosen)
 
 
 def _check_arguments(x, t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, noise, seed) -> None:
@@ -115,11 +116,12 @@ def _diffusion_noise_backward(ctx, dy):
     unused_seed = torch.zeros((), dtype=torch.int64)
     d_x = d_noise = None
     if ctx.needs_input_grad[0]:
-        d_x = torch.ops.batikfast.diffusion_noise(dy, x_scale, None, None, unused_seed, ctx.impl)
+        d_x = _diffusion_noise_fast(dy, x_scale, None, None, unused_seed, ctx.impl)
     if ctx.needs_input_grad[3] and noise_scale is not None:
-        d_noise = torch.ops.batikfast.diffusion_noise(dy, noise_scale, None, None, unused_seed,
+        d_noise = _diffusion_noise_fast(dy, noise_scale, None, None, unused_seed,
                                                       ctx.impl)
     return d_x, None, None, d_noise, None, None
 
 
-_diffusion_noise_op.register_autograd(_diffusion_noise_backward, setup_context=_diffusion_noise_setup)
+_diffusion_noise_fast = differentiable(_diffusion_noise_op, _diffusion_noise_setup,
+                                       _diffusion_noise_backward)

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from batikfast import backends
+from batikfast.ops._autograd import differentiable
 from batikfast.ops._validate import check_same_device, check_tensor
 from batikfast.ops.bias_act import bias_act, resolve_activation
 from batikfast.ops.conv2d_resample import conv2d_resample
@@ -161,10 +162,10 @@ def _modulated_conv2d_fast(x, weight, styles, noise, up, down, padding, resample
     if noise is not None and noise_plane is None:
         epilogue_fits = False
     if epilogue_fits:
-        return torch.ops.batikfast.modulated_conv2d(
+        return _modulated_conv2d_fast_op(
             x, weight.to(x.dtype), styles, demod_coefs, noise_plane, _cast(bias, x.dtype), act,
             alpha, gain, -1.0 if clamp is None else clamp, padding, impl)
-    y = torch.ops.batikfast.modulated_conv2d(x, weight.to(x.dtype), styles, demod_coefs, None,
+    y = _modulated_conv2d_fast_op(x, weight.to(x.dtype), styles, demod_coefs, None,
                                              None, "linear", 0.0, 1.0, -1.0, padding, impl)
     if noise is not None:
         y = y + noise.to(y.dtype)
@@ -205,7 +206,11 @@ def _modulated_conv2d_op(x: torch.Tensor, weight: torch.Tensor, in_scale: torch.
 def _(x, weight, in_scale, out_scale, noise, bias, act, alpha, gain, clamp, padding, impl):
     out_h = x.shape[2] + 2 * padding - weight.shape[2] + 1
     out_w = x.shape[3] + 2 * padding - weight.shape[3] + 1
-    return x.new_empty([x.shape[0], weight.shape[0], out_h, out_w])
+    # A compiled graph must see the strides the kernel really produces.
+    layout_rule = getattr(backends.kernels("modulated_conv2d", impl), "output_memory_format", None)
+    memory_format = layout_rule(x) if layout_rule else torch.contiguous_format
+    return torch.empty([x.shape[0], weight.shape[0], out_h, out_w], dtype=x.dtype, device=x.device,
+                       memory_format=memory_format)
 
 
 def _modulated_conv2d_setup(ctx, inputs, output):
@@ -224,7 +229,7 @@ def _modulated_conv2d_backward(ctx, dy):
         # One transposed convolution serves both: d(x * s) = conv^T(d_conv, weight).
         unit = torch.ones_like(out_scale) if out_scale is not None else \
             torch.ones(x.shape[0], weight.shape[0], device=x.device)
-        d_scaled_x = torch.ops.batikfast.modulated_conv2d(
+        d_scaled_x = _modulated_conv2d_fast_op(
             d_conv.to(x.dtype), weight.transpose(0, 1).flip([2, 3]).contiguous(), unit, None,
             None, None, "linear", 0.0, 1.0, -1.0, weight.shape[2] - 1 - padding, impl)
         if need[0]:
@@ -245,12 +250,13 @@ def _modulated_conv2d_backward(ctx, dy):
     return d_x, d_weight, d_in_scale, d_out_scale, d_noise, d_bias, *([None] * 6)
 
 
-_modulated_conv2d_op.register_autograd(_modulated_conv2d_backward,
-                                       setup_context=_modulated_conv2d_setup)
+_modulated_conv2d_fast_op = differentiable(_modulated_conv2d_op, _modulated_conv2d_setup,
+                                           _modulated_conv2d_backward)
 
 
 def _epilogue_slope(y, act, alpha, gain, clamp):
     """d y / d pre-activation, read off the output (valid for linear / relu / lrelu, gain > 0)."""
+    clamp_in_y_dtype = _largest_at_most(clamp, y.dtype) if clamp >= 0 else clamp
     y = y.float()
     if act == "linear":
         slope = torch.full_like(y, gain)
@@ -261,8 +267,19 @@ def _epilogue_slope(y, act, alpha, gain, clamp):
     if clamp >= 0:
         # Strict: an output sitting exactly on the clamp was clamped (torch.clamp passes the
         # gradient only for inputs within the range, and the input is not saved).
-        slope = slope * (y.abs() < clamp).float()
+        slope = slope * (y.abs() < clamp_in_y_dtype).float()  # < clamp: not clamped
     return slope
+
+
+def _largest_at_most(value: float, dtype: torch.dtype) -> float:
+    """The largest number of ``dtype`` <= value. A clamped output holds the clamp rounded to
+    y's dtype either way (kernels round differently), so outputs at or above this count as
+    clamped, as NVIDIA's kernels read it."""
+    rounded = torch.tensor(value, dtype=dtype).item()
+    if rounded > value:
+        step = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(rounded))
+        rounded = torch.tensor(rounded - step, dtype=dtype).item()
+    return rounded
 
 
 def _pre_activation(y, act, alpha, gain, noise, bias):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from batikfast import backends
+from batikfast.ops._autograd import differentiable
 from batikfast.ops._validate import (check_same_device, check_tensor, parse_padding,
                                      parse_scaling)
 
@@ -80,12 +81,12 @@ def upfirdn2d(x: torch.Tensor, f: torch.Tensor | None, up=1, down=1, padding=0,
         return upfirdn2d_reference(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1,
                                    flip_filter, float(gain))
     if f.ndim == 2:
-        return torch.ops.batikfast.upfirdn2d(x, f, upx, upy, downx, downy, padx0, padx1,
+        return _upfirdn2d_fast(x, f, upx, upy, downx, downy, padx0, padx1,
                                              pady0, pady1, flip_filter, float(gain), chosen)
     root_gain = float(gain) ** 0.5
-    x = torch.ops.batikfast.upfirdn2d(x, f[None, :], upx, 1, downx, 1, padx0, padx1, 0, 0,
+    x = _upfirdn2d_fast(x, f[None, :], upx, 1, downx, 1, padx0, padx1, 0, 0,
                                       flip_filter, root_gain, chosen)
-    return torch.ops.batikfast.upfirdn2d(x, f[:, None], 1, upy, 1, downy, 0, 0, pady0, pady1,
+    return _upfirdn2d_fast(x, f[:, None], 1, upy, 1, downy, 0, 0, pady0, pady1,
                                          flip_filter, root_gain, chosen)
 
 
@@ -200,9 +201,9 @@ def _upfirdn2d_backward(ctx, dy):
     # correlate, subsample by up), with the padding that lines the grids up again.
     grad_padding = (fw - padx0 - 1, in_w * upx - out_w * downx + padx0 - upx + 1,
                     fh - pady0 - 1, in_h * upy - out_h * downy + pady0 - upy + 1)
-    dx = torch.ops.batikfast.upfirdn2d(dy, f, downx, downy, upx, upy, *grad_padding,
+    dx = _upfirdn2d_fast(dy, f, downx, downy, upx, upy, *grad_padding,
                                        not flip_filter, gain, impl)
     return dx, None, None, None, None, None, None, None, None, None, None, None, None
 
 
-_upfirdn2d_op.register_autograd(_upfirdn2d_backward, setup_context=_upfirdn2d_setup)
+_upfirdn2d_fast = differentiable(_upfirdn2d_op, _upfirdn2d_setup, _upfirdn2d_backward)
