@@ -161,7 +161,7 @@ void launch(int act, at::Tensor& out, const at::Tensor& x, const at::Tensor* dy,
             const at::Tensor* b, const Params& p) {
   constexpr int threads = 256;
   const int64_t blocks = grid_stride_blocks(std::max<int64_t>(p.numel / vec_width<T>(), 1), threads);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   T* o = out.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
   const T* dyp = dy ? dy->data_ptr<T>() : nullptr;

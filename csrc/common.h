@@ -5,10 +5,16 @@
 // names the argument instead of faulting on the device.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+// Per-operator headers instead of ATen/ATen.h: each .cu is parsed once per target
+// architecture, and the full ATen headers dominate the build time.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -82,9 +88,13 @@ inline bool is_aligned(const void* p, int64_t bytes) {
 // Blocks for a grid-stride loop over `work` items: enough to fill every SM several times,
 // never more than the work needs.
 inline int64_t grid_stride_blocks(int64_t work, int threads, int blocks_per_sm = 8) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t needed = (work + threads - 1) / threads;
-  return std::max<int64_t>(1, std::min<int64_t>(needed, sms * blocks_per_sm));
+  return std::max<int64_t>(1, std::min<int64_t>(needed, static_cast<int64_t>(sms) * blocks_per_sm));
 }
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 }  // namespace batikfast

@@ -123,7 +123,7 @@ void launch(at::Tensor& y, const at::Tensor& x, const at::Tensor* noise, const a
   constexpr int threads = 256;
   const int64_t groups = (p.offset % 4 + p.numel + 3) / 4;
   diffusion_noise_kernel<T, MODE>
-      <<<grid_stride_blocks(groups, threads), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      <<<grid_stride_blocks(groups, threads), threads, 0, current_stream()>>>(
           y.data_ptr<T>(), x.data_ptr<T>(), noise ? noise->data_ptr<T>() : nullptr,
           x_scale.data_ptr<float>(), noise_scale ? noise_scale->data_ptr<float>() : nullptr, p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

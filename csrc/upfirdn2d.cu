@@ -263,7 +263,7 @@ at::Tensor upfirdn2d(const at::Tensor& x, const at::Tensor& f, int64_t upx, int6
   TORCH_CHECK(std::abs(p.stride_h) * p.in_h + std::abs(p.stride_w) * p.in_w < INT32_MAX,
               "upfirdn2d: one image plane of x spans more than 2**31 elements");
 
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   BF_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "upfirdn2d", [&] {
     launch<scalar_t>(y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), filter.data_ptr<float>(), p,
                      stream);

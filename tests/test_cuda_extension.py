@@ -108,6 +108,49 @@ def test_available_gives_a_reason_exactly_when_the_extension_cannot_load():
         assert "pip install" in reason or "BATIKFAST_JIT" in reason
 
 
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """The loader as if nothing had been imported yet (restored afterwards)."""
+    monkeypatch.setattr(_cuda, "_tried", False)
+    monkeypatch.setattr(_cuda, "_module", None)
+    monkeypatch.setattr(_cuda, "_reason", None)
+    for var in ("BATIKFAST_JIT", "CUDA_HOME", "TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(_cuda, "_import_built", lambda: (None, "not built (test)"))
+    return monkeypatch
+
+
+def test_loader_never_compiles_unless_batikfast_jit_is_set(fresh_loader):
+    from torch.utils import cpp_extension
+
+    fresh_loader.setattr(cpp_extension, "load", lambda **kw: pytest.fail("compiled implicitly"))
+    assert _cuda.available() == (False, "not built (test)")
+
+
+def test_loader_compiles_the_csrc_sources_when_batikfast_jit_is_set(fresh_loader):
+    from torch.utils import cpp_extension
+
+    class Built:
+        @staticmethod
+        def build_info():
+            return {"torch_version": torch.__version__, "cuda_version": "x", "arch_list": "9.0"}
+
+    calls = []
+    fresh_loader.setattr(cpp_extension, "load", lambda **kw: calls.append(kw) or Built)
+    fresh_loader.setenv("BATIKFAST_JIT", "1")
+    fresh_loader.syspath_prepend(str(CSRC))
+    import extension as config
+
+    if config.find_cuda_home() is None:
+        pytest.skip("no CUDA toolkit on this machine")
+    assert _cuda.load() is Built
+    (kwargs,) = calls
+    names = {Path(s).name for s in kwargs["sources"]}
+    assert {"bindings.cpp", "bias_act.cu", "upfirdn2d.cu", "diffusion_noise.cu"} <= names
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX"
+    assert any(flag.startswith("-DBATIKFAST_TORCH_VERSION=") for flag in kwargs["extra_cflags"])
+
+
 @pytest.mark.parametrize("call", [
     lambda: _cuda.bias_act_forward(_cpu(2, 3), None, 1, "lrelu", 0.2, 1.4, None),
     lambda: _cuda.bias_act_backward(_cpu(2, 3), _cpu(2, 3), None, 1, "lrelu", 0.2, 1.4, None, 1),
