@@ -330,6 +330,15 @@ def test_tiny_cli_run_then_generate_a_grid(tmp_path):
     assert gen.returncode == 0, gen.stderr
     from PIL import Image
     assert Image.open(grid).size == (3 * 16, 2 * 16)
+    # the run's last grid shows seeds 0..15 of the EMA generator: generate redraws it exactly
+    same = tmp_path / "same.png"
+    gen = subprocess.run([sys.executable, "-m", "batikfast.generate", "--ckpt", str(checkpoint),
+                          "--seeds", "0-15", "--out", str(same)], env=_env(),
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert gen.returncode == 0, gen.stderr
+    step = _weights(checkpoint)["progress"]["step"]
+    assert np.array_equal(np.asarray(Image.open(same)),
+                          np.asarray(Image.open(outdir / f"fakes{step:08d}.png")))
     from batikfast.generate import generate_images
     from batikfast.training.checkpoint import load_generator
     G, _ = load_generator(checkpoint)

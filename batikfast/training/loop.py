@@ -141,8 +141,10 @@ class Trainer:
         self.scaler = LossScaler(config["precision"] == "fp16" and self.device.type == "cuda")
         self.latent_gen = torch.Generator().manual_seed(config["seed"])
         self.labels = self._label_table() if c_dim else None
-        self.grid_z = torch.randn([config["grid_seeds"], self.G.z_dim],
-                                  generator=torch.Generator().manual_seed(123))
+        # seeds 0..n-1 drawn as batikfast.generate draws them: `--seeds 0-15` redraws the grid
+        from batikfast.generate import latents
+
+        self.grid_z = latents(range(config["grid_seeds"]), self.G.z_dim)
         self.grid_c = self._grid_labels()
 
     # ---- setup ---------------------------------------------------------------------------
