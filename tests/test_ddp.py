@@ -52,7 +52,6 @@ def _worker(rank, port, outdir, mode):
             config = micro_config(steps=4, aug="ada", adjust_interval=2, diffusion_target=-1.0,
                                   batch_gpu=BATCH // WORLD, ddp_timeout_s=60)
             result = train(config, outdir / "run")  # joins the group made above, then ends it
-            from batikfast.training.loop import Trainer  # noqa: F401 (import check in child)
             torch.save({"step": result["step"]}, outdir / f"result{rank}.pt")
         elif mode == "dead":
             info = dist_utils.init_distributed("cpu", timeout_s=20)

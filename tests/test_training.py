@@ -424,3 +424,19 @@ def test_backend_option_selects_the_op_implementation(tmp_path):
         assert batikfast.get_backend() in (None, os.environ.get("BATIKFAST_BACKEND"))
     finally:
         batikfast.set_backend(None)
+
+
+def test_ema_has_the_requested_half_life_and_ramp_up():
+    from batikfast.training.ema import ema_beta, update_ema
+    beta = ema_beta(batch=64, cur_nimg=10**6, ema_kimg=20, ema_rampup=None)
+    assert beta ** (20000 / 64) == pytest.approx(0.5)
+    # ramp-up: the half-life is at most rampup * images seen so far
+    assert ema_beta(64, 1000, 20, 0.05) == pytest.approx(0.5 ** (64 / 50))
+    G, G_ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        G.weight.fill_(3.0)
+        G_ema.weight.fill_(1.0)
+        G.running_mean.fill_(7.0)
+    update_ema(G_ema, G, beta=0.25)
+    torch.testing.assert_close(G_ema.weight, torch.full((3,), 0.25 * 1.0 + 0.75 * 3.0))
+    torch.testing.assert_close(G_ema.running_mean, torch.full((3,), 7.0))  # buffers copied
