@@ -52,7 +52,8 @@ def _worker(rank, port, outdir, mode):
             config = micro_config(steps=4, aug="ada", adjust_interval=2, diffusion_target=-1.0,
                                   batch_gpu=BATCH // WORLD, ddp_timeout_s=60)
             result = train(config, outdir / "run")  # joins the group made above, then ends it
-            torch.save({"step": result["step"]}, outdir / f"result{rank}.pt")
+            torch.save({"step": result["step"], "training": result["training_state"]},
+                       outdir / f"result{rank}.pt")
         elif mode == "dead":
             info = dist_utils.init_distributed("cpu", timeout_s=20)
             if rank == 1:
@@ -114,7 +115,12 @@ def test_two_gloo_ranks_match_one_process_and_share_adaptive_state(tmp_path):
                                        msg=f"{phase} {name}")
 
     # the whole run wrote one checkpoint holding both ranks' RNG and an adapted p and T
-    assert [torch.load(tmp_path / f"result{r}.pt")["step"] for r in range(WORLD)] == [4, 4]
+    results = [torch.load(tmp_path / f"result{r}.pt") for r in range(WORLD)]
+    assert [r["step"] for r in results] == [4, 4]
+    for key in ("p", "T", "pool"):  # every rank adapted p and T identically
+        a, b = (r["training"]["diffusion"][key] for r in results)
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, key
+    assert results[0]["training"]["augment_p"] == results[1]["training"]["augment_p"] > 0
     run = tmp_path / "run"
     state = ckpt.load_checkpoint(ckpt.latest_valid_checkpoint(run))
     assert len(state["rng"]) == WORLD and state["progress"]["world_size"] == WORLD

@@ -520,7 +520,7 @@ class Trainer:
         self.log(f"done: kimg {self.cur_nimg / 1000:.3f}, step {self.step}, "
                  f"{time.time() - start_time:.1f} s")
         return {"cur_nimg": self.cur_nimg, "step": self.step, "checkpoint": self.last_checkpoint,
-                "stopped_by": self.stop_signal}
+                "stopped_by": self.stop_signal, "training_state": self.parts.state_dict()}
 
     def _log_tick(self, seconds: float, nimg: int, total_nimg: int) -> None:
         stats = self.parts.pop_stats(self.info)
