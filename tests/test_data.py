@@ -75,6 +75,14 @@ def test_grayscale_and_rgba_images_are_converted_to_rgb(tmp_path):
     assert (transparent == 255).all()
 
 
+def test_sixteen_bit_and_cmyk_images_are_rescaled_and_converted(tmp_path):
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "a16.png")
+    Image.new("CMYK", (8, 8), (0, 0, 0, 0)).save(tmp_path / "b.jpg")
+    ds = ImageFolderDataset(tmp_path)
+    assert (ds[0][0] == 127).all() and ds[0][0].shape == (3, 8, 8)  # not clipped to 255
+    assert ds[1][0].shape == (3, 8, 8) and ds[1][0].min() > 240
+
+
 def test_images_of_another_size_are_centre_cropped_and_resized(tmp_path):
     img = np.zeros((20, 40, 3), np.uint8)
     img[:, 10:30] = 255  # the centre square is white, the sides black

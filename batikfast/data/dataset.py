@@ -72,6 +72,11 @@ class Dataset:
 
 
 def _to_rgb(img: Image.Image, channels: int) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: PIL's convert would clip at 255 instead of rescaling
+        wide = np.asarray(img, dtype=np.int64)
+        peak = 65535 if img.mode.startswith("I;16") or wide.max() > 255 else 255
+        img = Image.fromarray(np.clip(wide * 255 // peak, 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         ground = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
