@@ -145,12 +145,23 @@ def build_ext_class():
     base = cpp_extension.BuildExtension.with_options(use_ninja=True)
 
     class BuildExtension(base):
+        def build_extensions(self):
+            self._failed = []
+            super().build_extensions()
+            # setuptools copies (in place, editable) and lists every extension's library
+            # afterwards: forget the ones that did not build.
+            if self._failed:
+                self.extensions = [e for e in self.extensions if e not in self._failed]
+                self.distribution.ext_modules = [
+                    e for e in self.distribution.ext_modules or [] if e not in self._failed]
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as error:  # noqa: BLE001 - any compiler or ninja failure
                 if os.environ.get("BATIKFAST_BUILD_CUDA", "").strip() == "1":
                     raise
+                self._failed.append(ext)
                 _say(f"compiling the CUDA extension {ext.name} failed ({error}); installing "
                      "without it (the Triton and reference implementations still work). "
                      "Set BATIKFAST_BUILD_CUDA=1 to make this an error and see why.")
