@@ -10,6 +10,15 @@ from batikfast.metrics import (SmallFeatureNet, compute_metrics, dataset_feature
                                load_feature_network, precision_recall, to_uint8)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # 2 shared CPU cores: more threads only spin against each other
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _random_spd(rng, d):
     a = rng.normal(size=(d, d))
     return a @ a.T / d + 0.1 * np.eye(d)
@@ -118,6 +127,7 @@ def test_small_feature_network_round_trips_through_a_weights_only_file(tmp_path)
     assert extractor(torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)).shape == (2, 8)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_torchscript_feature_network_is_called_with_pixels_in_0_255(tmp_path):
     class Net(torch.nn.Module):
         def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
