@@ -14,12 +14,13 @@ its non-zero samples contribute, and for output row oy these are the taps
 (a quarter of the 4x4 for up = 2) straight from x, and neither the zero-inserted nor the
 padded image exists in memory.
 
-Tiling. A program computes a [BLOCK_R, BLOCK_W] tile of output rows x columns, where rows run
-over (plane, oy) flattened, so small images (4x4, 8x8) pack many planes into one tile instead
-of leaving most lanes idle. Per-row and per-column quantities (plane, phases, input row and
-column) are computed once per tile edge, not per pixel. Up/down factors and the filter size
-are compile-time constants: the phase arithmetic folds to shifts and masks, and the tap loops
-have fixed trip counts. Taps read x through L1/L2 (neighbouring outputs share their inputs).
+Tiling. A program computes a [PLANES * PLANE_ROWS, BLOCK_W] tile: PLANE_ROWS output rows of
+each of PLANES planes (an (n, c) pair) by BLOCK_W columns. Large images take one plane per
+tile; small ones (4x4, 8x8) stack many planes so lanes do not idle. The plane and row of each
+tile row come from compile-time powers of two (shifts, no per-row integer division), and the
+planes are addressed through one plane stride. Up/down factors and the filter size are
+compile-time constants: the phase arithmetic folds to shifts and masks, and the tap loops have
+fixed trip counts. Taps read x through L1/L2 (neighbouring outputs share their inputs).
 """
 from __future__ import annotations
 
@@ -42,63 +43,79 @@ def _filter_index(tap, F: tl.constexpr, FLIP: tl.constexpr):
 
 
 @triton.jit
-def _filter_taps(f_ptr, stride_fh, stride_fw, phase_y, tap_y, tap_x, ky, kx,
+def _tap(f_ptr, stride_fh, stride_fw, i, j, FH: tl.constexpr, FW: tl.constexpr,
+         FLIP: tl.constexpr):
+    """Filter tap (i, j) of the convolution as a scalar, 0 past the filter's end."""
+    return tl.load(f_ptr + _filter_index(i, FH, FLIP) * stride_fh
+                   + _filter_index(j, FW, FLIP) * stride_fw,
+                   mask=(i < FH) & (j < FW), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _filter_taps(f_ptr, stride_fh, stride_fw, phase_y, phase_x, ky, kx,
                  UPX: tl.constexpr, UPY: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
                  FLIP: tl.constexpr):
-    """The filter values of taps (tap_y, tap_x) = (phase + k * up) for the tile: a scalar, a
-    row or a column vector when an up factor is 1; 0 for taps past the filter's end.
+    """The filter values of taps (phase_y + ky * UPY, phase_x + kx * UPX) for the tile: a
+    scalar, a [1, BLOCK_W] row, a [rows, 1] column or a full tile, as the up factors require.
 
-    With both factors > 1 the value varies along rows and columns. Rather than gathering a
-    filter value per pixel (a load as costly as the pixel's own), one row of taps is gathered
-    per row phase (per column, cheap) and each pixel selects its row phase: UPY selects."""
-    if UPY == 1 and UPX == 1:
-        w = tl.load(f_ptr + _filter_index(ky, FH, FLIP) * stride_fh
-                    + _filter_index(kx, FW, FLIP) * stride_fw)
-    elif UPY == 1:
-        w = tl.load(f_ptr + _filter_index(ky, FH, FLIP) * stride_fh
-                    + _filter_index(tap_x, FW, FLIP) * stride_fw,
-                    mask=tap_x < FW, other=0.0)[None, :]
-    elif UPX == 1:
-        w = tl.load(f_ptr + _filter_index(tap_y, FH, FLIP) * stride_fh
-                    + _filter_index(kx, FW, FLIP) * stride_fw,
-                    mask=tap_y < FH, other=0.0)[:, None]
+    Each phase's tap is one scalar (uniform) load, and rows / columns / pixels select their
+    phase: selects are cheaper than a gathered load per row or pixel, and a pixel needs at most
+    UPY of them (UPX more per column)."""
+    if UPX == 1:
+        row_w = _tap(f_ptr, stride_fh, stride_fw, ky * UPY, kx, FH, FW, FLIP)
     else:
-        w = tl.zeros((phase_y.shape[0], tap_x.shape[0]), dtype=tl.float32)
-        for py in tl.static_range(UPY):
-            row_tap = py + ky * UPY
-            taps = tl.load(f_ptr + _filter_index(row_tap, FH, FLIP) * stride_fh
-                           + _filter_index(tap_x, FW, FLIP) * stride_fw,
-                           mask=(tap_x < FW) & (row_tap < FH), other=0.0)
-            w = tl.where((phase_y == py)[:, None], taps.to(tl.float32)[None, :], w)
-    return w.to(tl.float32)
+        row_w = tl.zeros(phase_x.shape, dtype=tl.float32)
+        for px in tl.static_range(UPX):
+            row_w = tl.where(phase_x == px, _tap(f_ptr, stride_fh, stride_fw, ky * UPY,
+                                                 px + kx * UPX, FH, FW, FLIP), row_w)
+    if UPY == 1:
+        w = row_w
+    else:
+        w = tl.zeros(phase_y.shape, dtype=tl.float32) + row_w
+        for py in tl.static_range(1, UPY):
+            if UPX == 1:
+                row_w = _tap(f_ptr, stride_fh, stride_fw, py + ky * UPY, kx, FH, FW, FLIP)
+            else:
+                row_w = tl.zeros(phase_x.shape, dtype=tl.float32)
+                for px in tl.static_range(UPX):
+                    row_w = tl.where(phase_x == px, _tap(f_ptr, stride_fh, stride_fw,
+                                                         py + ky * UPY, px + kx * UPX, FH, FW,
+                                                         FLIP), row_w)
+            w = tl.where(phase_y == py, row_w, w)
+    return w
 
 
 @triton.jit
 def _upfirdn2d_kernel(x_ptr, f_ptr, y_ptr,
-                      channels, in_h, in_w, out_h, out_w, rows,
-                      stride_xn, stride_xc, stride_xh, stride_xw, stride_fh, stride_fw,
+                      planes, in_h, in_w, out_h, out_w,
+                      stride_xp, stride_xh, stride_xw, stride_fh, stride_fw,
                       lead_x, lead_y, skip_x, skip_y, gain,
                       UPX: tl.constexpr, UPY: tl.constexpr, DOWNX: tl.constexpr,
                       DOWNY: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
-                      FLIP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-    """y[plane, oy, ox] = gain * sum_{i, j} fk[i, j] * u[oy * DOWNY + i - pady0,
+                      FLIP: tl.constexpr, PLANES: tl.constexpr, PLANE_ROWS: tl.constexpr,
+                      BLOCK_W: tl.constexpr):
+    """y[p, oy, ox] = gain * sum_{i, j} fk[i, j] * u[p, oy * DOWNY + i - pady0,
     ox * DOWNX + j - padx0], u the zero-inserted x, fk the filter (flipped unless FLIP); y is
-    [N * C * out_h, out_w].
+    [planes, out_h, out_w] contiguous, plane p of x starts at p * stride_xp.
 
     lead = skip * up - pad0 >= 0 (skip = ceil(max(pad0, 0) / up)) keeps every dividend of the
-    phase arithmetic non-negative, so C-style and floor division agree."""
+    phase arithmetic non-negative, so C-style and floor division agree. Per-row values are
+    [rows, 1] and per-column values [1, BLOCK_W] tensors from the start, so they share the
+    tile's layout instead of being converted to it."""
     pid = tl.program_id(0).to(tl.int64)
     col_blocks = tl.cdiv(out_w, BLOCK_W)
-    pid_r = pid // col_blocks
-    pid_w = pid - pid_r * col_blocks
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    ox = (pid_w * BLOCK_W).to(tl.int32) + tl.arange(0, BLOCK_W)
-    row_ok = r < rows
+    row_blocks = tl.cdiv(out_h, PLANE_ROWS)
+    pid_w = pid % col_blocks
+    pid_rp = pid // col_blocks
+    pid_r = pid_rp % row_blocks
+    pid_p = pid_rp // row_blocks
+    local = tl.arange(0, PLANES * PLANE_ROWS)[:, None]
+    plane = pid_p * PLANES + local // PLANE_ROWS
+    oy = (pid_r * PLANE_ROWS).to(tl.int32) + local % PLANE_ROWS
+    ox = (pid_w * BLOCK_W).to(tl.int32) + tl.arange(0, BLOCK_W)[None, :]
+    row_ok = (plane < planes) & (oy < out_h)
     col_ok = ox < out_w
-    plane = r // out_h
-    oy = (r - plane * out_h).to(tl.int32)
-    sample = plane // channels
-    x_rows = x_ptr + sample * stride_xn + (plane - sample * channels) * stride_xc
+    x_planes = x_ptr + plane * stride_xp
 
     # Polyphase: the first tap that meets a non-zero sample of the zero-inserted image, and the
     # input row / column it reads; tap k then reads the next input row / column.
@@ -109,28 +126,30 @@ def _upfirdn2d_kernel(x_ptr, f_ptr, y_ptr,
     phase_x = (UPX - bx % UPX) % UPX
     in_x0 = (bx + phase_x) // UPX - skip_x
 
-    acc = tl.zeros((BLOCK_R, BLOCK_W), dtype=tl.float32)
+    acc = tl.zeros((PLANES * PLANE_ROWS, BLOCK_W), dtype=tl.float32)
     for ky in range((FH + UPY - 1) // UPY):
         tap_y = phase_y + ky * UPY
         iy = in_y0 + ky
         ok_y = row_ok & (iy >= 0) & (iy < in_h)
         if UPY > 1:
             ok_y = ok_y & (tap_y < FH)
-        x_row = x_rows + iy.to(tl.int64) * stride_xh
+        x_row = x_planes + iy.to(tl.int64) * stride_xh
         for kx in tl.static_range((FW + UPX - 1) // UPX):
             tap_x = phase_x + kx * UPX
             ix = in_x0 + kx
             ok_x = col_ok & (ix >= 0) & (ix < in_w)
             if UPX > 1:
                 ok_x = ok_x & (tap_x < FW)
-            w = _filter_taps(f_ptr, stride_fh, stride_fw, phase_y, tap_y, tap_x, ky, kx,
+            w = _filter_taps(f_ptr, stride_fh, stride_fw, phase_y, phase_x, ky, kx,
                              UPX, UPY, FH, FW, FLIP)
-            v = tl.load(x_row[:, None] + ix[None, :].to(tl.int64) * stride_xw,
-                        mask=ok_y[:, None] & ok_x[None, :], other=0.0)
+            v = tl.load(x_row + ix.to(tl.int64) * stride_xw, mask=ok_y & ok_x, other=0.0)
             acc += v.to(tl.float32) * w
     out = (acc * gain).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + r[:, None] * out_w + ox[None, :], out,
-             mask=row_ok[:, None] & col_ok[None, :])
+    # Declared non-contiguous: a vectorised store would make Triton give each thread 8
+    # neighbouring columns, and then every scalar tap load of a warp would touch 4 rows x 128
+    # bytes instead of 64 neighbouring bytes, several times the L1 traffic of the loads.
+    out_offsets = tl.max_contiguous((plane * out_h + oy) * out_w + ox, [1, 1])
+    tl.store(y_ptr + out_offsets, out, mask=row_ok & col_ok)
 
 
 def _interpreting() -> bool:
@@ -169,16 +188,19 @@ def _check_args(x, f, factors, pads) -> None:
             raise ValueError(f"{name} must be an int, got {value!r}")
 
 
-def _block_shape(out_w: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_W, num_warps) for a row length of out_w outputs."""
+def _tile(out_h: int, out_w: int) -> tuple[int, int, int, int]:
+    """(PLANES, PLANE_ROWS, BLOCK_W, num_warps) for out_h x out_w output planes."""
     if _interpreting():
-        # Tiny tiles so the small test images span several tiles in both directions.
-        block_w = min(triton.next_power_of_2(out_w), 8)
-        return 32 // block_w, block_w, 1
-    # 1024 outputs per program (8 per thread with 4 warps); rows up to 64 wide keep a warp's
-    # loads on one or two 128-byte lines, narrower images stack more rows (and planes).
-    block_w = min(triton.next_power_of_2(out_w), 64)
-    return 1024 // block_w, block_w, 4
+        # Tiny tiles so the small test images span several tiles in both directions (and
+        # the smallest ones stack planes).
+        block_w, rows, num_warps = min(triton.next_power_of_2(out_w), 8), 32, 1
+    else:
+        # 1024 outputs per program (8 per thread with 4 warps); rows up to 64 wide keep a
+        # warp's loads on one or two 128-byte lines.
+        block_w, rows, num_warps = min(triton.next_power_of_2(out_w), 64), 1024, 4
+    rows //= block_w
+    plane_rows = min(triton.next_power_of_2(out_h), rows)
+    return rows // plane_rows, plane_rows, block_w, num_warps
 
 
 def upfirdn2d(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain):
@@ -207,17 +229,23 @@ def upfirdn2d(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_fil
                          f"no output pixel for a {in_w}x{in_h} image up-sampled by "
                          f"{[upx, upy]}")
     y = torch.empty((batch, channels, out_h, out_w), dtype=x.dtype, device=x.device)
-    rows = batch * channels * out_h
-    if rows == 0:
+    planes = batch * channels
+    if planes == 0:
         return y
+    # One stride walks all (n, c) planes when the batch stride is channels times the channel
+    # stride (any NCHW-contiguous or H/W-sliced x); otherwise copy.
+    if channels > 1 and batch > 1 and x.stride(0) != channels * x.stride(1):
+        x = x.contiguous()
+    plane_stride = x.stride(1) if channels > 1 else x.stride(0)
     skip_x = (max(padx0, 0) + upx - 1) // upx
     skip_y = (max(pady0, 0) + upy - 1) // upy
-    block_r, block_w, num_warps = _block_shape(out_w)
-    grid = (triton.cdiv(rows, block_r) * triton.cdiv(out_w, block_w),)
+    tile_planes, plane_rows, block_w, num_warps = _tile(out_h, out_w)
+    grid = (triton.cdiv(planes, tile_planes) * triton.cdiv(out_h, plane_rows)
+            * triton.cdiv(out_w, block_w),)
     _upfirdn2d_kernel[grid](
-        x, f, y, channels, in_h, in_w, out_h, out_w, rows,
-        *x.stride(), *f.stride(),
+        x, f, y, planes, in_h, in_w, out_h, out_w,
+        plane_stride, x.stride(2), x.stride(3), *f.stride(),
         skip_x * upx - padx0, skip_y * upy - pady0, skip_x, skip_y, float(gain),
         UPX=upx, UPY=upy, DOWNX=downx, DOWNY=downy, FH=fh, FW=fw, FLIP=bool(flip_filter),
-        BLOCK_R=block_r, BLOCK_W=block_w, num_warps=num_warps)
+        PLANES=tile_planes, PLANE_ROWS=plane_rows, BLOCK_W=block_w, num_warps=num_warps)
     return y

@@ -132,6 +132,9 @@ def test_upfirdn2d_reads_non_contiguous_images_and_filters():
         "strided": rand(2, 6, 7, 11, seed=6).float()[:, ::2, 1:, ::2],
         "channels-last": rand(2, 3, 5, 4, seed=7).float().contiguous(
             memory_format=torch.channels_last),
+        "batch-strided": rand(6, 2, 3, 4, seed=17).float()[1::2],
+        "one-channel-of-three": rand(2, 3, 4, 5, seed=19).float()[:, 1:2],
+        "channels-first-in-memory": rand(3, 2, 4, 5, seed=18).float().transpose(0, 1),
     }
     for what, x in images.items():
         x_dev = x.to(DEVICE)
