@@ -220,14 +220,17 @@ class BuiltinBatikDataset(Dataset):
     def motif_of(self, raw_index: int) -> str:
         return self.motifs[raw_index % len(self.motifs)]
 
+    def get_label(self, raw_index: int) -> np.ndarray:
+        """The label without rendering the image (one-hot motif, or empty)."""
+        label = np.zeros([self.label_dim], dtype=np.float32)
+        if self.label_dim:
+            label[MOTIFS.index(self.motif_of(raw_index))] = 1
+        return label
+
     def _load_item(self, raw_index: int):
         rng = np.random.default_rng([self.seed, raw_index])
-        motif = self.motif_of(raw_index)
-        image = render_batik(self.resolution, rng, motif)
+        image = render_batik(self.resolution, rng, self.motif_of(raw_index))
         if self.num_channels == 1:
             image = image.mean(axis=0, keepdims=True)
         image = np.rint(image * 255).astype(np.uint8)
-        label = np.zeros([self.label_dim], dtype=np.float32)
-        if self.label_dim:
-            label[MOTIFS.index(motif)] = 1
-        return image, label
+        return image, self.get_label(raw_index)

@@ -70,6 +70,13 @@ class Dataset:
     def _load_item(self, raw_index: int):
         raise NotImplementedError
 
+    def get_label(self, raw_index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def label_table(self) -> np.ndarray:
+        """Labels of every distinct image, ``[raw size, label_dim]``, without decoding images."""
+        return np.stack([self.get_label(i) for i in range(self._raw_size)])
+
 
 def _to_rgb(img: Image.Image, channels: int) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -88,7 +88,7 @@ def compute_metrics(G, dataset, extractor: FeatureExtractor, metrics=METRICS,
             real_cache[key] = real
     labels = None
     if G.c_dim:
-        labels = np.stack([dataset[i][1] for i in range(min(len(dataset), 10000))])
+        labels = dataset.label_table()
     fake = generator_features(G, extractor, num_gen, batch, truncation_psi, seed, labels, device)
     return metrics_from_features(real, fake, metrics)
 

@@ -235,8 +235,7 @@ class Trainer:
         return phases
 
     def _label_table(self) -> torch.Tensor:
-        raw = self.dataset._raw_size
-        return torch.from_numpy(np.stack([self.dataset[i][1] for i in range(raw)]))
+        return torch.from_numpy(self.dataset.label_table())
 
     def _grid_labels(self) -> torch.Tensor:
         n = self.grid_z.shape[0]
