@@ -499,10 +499,12 @@ class Trainer:
                 tick_due = self.cur_nimg >= tick_start_nimg + cfg["tick_kimg"] * 1000
                 if not (tick_due or done or stopping):
                     continue
-                now = time.time()
-                self._log_tick(now - tick_start, self.cur_nimg - tick_start_nimg, total_nimg)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # time the work, not its queueing
+                self._log_tick(time.time() - tick_start, self.cur_nimg - tick_start_nimg,
+                               total_nimg)
                 self.tick += 1
-                tick_start_nimg, tick_start = self.cur_nimg, now
+                tick_start_nimg = self.cur_nimg
                 if done or stopping or self.tick % cfg["image_snap"] == 0:
                     self.save_grid(f"fakes{self.step:08d}.png")
                 if done or stopping or self.tick % cfg["snap"] == 0:
@@ -513,6 +515,7 @@ class Trainer:
                     self.log(f"stopped by {self.stop_signal} at kimg {self.cur_nimg / 1000:.3f}; "
                              f"resume with --resume auto")
                     break
+                tick_start = time.time()  # snapshots and metrics are not training time
         finally:
             for sig, old in previous_handlers.items():
                 signal.signal(sig, old)
