@@ -55,10 +55,10 @@ def _diffusion_noise_kernel(x_ptr, x_scale_ptr, noise_scale_ptr, noise_ptr, y_pt
     (offset + i) % 4. SHIFT = offset % 4: programs cover whole counters, so program p starts at
     element p * BLOCK - SHIFT; first_counter = offset // 4."""
     pid = tl.program_id(0).to(tl.int64)
+    # [BLOCK // 4, 4]: one row per Philox counter, one column per word.
     groups = tl.arange(0, BLOCK // 4)
-    lanes = tl.arange(0, 4)
     start = pid * BLOCK - SHIFT
-    index = start + (groups * 4)[:, None] + lanes[None, :]  # [BLOCK // 4, 4], one row per counter
+    index = start + (groups * 4)[:, None] + tl.arange(0, 4)[None, :]
     mask = (index >= 0) & (index < numel)
 
     first_sample = tl.maximum(start, 0) // per_sample
@@ -87,10 +87,10 @@ def _diffusion_noise_kernel(x_ptr, x_scale_ptr, noise_scale_ptr, noise_ptr, y_pt
             eps = tl.load(noise_ptr + index, mask=mask, other=0.0).to(tl.float32)
         else:
             n0, n1, n2, n3 = _normal4(seed, first_counter + pid * (BLOCK // 4) + groups)
-            lane = lanes[None, :]
-            eps = tl.where(lane == 0, n0[:, None],
-                           tl.where(lane == 1, n1[:, None],
-                                    tl.where(lane == 2, n2[:, None], n3[:, None])))
+            # join + reshape puts the four words of a counter in one thread's registers, the
+            # layout of the [BLOCK // 4, 4] loads, where a broadcast-and-select would go through
+            # shared memory.
+            eps = tl.reshape(tl.join(tl.join(n0, n1), tl.join(n2, n3)), (BLOCK // 4, 4))
         y += noise_scale * eps
     tl.store(y_ptr + index, y.to(y_ptr.dtype.element_ty), mask=mask)
 
