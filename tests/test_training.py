@@ -440,3 +440,28 @@ def test_ema_has_the_requested_half_life_and_ramp_up():
     update_ema(G_ema, G, beta=0.25)
     torch.testing.assert_close(G_ema.weight, torch.full((3,), 0.25 * 1.0 + 0.75 * 3.0))
     torch.testing.assert_close(G_ema.running_mean, torch.full((3,), 7.0))  # buffers copied
+
+
+def test_fp16_loss_scaling_unscales_to_the_same_gradients_and_backs_off_on_overflow(tmp_path):
+    from batikfast.data import make_loader
+    from batikfast.training.loop import LossScaler
+    grads = []
+    for scale in (None, 1024.0):
+        config = micro_config(diffusion=False, style_mixing=0.0, pl_weight=0.0, seed=1)
+        trainer = _recording_trainer(config, tmp_path / str(scale))
+        if scale:
+            trainer.scaler = LossScaler(True, init_scale=scale)
+        trainer.train_step(make_loader(trainer.dataset, trainer.batch_gpu, num_workers=0))
+        grads.append(trainer.recorded)
+    for phase in ("Gmain", "Dmain", "Dreg"):
+        for name, g in grads[0][phase].items():
+            torch.testing.assert_close(grads[1][phase][name], g, rtol=1e-5, atol=1e-8)
+    scaler = LossScaler(True, init_scale=8.0, growth_interval=2)
+    scaler.update(finite=False)
+    assert scaler.scale == 4.0
+    scaler.update(True)
+    scaler.update(True)
+    assert scaler.scale == 8.0
+    restored = LossScaler(True)
+    restored.load_state_dict(scaler.state_dict())
+    assert restored.state_dict() == scaler.state_dict()
