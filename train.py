@@ -99,14 +99,14 @@ def main(argv=None) -> int:
     from batikfast.data import DatasetError
 
     try:
-        result = train(config, args.outdir, resume=args.resume)
+        train(config, args.outdir, resume=args.resume)
     except (OutputDirError, DatasetError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
-    return 0 if result.get("stopped_by") is None else 0
+    return 0  # also after SIGTERM/SIGINT: the checkpoint is saved, --resume auto continues
 
 
 if __name__ == "__main__":
