@@ -10,5 +10,5 @@ autograd here; ``batikfast/ops`` wires gradients and dispatch):
 
 The kernels take CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before triton
 was imported (Triton's interpreter, for tests), in float32, float16 or bfloat16, and compute in
-float32. Importing this package imports triton but compiles nothing.
+float32. This package imports nothing; each module imports triton and compiles on first call.
 """
