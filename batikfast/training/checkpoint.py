@@ -183,7 +183,9 @@ def capture_rng_state() -> dict:
     version, py_state, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        # this process's GPU only: touching the others would create a context on each of them
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and
+        torch.cuda.is_initialized() else [],
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64),
@@ -194,8 +196,7 @@ def capture_rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") and torch.cuda.is_available():
-        cuda = [s.cpu() for s in state["cuda"]][:torch.cuda.device_count()]
-        torch.cuda.set_rng_state_all(cuda)
+        torch.cuda.set_rng_state(state["cuda"][0].cpu())  # the current device's
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["cached_gaussian"]))
