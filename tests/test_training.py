@@ -465,3 +465,22 @@ def test_fp16_loss_scaling_unscales_to_the_same_gradients_and_backs_off_on_overf
     restored = LossScaler(True)
     restored.load_state_dict(scaler.state_dict())
     assert restored.state_dict() == scaler.state_dict()
+
+
+def test_training_on_a_zip_made_by_the_dataset_tool(tmp_path):
+    from PIL import Image
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        from make_dataset import make_dataset
+    finally:
+        sys.path.pop(0)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    make_dataset(photos, tmp_path / "batik.zip", resolution=16, log=lambda m: None)
+    result = train(micro_config(steps=2, data=str(tmp_path / "batik.zip")), tmp_path / "run")
+    assert result["step"] == 2
+    options = json.loads((tmp_path / "run" / "training_options.json").read_text())
+    assert options["data"].endswith("batik.zip")
