@@ -366,10 +366,12 @@ class Trainer:
         self.scaler.update(finite)
         if not finite:
             phase.opt.zero_grad(set_to_none=True)
-            if not self.scaler.enabled:
+            # fp16 overflow is the scaler's business, unless backing off has not cured it
+            fault = not self.scaler.enabled or self.scaler.scale < 1.0
+            if fault:
                 self.log(f"non-finite gradient in phase {phase.name} at step {self.step} "
                          f"(kimg {self.cur_nimg / 1000:.3f}): optimiser step skipped")
-            return self.scaler.enabled  # fp16 overflow is the scaler's business, not a fault
+            return not fault
         offset = 0
         for p in params:
             n = p.numel()
