@@ -292,3 +292,15 @@ def test_label_tables_come_without_decoding_images(tmp_path, monkeypatch):
     monkeypatch.setattr(ds, "_load_item", lambda i: (_ for _ in ()).throw(AssertionError("decoded")))
     table = ds.label_table()
     assert table.shape == (6, 4) and (table.sum(1) == 1).all()
+
+
+def test_a_truncated_image_read_in_a_worker_does_not_stop_the_loader(tmp_path):
+    for i in range(4):
+        _png(tmp_path / f"{i}.png", size=(16, 16), seed=i)
+    data = (tmp_path / "2.png").read_bytes()
+    (tmp_path / "2.png").write_bytes(data[: len(data) // 2])
+    ds = ImageFolderDataset(tmp_path)
+    loader = make_loader(ds, batch_gpu=4, num_workers=1)
+    for _ in range(3):  # every image, the truncated one included, is asked for
+        images, _ = next(loader)
+        assert images.shape == (4, 3, 16, 16)
