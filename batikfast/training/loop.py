@@ -535,6 +535,8 @@ class Trainer:
                   f"gpumem {mem:<5.2f}"]
         fields += [f"{label} {stats[key]:.4g}" for key, label in TICK_FIELDS if key in stats]
         fields.append(rundir.progress_bar(self.cur_nimg / max(total_nimg, 1)))
+        remaining = max(total_nimg - self.cur_nimg, 0) / 1000 * sec_per_kimg
+        fields.append(f"eta {int(remaining // 3600)}h{int(remaining % 3600 // 60):02d}m")
         self.log("  ".join(fields))
         self.logger.scalars({"Progress/kimg": self.cur_nimg / 1000,
                              "Timing/sec_per_kimg": sec_per_kimg,
