@@ -8,18 +8,19 @@
 #
 # All steps in one 10-minute call squeeze the later ones; two calls cover more while the machine
 # stays warm (the built extension is kept and not rebuilt):
-#   bash benchmarks/gpu_check.sh build tests bench      then      bash benchmarks/gpu_check.sh train peer
+#   bash benchmarks/gpu_check.sh build tests bench    then    bash benchmarks/gpu_check.sh networks train peer
 # Carry .peer (git-ignored, NVIDIA's checkout) to the machine for the peer step.
 #
-# Steps: build tests bench train peer (default: all, in that order). Each step runs under its
+# Steps: build tests bench networks train peer (default: all, in that order). Each step runs under its
 # own time limit and a failing step never stops the next one; the exit status is that of the
 # worst step. Everything is tee'd into $OUT/gpu_check.log as it happens, so a timeout loses
 # nothing already printed. $OUT ends up with at most 8 files:
 #   gpu_check.log  junit.xml  results.tar.gz (benchmarks/results/<device>-<date>/)
-#   ops.md  train_step.md  peer_nvidia.md  summary.txt
+#   ops.md  networks.md  train_step.md  peer_nvidia.md  summary.txt
 # Knobs (environment): GPU_CHECK_SECONDS (total, default 560), TESTS_SECONDS (default 200),
-# BENCH_SECONDS (op benchmark budget, default 180), TRAIN_SECONDS (default 90),
-# BENCH_ARGS / TRAIN_ARGS / PEER_ARGS (extra arguments), NVIDIA_PATH (default: .peer/stylegan3
+# BENCH_SECONDS (op benchmark budget, default 180), NETWORKS_SECONDS (default 60),
+# TRAIN_SECONDS (default 90), BENCH_ARGS / NETWORKS_ARGS / TRAIN_ARGS / PEER_ARGS (extra
+# arguments), NVIDIA_PATH (default: .peer/stylegan3
 # or .peer/stylegan2-ada-pytorch), RESULTS_DIR (default benchmarks/results/<device>-<date>),
 # PYTHON (default python3).
 set -u -o pipefail
@@ -38,7 +39,7 @@ export MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 START=$(date +%s)
 DEADLINE=$((START + ${GPU_CHECK_SECONDS:-560}))
-STEPS=${*:-build tests bench train peer}
+STEPS=${*:-build tests bench networks train peer}
 WORST=0
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
@@ -117,6 +118,13 @@ if want bench; then
         --outdir "$RESULTS_DIR" ${BENCH_ARGS:-}
 fi
 
+if want networks; then
+    budget=$(allot "${NETWORKS_SECONDS:-60}" 60)
+    # shellcheck disable=SC2086
+    run_step networks $((budget + 60)) "$PYTHON" benchmarks/networks.py --budget "$budget" \
+        --rep-ms 50 --outdir "$RESULTS_DIR" ${NETWORKS_ARGS:-}
+fi
+
 if want train; then
     budget=$(allot "${TRAIN_SECONDS:-90}" 70)
     # Mixed precision first: the paper's setting. Each setup runs 16 warm-up + 32 timed steps.
@@ -147,7 +155,7 @@ fi
 
 if [[ -d "$RESULTS_DIR" ]]; then
     tar -czf "$OUT/results.tar.gz" -C "$(dirname "$RESULTS_DIR")" "$(basename "$RESULTS_DIR")"
-    for name in ops.md train_step.md peer_nvidia.md; do
+    for name in ops.md networks.md train_step.md peer_nvidia.md; do
         [[ -f "$RESULTS_DIR/$name" ]] && cp "$RESULTS_DIR/$name" "$OUT/$name"
     done
 fi

@@ -302,3 +302,28 @@ def test_train_step_halves_the_round_when_the_whole_batch_runs_out_of_gpu_memory
     (row,) = train_step.run(args, torch.device("cpu"))
     assert tried == [None, 32, 16]
     assert row["status"] == "ok" and "retried with 16" in row["note"]
+
+
+def test_networks_report_compares_each_setup_with_the_reference_of_its_precision():
+    from benchmarks import networks
+    def row(backend, compile_mode, ms):
+        return dict(network="G", mode="fwd+bwd", precision="mixed", backend=backend,
+                    compile=compile_mode, cfg="paper256", batch=64, status="ok", ms=ms,
+                    ms_p20=ms, ms_p80=ms, images_per_s=64 / (ms * 1e-3))
+    rows = [row("ref", "eager", 100.0), row("ref", "compiled", 80.0), row("cuda", "eager", 50.0)]
+    networks._add_speedups(rows)
+    assert rows[2]["speedup_vs_ref"] == pytest.approx(2.0)
+    assert rows[2]["speedup_vs_compiled"] == pytest.approx(1.6)
+    meta = dict(cfg="paper256", batch=64, device="X", device_type="cuda", date="d",
+                git_commit="c", torch="t", triton="tr", cuda="cu", timing="CUDA events")
+    text = networks.markdown(dict(meta=meta, results=rows))
+    assert "| G | fwd+bwd | mixed | cuda | eager | 50.0 [50.0-50.0] | 1280 | 2.00x | 1.60x |" in text
+
+
+def test_networks_benchmark_says_why_a_backend_cannot_run(monkeypatch):
+    import torch
+    from benchmarks import networks
+    monkeypatch.setattr(networks, "networks_available", lambda: "no networks here")
+    rows = []
+    networks.run(networks.parse_args(["--quick"]), torch.device("cpu"), None, rows)
+    assert rows and all(r["status"] == "unavailable: no networks here" for r in rows)

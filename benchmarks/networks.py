@@ -1,0 +1,248 @@
+"""Whole networks between the op and the training-step benchmarks: G and D, forward and backward.
+
+    python benchmarks/networks.py                    # GPU: paper256, batch 64
+    python benchmarks/networks.py --quick            # CPU: tiny config, plumbing only
+
+Times ``G(z, c)`` (mapping + synthesis) and ``D(img, c, t)`` of the training config, forward
+and forward+backward (gradients of every parameter and of the input), per backend (ref /
+triton / cuda), eager and under ``torch.compile``, fp32 and mixed precision (fp16 in the
+highest resolutions, as paper256). Unlike the per-op sums of ``run.py`` this includes the
+launch gaps and the glue between ops. Writes ``networks.{json,md}`` beside the op results.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.common import Timer, default_device, fmt_float  # noqa: E402
+
+import torch  # noqa: E402
+
+from benchmarks.train_step import PRECISIONS  # noqa: E402
+
+NETWORKS = ("G", "D")
+MODES = ("fwd", "fwd+bwd")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cfg", default=None, help="training preset (default paper256; "
+                                                     "--quick: tiny)")
+    parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
+    parser.add_argument("--backends", nargs="+", choices=("ref", "triton", "cuda"),
+                        default=["ref", "triton", "cuda"])
+    parser.add_argument("--compile-modes", nargs="+", choices=("eager", "compiled"),
+                        default=["eager", "compiled"])
+    parser.add_argument("--precision", nargs="+", choices=sorted(PRECISIONS),
+                        default=["mixed", "fp32"])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--batch", type=int, default=None, help="default 64; --quick: 4")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds after which no new measurement starts")
+    parser.add_argument("--rep-ms", type=float, default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--outdir", default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cfg = args.cfg or "tiny"
+        args.batch = args.batch or 4
+        if args.backends == ["ref", "triton", "cuda"]:
+            args.backends = ["ref"]  # whole networks in interpreted Triton take many minutes
+        if args.compile_modes == ["eager", "compiled"]:
+            args.compile_modes = ["eager"]
+        if args.precision == ["mixed", "fp32"]:
+            args.precision = ["fp32"]
+    args.cfg = args.cfg or "paper256"
+    args.batch = args.batch or 64
+    return args
+
+
+def networks_available() -> str | None:
+    try:
+        from batikfast.training.config import make_config, network_kwargs  # noqa: F401
+        from batikfast.training.model import build_networks  # noqa: F401
+    except Exception as error:
+        return f"the networks or their config are not available yet ({type(error).__name__}: " \
+               f"{error})"
+    return None
+
+
+def build(args, device, precision):
+    from batikfast.training.config import make_config, network_kwargs
+    from batikfast.training.model import build_networks
+    config = make_config(args.cfg, precision=PRECISIONS[precision])
+    G_kwargs, D_kwargs = network_kwargs(config, c_dim=0, img_channels=3)
+    G, D = build_networks(G_kwargs, D_kwargs, device)
+    return config, G.requires_grad_(True), D.requires_grad_(True)
+
+
+def make_callables(G, D, config, batch, device, compiled):
+    """{(network, mode): no-argument function}."""
+    torch.manual_seed(0)
+    z = torch.randn([batch, G.z_dim], device=device)
+    c = torch.zeros([batch, 0], device=device)
+    res = config["resolution"]
+    img = torch.randn([batch, 3, res, res], device=device)
+    t = torch.randint(0, 1000, [batch], device=device)
+    G_run = torch.compile(G) if compiled else G
+    D_run = torch.compile(D) if compiled else D
+    G_params = [p for p in G.parameters() if p.requires_grad]
+    D_params = [p for p in D.parameters() if p.requires_grad]
+    img_leaf = img.clone().requires_grad_(True)
+    dy_img = torch.randn_like(img)
+
+    def g_fwd():
+        with torch.no_grad():
+            return G_run(z, c)
+
+    def g_bwd():
+        out = G_run(z, c)
+        return torch.autograd.grad(out, G_params, dy_img.to(out.dtype))
+
+    def d_fwd():
+        with torch.no_grad():
+            return D_run(img, c, t)
+
+    def d_bwd():
+        logits = D_run(img_leaf, c, t)
+        return torch.autograd.grad(logits.sum(), D_params + [img_leaf])
+
+    return {("G", "fwd"): g_fwd, ("G", "fwd+bwd"): g_bwd,
+            ("D", "fwd"): d_fwd, ("D", "fwd+bwd"): d_bwd}
+
+
+def run(args, device, timer, rows: list) -> list[dict]:
+    """Appends to ``rows`` as it goes, so an interrupted run keeps what it measured."""
+    import batikfast
+    from benchmarks.run import _describe_error, unavailable_reason
+    missing = networks_available()
+    started = time.perf_counter()
+    for precision, compile_mode, backend in itertools.product(
+            args.precision, args.compile_modes, args.backends):
+        base = dict(backend=backend, compile=compile_mode, precision=precision, cfg=args.cfg,
+                    batch=args.batch)
+        setup_rows = [dict(base, network=n, mode=m) for n in args.networks for m in args.modes]
+        rows.extend(setup_rows)
+        reason = missing or unavailable_reason(backend, device, torch.float32)
+        if reason:
+            for row in setup_rows:
+                row["status"] = f"unavailable: {reason}"
+            continue
+        if args.budget is not None and time.perf_counter() - started > args.budget:
+            for row in setup_rows:
+                row["status"] = "skipped: time budget"
+            continue
+        batikfast.set_backend(backend)
+        try:
+            config, G, D = build(args, device, precision)
+            fns = make_callables(G, D, config, args.batch, device, compile_mode == "compiled")
+            for row in setup_rows:
+                try:
+                    fn = fns[(row["network"], row["mode"])]
+                    begin = time.perf_counter()
+                    fn()
+                    common.synchronize(device)
+                    row["first_call_s"] = round(time.perf_counter() - begin, 2)
+                    timing = timer(fn)
+                    row.update(status="ok", ms=timing.median_ms, ms_p20=timing.p20_ms,
+                               ms_p80=timing.p80_ms, images_per_s=args.batch
+                               / (timing.median_ms * 1e-3))
+                except Exception as error:
+                    row["status"] = _describe_error(error)
+                _print_row(row)
+        except Exception as error:
+            for row in setup_rows:
+                row.setdefault("status", _describe_error(error))
+                _print_row(row)
+        finally:
+            batikfast.set_backend(None)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    _add_speedups(rows)
+    return rows
+
+
+def _add_speedups(rows):
+    ok = {(r["network"], r["mode"], r["precision"], r["backend"], r["compile"]): r
+          for r in rows if r.get("status") == "ok"}
+    for (network, mode, precision, _, _), row in ok.items():
+        eager = ok.get((network, mode, precision, "ref", "eager"))
+        compiled = ok.get((network, mode, precision, "ref", "compiled"))
+        row["speedup_vs_ref"] = eager["ms"] / row["ms"] if eager else None
+        row["speedup_vs_compiled"] = compiled["ms"] / row["ms"] if compiled else None
+
+
+def _label(row) -> str:
+    return f"{row['network']} {row['mode']} {row['backend']} {row['compile']} {row['precision']}"
+
+
+def _print_row(row):
+    if row.get("status") != "ok":
+        print(f"  {_label(row):<36} {row.get('status')}", flush=True)
+        return
+    print(f"  {_label(row):<36} {fmt_float(row['ms']):>8} ms "
+          f"[{fmt_float(row['ms_p20'])}-{fmt_float(row['ms_p80'])}]  "
+          f"{row['images_per_s']:.0f} img/s  (first call {row['first_call_s']} s)", flush=True)
+
+
+def markdown(payload) -> str:
+    meta, rows = payload["meta"], payload["results"]
+    out = [f"# batikfast networks ({meta['cfg']}, batch {meta['batch']}): {meta['device']}", ""]
+    if meta.get("device_type") != "cuda":
+        out += [f"**{common.CPU_LABEL}**: checks the script only.", ""]
+    out += [f"- date {meta['date']}, commit `{meta.get('git_commit')}`; torch {meta['torch']}, "
+            f"triton {meta['triton']}, CUDA {meta['cuda']}; timing: {meta['timing']}",
+            "- fwd+bwd: gradients of every parameter (and of D's input image)",
+            *(["- **interrupted by a time limit: the run is incomplete**"]
+              if meta.get("interrupted") else []), "",
+            "| network | mode | precision | backend | compile | ms [20-80%] | images/s | "
+            "x eager ref | x compiled ref |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = [row["network"], row["mode"], row["precision"], row["backend"], row["compile"]]
+        if row.get("status") != "ok":
+            out.append("| " + " | ".join(cells) + f" | {row.get('status')} | | | |")
+            continue
+        cells += [f"{fmt_float(row['ms'])} [{fmt_float(row['ms_p20'])}-"
+                  f"{fmt_float(row['ms_p80'])}]", f"{row['images_per_s']:.0f}",
+                  f"{row['speedup_vs_ref']:.2f}x" if row.get("speedup_vs_ref") else "-",
+                  f"{row['speedup_vs_compiled']:.2f}x" if row.get("speedup_vs_compiled") else "-"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device) if args.device else default_device()
+    timer = Timer(device, rep_ms=args.rep_ms or (20.0 if args.quick else 100.0),
+                  min_repeats=1 if device.type == "cpu" else 10)
+    meta = common.run_metadata(device)
+    meta.update(cfg=args.cfg, batch=args.batch, timing=timer.method)
+    print(f"batikfast networks ({args.cfg}, batch {args.batch}) on {meta['device']} "
+          f"({meta['timing']})")
+    rows = []
+    try:
+        run(args, device, timer, rows)
+    except KeyboardInterrupt:  # gpu_check.sh's time limit sends SIGINT: keep what was measured
+        meta["interrupted"] = True
+        print("\ninterrupted: writing the measurements taken so far")
+        for row in rows:
+            row.setdefault("status", "interrupted")
+        _add_speedups(rows)
+    payload = dict(meta=meta, results=rows)
+    outdir = common.output_dir(args.outdir, device)
+    common.write_json(outdir / "networks.json", payload)
+    (outdir / "networks.md").write_text(markdown(payload))
+    print(f"wrote {outdir / 'networks.json'}, {outdir / 'networks.md'}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
