@@ -102,6 +102,7 @@ def _upfirdn2d_kernel(x_ptr, f_ptr, y_ptr,
     phase arithmetic non-negative, so C-style and floor division agree. Per-row values are
     [rows, 1] and per-column values [1, BLOCK_W] tensors from the start, so they share the
     tile's layout instead of being converted to it."""
+    TILE: tl.constexpr = PLANES * PLANE_ROWS * BLOCK_W
     pid = tl.program_id(0).to(tl.int64)
     col_blocks = tl.cdiv(out_w, BLOCK_W)
     row_blocks = tl.cdiv(out_h, PLANE_ROWS)
@@ -142,14 +143,20 @@ def _upfirdn2d_kernel(x_ptr, f_ptr, y_ptr,
                 ok_x = ok_x & (tap_x < FW)
             w = _filter_taps(f_ptr, stride_fh, stride_fw, phase_y, phase_x, ky, kx,
                              UPX, UPY, FH, FW, FLIP)
-            v = tl.load(x_row + ix.to(tl.int64) * stride_xw, mask=ok_y & ok_x, other=0.0)
+            # Loads and the store go through the flat tile: Triton then lays the tile out
+            # with consecutive threads on consecutive columns (coalesced scalar tap loads) on
+            # both Triton 3.6 and 3.8; on the 2-D tile 3.6 breaks the tie between two
+            # non-contiguous axes by putting threads down the rows (16 rows per warp access).
+            v = tl.reshape(tl.load(tl.reshape(x_row + ix.to(tl.int64) * stride_xw, (TILE,)),
+                                   mask=tl.reshape(ok_y & ok_x, (TILE,)), other=0.0),
+                           (PLANES * PLANE_ROWS, BLOCK_W))
             acc += v.to(tl.float32) * w
     out = (acc * gain).to(y_ptr.dtype.element_ty)
-    # Declared non-contiguous: a vectorised store would make Triton give each thread 8
-    # neighbouring columns, and then every scalar tap load of a warp would touch 4 rows x 128
-    # bytes instead of 64 neighbouring bytes, several times the L1 traffic of the loads.
-    out_offsets = tl.max_contiguous((plane * out_h + oy) * out_w + ox, [1, 1])
-    tl.store(y_ptr + out_offsets, out, mask=row_ok & col_ok)
+    # Declared non-contiguous: a vectorised store would give each thread 8 neighbouring
+    # columns, and each scalar tap load of a warp would then span 4 rows x 128 bytes.
+    out_offsets = tl.max_contiguous(tl.reshape((plane * out_h + oy) * out_w + ox, (TILE,)), 1)
+    tl.store(y_ptr + out_offsets, tl.reshape(out, (TILE,)),
+             mask=tl.reshape(row_ok & col_ok, (TILE,)))
 
 
 def _interpreting() -> bool:
