@@ -327,3 +327,12 @@ def test_networks_benchmark_says_why_a_backend_cannot_run(monkeypatch):
     rows = []
     networks.run(networks.parse_args(["--quick"]), torch.device("cpu"), None, rows)
     assert rows and all(r["status"] == "unavailable: no networks here" for r in rows)
+
+
+def test_pytest_benchmark_entries_name_existing_paper256_cases():
+    pytest.importorskip("pytest_benchmark")
+    from benchmarks.test_bench_ops import GPU_CASES
+    names = {c.name for c in shapes.generator_cases() + shapes.discriminator_cases()}
+    assert set(GPU_CASES) <= names
+    assert {c.op for c in shapes.cases_for("paper256-g") + shapes.cases_for("paper256-d")
+            if c.name in GPU_CASES} == set(opcases.OPS)
