@@ -200,6 +200,31 @@ def _noise_cost(case, batch, dtype, mode):
 
 # --------------------------------------------------------------------------- registry
 
+# Case parameters that only set tensor sizes; the op calls read none of them.
+_SIZE_PARAMS = frozenset({"channels", "res", "in_channels", "out_channels", "in_res", "out_res"})
+_compiled_forwards: dict = {}
+
+
+def _compiled_forward(case, inputs, impl, call, names, dynamic):
+    """One ``torch.compile``d forward per op variant (structure, not sizes) when dynamic.
+
+    Reusing the same compiled function lets one dynamic-shape graph serve every layer of a
+    variant instead of compiling each layer again (minutes over the paper256 shapes).
+    """
+    structure = tuple(sorted((k, v) for k, v in case.params.items() if k not in _SIZE_PARAMS))
+    absent = tuple(sorted(k for k, v in inputs.items() if v is None))
+    key = (case.op, impl, call, tuple(names), absent, structure)
+    if not dynamic:
+        key += (case.name, tuple(tuple(inputs[n].shape) for n in names))
+    if key not in _compiled_forwards:
+        template = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
+
+        def forward(*tensors):
+            return call(dict(template, **dict(zip(names, tensors))), impl, case)
+        _compiled_forwards[key] = torch.compile(forward, dynamic=dynamic)
+    return _compiled_forwards[key]
+
+
 class NotApplicable(Exception):
     """This case has nothing to time in this mode."""
 
@@ -257,12 +282,11 @@ def make_callable(case: Case, inputs: dict, impl: str, mode: str, compiled: bool
                             "on them, so there is no double backward to time")
     call = call or OPS[case.op].call
     names = sorted(k for k, v in inputs.items() if isinstance(v, torch.Tensor))
-
-    def forward(*tensors):
-        return call(dict(inputs, **dict(zip(names, tensors))), impl, case)
-
     if compiled:
-        forward = torch.compile(forward, dynamic=dynamic)
+        forward = _compiled_forward(case, inputs, impl, call, names, dynamic)
+    else:
+        def forward(*tensors):
+            return call(dict(inputs, **dict(zip(names, tensors))), impl, case)
     tensors = [inputs[name] for name in names]
     if mode == "fwd":
         def run():
