@@ -9,6 +9,9 @@ interpreter, so the tensors stay tiny.
 """
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,6 +236,50 @@ def test_bias_act_ops_triton_matches_ops_reference_with_gradients(act):
     for what, fast, ref in zip(["y", "dx", "db", "d(dx . dy)/dx"], results["triton"],
                                results["ref"]):
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5, msg=f"{act} {what}")
+
+
+# Compiling for a real GPU target catches what the interpreter lets through (types, layouts,
+# constexpr rules); ptxas ships with Triton, so this runs on machines without a GPU too.
+COMPILE_HEADER = r"""
+import sys
+sys.path.insert(0, {root!r})
+import triton
+from triton.backends.compiler import GPUTarget
+from batikfast import backends
+kernels = backends.triton_kernels({op!r})
+
+
+def compile_for_sm90(fn, types, constants, num_warps):
+    signature, attrs = {{}}, {{}}
+    for i, name in enumerate(fn.arg_names):
+        signature[name] = "constexpr" if name in constants else types[name]
+        if signature[name].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = triton.compiler.ASTSource(fn, signature, constexprs=constants, attrs=attrs)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+"""
+
+
+def compile_without_gpu(op, calls):
+    """Run ``calls`` after COMPILE_HEADER in a fresh interpreter without TRITON_INTERPRET."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = COMPILE_HEADER.format(root=root, op=op) + calls
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU machine every test compiles the kernel for real")
+def test_bias_act_kernel_compiles_for_an_nvidia_gpu():
+    compile_without_gpu("bias_act", """
+for dtype, act, order, block_i in [("fp16", 2, 0, 16), ("bf16", 3, 2, 4096), ("fp32", 8, 1, 1),
+                                   ("fp16", 7, 1, 256)]:
+    types = dict(x_ptr="*" + dtype, b_ptr="*" + dtype, dy_ptr="*" + dtype, out_ptr="*" + dtype,
+                 rows="i64", inner="i64", channels="i32", alpha="fp32", gain="fp32",
+                 clamp="fp32")
+    compile_for_sm90(kernels._bias_act_kernel, types,
+                     dict(ACT=act, ORDER=order, HAS_BIAS=True, HAS_CLAMP=True,
+                          BLOCK_R=4096 // block_i, BLOCK_I=block_i), 8)
+""")
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU: a tensor past 2**31 elements")

@@ -9,6 +9,9 @@ stay small.
 """
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,6 +188,50 @@ def test_diffusion_noise_triton_op_matches_the_reference_op_with_given_noise():
     fast = ops.diffusion_noise(x, t, sqrt_ab, sqrt_1mab, noise=noise, impl="triton")
     ref = ops.diffusion_noise(x, t, sqrt_ab, sqrt_1mab, noise=noise, impl="ref")
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+
+
+# Compiling for a real GPU target catches what the interpreter lets through (types, layouts,
+# constexpr rules); ptxas ships with Triton, so this runs on machines without a GPU too.
+COMPILE_HEADER = r"""
+import sys
+sys.path.insert(0, {root!r})
+import triton
+from triton.backends.compiler import GPUTarget
+from batikfast import backends
+kernels = backends.triton_kernels({op!r})
+
+
+def compile_for_sm90(fn, types, constants, num_warps):
+    signature, attrs = {{}}, {{}}
+    for i, name in enumerate(fn.arg_names):
+        signature[name] = "constexpr" if name in constants else types[name]
+        if signature[name].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = triton.compiler.ASTSource(fn, signature, constexprs=constants, attrs=attrs)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+"""
+
+
+def compile_without_gpu(op, calls):
+    """Run ``calls`` after COMPILE_HEADER in a fresh interpreter without TRITON_INTERPRET."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = COMPILE_HEADER.format(root=root, op=op) + calls
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU machine every test compiles the kernel for real")
+def test_diffusion_noise_kernel_compiles_for_an_nvidia_gpu():
+    compile_without_gpu("diffusion_noise", """
+for dtype, given, shift, two in [("fp16", False, 0, True), ("bf16", True, 3, False),
+                                 ("fp32", False, 1, False)]:
+    types = dict(x_ptr="*" + dtype, x_scale_ptr="*fp32", noise_scale_ptr="*fp32",
+                 noise_ptr="*" + dtype, y_ptr="*" + dtype, numel="i64", per_sample="i64",
+                 batch="i32", seed="i64", first_counter="i64")
+    compile_for_sm90(kernels._diffusion_noise_kernel, types,
+                     dict(HAS_NOISE_SCALE=True, GIVEN_NOISE=given, SHIFT=shift,
+                          AT_MOST_TWO_SAMPLES=two, BLOCK=4096), 8)
+""")
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU: a tensor past 2**31 elements")

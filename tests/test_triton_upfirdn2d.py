@@ -9,6 +9,9 @@ Without a GPU the kernel runs in Triton's interpreter, so the images stay tiny.
 """
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,6 +219,52 @@ def test_upfirdn2d_empty_batch_gives_empty_output():
     x = torch.zeros(0, 3, 4, 4, device=DEVICE)
     y = up2d.upfirdn2d(x, torch.ones(2, 2, device=DEVICE), 2, 2, 1, 1, 0, 0, 0, 0, False, 1.0)
     assert y.shape == (0, 3, 7, 7)
+
+
+# Compiling for a real GPU target catches what the interpreter lets through (types, layouts,
+# constexpr rules); ptxas ships with Triton, so this runs on machines without a GPU too.
+COMPILE_HEADER = r"""
+import sys
+sys.path.insert(0, {root!r})
+import triton
+from triton.backends.compiler import GPUTarget
+from batikfast import backends
+kernels = backends.triton_kernels({op!r})
+
+
+def compile_for_sm90(fn, types, constants, num_warps):
+    signature, attrs = {{}}, {{}}
+    for i, name in enumerate(fn.arg_names):
+        signature[name] = "constexpr" if name in constants else types[name]
+        if signature[name].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = triton.compiler.ASTSource(fn, signature, constexprs=constants, attrs=attrs)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+"""
+
+
+def compile_without_gpu(op, calls):
+    """Run ``calls`` after COMPILE_HEADER in a fresh interpreter without TRITON_INTERPRET."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = COMPILE_HEADER.format(root=root, op=op) + calls
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU machine every test compiles the kernel for real")
+def test_upfirdn2d_kernel_compiles_for_an_nvidia_gpu():
+    compile_without_gpu("upfirdn2d", """
+for dtype, (upx, upy, downx, downy, fh, fw), tile in [
+        ("fp16", (2, 2, 1, 1, 4, 4), (1, 16)), ("bf16", (1, 1, 2, 2, 4, 4), (4, 4)),
+        ("fp32", (3, 1, 1, 2, 1, 5), (1, 16)), ("fp16", (1, 2, 1, 1, 4, 1), (2, 8))]:
+    types = dict(x_ptr="*" + dtype, f_ptr="*fp32", y_ptr="*" + dtype, planes="i32", in_h="i32",
+                 in_w="i32", out_h="i32", out_w="i32", stride_xp="i64", stride_xh="i64",
+                 stride_xw="i64", stride_fh="i32", stride_fw="i32", lead_x="i32", lead_y="i32",
+                 skip_x="i32", skip_y="i32", gain="fp32")
+    compile_for_sm90(kernels._upfirdn2d_kernel, types,
+                     dict(UPX=upx, UPY=upy, DOWNX=downx, DOWNY=downy, FH=fh, FW=fw, FLIP=False,
+                          PLANES=tile[0], PLANE_ROWS=tile[1], BLOCK_W=64), 4)
+""")
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU: an output past 2**31 elements")
