@@ -336,3 +336,19 @@ def test_pytest_benchmark_entries_name_existing_paper256_cases():
     assert set(GPU_CASES) <= names
     assert {c.op for c in shapes.cases_for("paper256-g") + shapes.cases_for("paper256-d")
             if c.name in GPU_CASES} == set(opcases.OPS)
+
+
+def test_compiled_reference_reuses_one_dynamic_graph_per_op_variant():
+    import torch
+    opcases._compiled_forwards.clear()
+    acts = [c for c in shapes.generator_cases() if c.op == "bias_act"][:3]
+    cpu = torch.device("cpu")
+    for case in acts:  # torch.compile is lazy: nothing compiles until a call
+        inputs = opcases.make_inputs(case, 1, torch.float32, cpu, "fwd")
+        opcases.make_callable(case, inputs, "ref", "fwd", compiled=True, dynamic=True)
+    assert len(opcases._compiled_forwards) == 1
+    for case in acts:
+        inputs = opcases.make_inputs(case, 1, torch.float32, cpu, "fwd")
+        opcases.make_callable(case, inputs, "ref", "fwd", compiled=True, dynamic=False)
+    assert len(opcases._compiled_forwards) == 1 + len(acts)
+    opcases._compiled_forwards.clear()
