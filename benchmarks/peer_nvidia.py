@@ -158,6 +158,7 @@ def parse_args(argv=None):
                         help="seconds after which no new measurement starts")
     parser.add_argument("--rep-ms", type=float, default=None)
     parser.add_argument("--outdir", default=None)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     args = parser.parse_args(argv)
     args.shapes = args.shapes or (["tiny"] if args.quick else ["paper256-g", "paper256-d"])
     args.batch = args.batch or ([2] if args.quick else [16, 64])
@@ -307,7 +308,7 @@ def _cell(row) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = default_device()
+    device = torch.device(args.device) if args.device else default_device()
     nvidia = Nvidia(args.nvidia_path, device)
     timer = Timer(device, rep_ms=args.rep_ms or (20.0 if args.quick else 100.0),
                   min_repeats=1 if device.type == "cpu" else 10)

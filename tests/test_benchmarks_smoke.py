@@ -173,6 +173,7 @@ def test_peer_script_labels_a_silent_fallback_and_a_loaded_plugin():
 def test_peer_script_matches_nvidia_reference_on_tiny_shapes(tmp_path):
     _run([str(REPO / "benchmarks" / "peer_nvidia.py"), "--nvidia-path",
           str(REPO / ".peer" / "stylegan3"), "--quick", "--backends", "ref", "--ops", "bias_act",
+          "--device", "cpu",  # on a GPU their plugin would JIT-compile for a minute
           "--outdir", str(tmp_path)], tmp_path)
     payload = json.loads((tmp_path / "peer_nvidia.json").read_text())
     ours = [r for r in payload["results"] if r["impl"] == "batikfast-ref"]
