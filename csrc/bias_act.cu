@@ -84,9 +84,9 @@ struct ChannelCursor {
   int64_t pos;      // index within the current run of `inner` elements
   int64_t channel;  // bias index
   __device__ ChannelCursor(int64_t index, int64_t inner, int64_t channels) {
-    const int64_t run = index / inner;
+    const int64_t run = div_nonneg(index, inner);
     pos = index - run * inner;
-    channel = run % channels;
+    channel = run - div_nonneg(run, channels) * channels;
   }
   __device__ __forceinline__ void step(int64_t inner, int64_t channels) {
     if (++pos == inner) {
@@ -151,7 +151,7 @@ __global__ void bias_act_kernel(T* __restrict__ out, const T* __restrict__ x,
   // The numel % V trailing elements, one per thread of the first threads.
   const int64_t i = vectors * V + first;
   if (i < p.numel) {
-    const float bias = b ? to_float(b[(i / p.inner) % p.channels]) : 0.f;
+    const float bias = b ? to_float(b[ChannelCursor(i, p.inner, p.channels).channel]) : 0.f;
     out[i] = BACKWARD ? backward_one<T, ACT>(dy[i], x[i], bias, p) : forward_one<T, ACT>(x[i], bias, p);
   }
 }

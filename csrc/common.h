@@ -81,6 +81,13 @@ constexpr int vec_width() {
   return 16 / static_cast<int>(sizeof(T));
 }
 
+// a / b for non-negative operands; a 64-bit division is a long software sequence on the GPU,
+// so take the hardware-friendly 32-bit one whenever the operands fit.
+__device__ __forceinline__ int64_t div_nonneg(int64_t a, int64_t b) {
+  if (((a | b) >> 32) == 0) return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+  return a / b;
+}
+
 inline bool is_aligned(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }

@@ -3,10 +3,11 @@
 // eps is the given noise tensor, or N(0, 1) drawn in the kernel and never written to memory.
 // The draw is counter-based: element i of the flattened x uses counter position
 // pos = offset + i; one Philox4x32-10 call with key = seed and counter = pos / 4 gives four
-// 32-bit words, turned into four normals by Box-Muller on the pairs (w0, w1) and (w2, w3), and
-// the element takes normal number pos % 4. So a result depends only on (seed, offset, i):
-// reproducible across launches, grid sizes and GPUs, and a call with offset + k continues the
-// stream of a call with offset. Each thread handles one counter (four positions), so every
+// 32-bit words, turned into four normals by Box-Muller on the pairs (w0, w1) -> angle a and
+// (w2, w3) -> angle b; the element takes number pos % 4 of (r_a cos a, r_b cos b, r_a sin a,
+// r_b sin b), the stream kernels/diffusion_noise.py draws too. So a result depends only on
+// (seed, offset, i): reproducible across launches, grid sizes, GPUs and backends, and a call
+// with offset + k continues the stream of a call with offset. Each thread handles one counter (four positions), so every
 // Philox output is used once.
 #include <torch/library.h>
 
@@ -40,10 +41,12 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 ctr, uint32_t k0, uint32_t 
   return ctr;
 }
 
-// A uniform in (0, 1) from the top 23 bits, exactly (k + 0.5) / 2**23: never 0, so the log is
-// finite, and exactly representable, so a float64 reference reproduces it bit for bit.
+// A uniform in (0, 1] from the top 24 bits, (k + 0.5) / 2**24 rounded to fp32: the same
+// conversion (and the same Philox words) as the Triton kernel, so both backends draw the same
+// noise for a seed up to the last bits of log/sin/cos. It is 1.0 for the largest k only, which
+// gives a zero-radius pair; it is never 0, so the log is finite.
 __device__ __forceinline__ float uniform_open(uint32_t w) {
-  return (static_cast<float>(w >> 9) + 0.5f) * (1.f / 8388608.f);
+  return (static_cast<float>(w >> 8) + 0.5f) * (1.f / 16777216.f);
 }
 
 __device__ __forceinline__ void box_muller(uint32_t a, uint32_t b, float& z0, float& z1) {
@@ -75,11 +78,13 @@ __global__ void diffusion_noise_kernel(T* __restrict__ y, const T* __restrict__ 
       const uint4 w = philox4x32_10(
           make_uint4(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), 0u, 0u),
           k0, k1);
-      box_muller(w.x, w.y, eps[0], eps[1]);
-      box_muller(w.z, w.w, eps[2], eps[3]);
+      // Positions 4c .. 4c+3 take (r_a cos a, r_b cos b, r_a sin a, r_b sin b): the layout the
+      // Triton kernel's join of its four normals produces.
+      box_muller(w.x, w.y, eps[0], eps[2]);
+      box_muller(w.z, w.w, eps[1], eps[3]);
     }
     const int64_t lo = start < 0 ? 0 : start;
-    int64_t sample = lo / p.per_sample;
+    int64_t sample = div_nonneg(lo, p.per_sample);
     int64_t within = lo - sample * p.per_sample;
     // Vector access needs the group to start on a 4-element boundary: phase 0 and a full group.
     if (p.aligned && phase == 0 && start + 4 <= p.numel) {

@@ -307,11 +307,14 @@ def _expected_eps(seed, offset, numel):
     """float64 normals of positions offset .. offset+numel-1 (the documented stream)."""
     pos = np.arange(offset, offset + numel, dtype=np.uint64)
     words = _philox4x32_10(pos // np.uint64(4), seed)
-    uniform = [((w >> np.uint64(9)).astype(np.float64) + 0.5) / 2.0**23 for w in words]
+    # (k + 0.5) / 2**24 rounded to float32, as the kernel (and the Triton kernel) computes it.
+    uniform = [((w >> np.uint64(8)).astype(np.float32) + np.float32(0.5)).astype(np.float64) / 2.0**24
+               for w in words]
     radius = [np.sqrt(-2.0 * np.log(uniform[0])), np.sqrt(-2.0 * np.log(uniform[2]))]
     angle = [2.0 * np.pi * uniform[1], 2.0 * np.pi * uniform[3]]
-    normals = [radius[0] * np.cos(angle[0]), radius[0] * np.sin(angle[0]),
-               radius[1] * np.cos(angle[1]), radius[1] * np.sin(angle[1])]
+    # Positions 4c .. 4c+3: (r_a cos a, r_b cos b, r_a sin a, r_b sin b), the Triton kernel's order.
+    normals = [radius[0] * np.cos(angle[0]), radius[1] * np.cos(angle[1]),
+               radius[0] * np.sin(angle[0]), radius[1] * np.sin(angle[1])]
     lane = (pos % np.uint64(4)).astype(np.int64)
     return torch.from_numpy(np.choose(lane, normals))
 
@@ -337,6 +340,23 @@ def test_diffusion_noise_draws_the_documented_philox_normals(shape, seed, offset
         truth = _per_sample(x_scale, x) * x.double().cpu() + _per_sample(noise_scale, x) * eps
         assert y.shape == x.shape and y.dtype == dtype
         _close(y, truth, dtype, scale=8.0, what=f"contiguous={contiguous}")
+
+
+def test_diffusion_noise_draws_the_same_stream_as_the_triton_kernel():
+    try:
+        from batikfast.backends import triton_kernels
+
+        triton_noise = triton_kernels("diffusion_noise")
+    except Exception as error:  # noqa: BLE001 - any import problem means no comparison
+        pytest.skip(f"the Triton diffusion_noise kernel is not importable: {error}")
+    gen = torch.Generator().manual_seed(11)
+    x = _randn((3, 3, 17, 19), torch.float32, gen)
+    x_scale, noise_scale = _scales(3, gen)
+    for seed, offset in [(5, 0), (2**40 + 1, 7)]:
+        ours = _cuda.diffusion_noise_forward(x, x_scale, noise_scale, None, seed, offset)
+        theirs = triton_noise.diffusion_noise_forward(x, x_scale, noise_scale, None, seed, offset)
+        # Triton may lower log/sin/cos to the approximate hardware instructions.
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
