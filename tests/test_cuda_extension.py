@@ -210,3 +210,13 @@ def test_cuda_home_is_a_toolkit_with_nvcc_and_headers(extension_config):
         pytest.skip("no CUDA toolkit on this machine")
     assert (Path(home) / "bin" / "nvcc").is_file()
     assert (Path(home) / "include" / "cuda_runtime.h").is_file()
+
+
+def test_extension_was_built_wherever_a_toolkit_and_a_cuda_torch_exist(extension_config):
+    """CI has nvcc and no GPU: a compile error there must fail the tests, not pass silently."""
+    if os.environ.get("BATIKFAST_BUILD_CUDA") == "0":
+        pytest.skip("BATIKFAST_BUILD_CUDA=0: the build was switched off")
+    if extension_config.find_cuda_home() is None or not torch.version.cuda:
+        pytest.skip("no CUDA toolkit or a CPU-only torch: nothing to build")
+    ok, reason = _cuda.available()
+    assert ok, f"a CUDA toolkit is here but batikfast._C did not build or load: {reason}"

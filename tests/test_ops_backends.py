@@ -131,6 +131,24 @@ def test_bias_act_kernels_accept_non_contiguous_input_and_any_dim(impl, dtype):
     assert_matches_truth(fast, ref, truth)
 
 
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("act", ["tanh", "lrelu", "linear"])
+def test_bias_act_third_derivative_exists_on_the_fast_paths_too(impl, act):
+    require(impl, "bias_act")
+    x = rand(4, 3, seed=34, dtype=torch.float64).float().requires_grad_(True)
+
+    def third(impl):
+        value = ops.bias_act(x, act=act, impl=impl)
+        for _ in range(3):
+            if not value.requires_grad:  # a constant derivative: the next one is zero
+                return torch.zeros_like(x)
+            (value,) = torch.autograd.grad(value.sum(), x, create_graph=True, allow_unused=True)
+            value = torch.zeros_like(x) if value is None else value
+        return value
+
+    torch.testing.assert_close(third(impl), third("ref"), rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- upfirdn2d
 
 UPFIRDN_CASES = [

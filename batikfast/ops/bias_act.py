@@ -115,6 +115,8 @@ def _activation_derivative(z: torch.Tensor, act: str, alpha: float, order: int) 
         z_leaf = z.detach().requires_grad_(True)
         value = ACTIVATIONS[act].func(z_leaf, alpha)
         for _ in range(order):
+            if not value.requires_grad:  # the derivative so far is constant: the next is zero
+                return torch.zeros_like(z)
             (value,) = torch.autograd.grad(value.sum(), z_leaf, create_graph=True)
     return value
 
