@@ -15,7 +15,7 @@
 # own time limit and a failing step never stops the next one; the exit status is that of the
 # worst step. Everything is tee'd into $OUT/gpu_check.log as it happens, so a timeout loses
 # nothing already printed. $OUT ends up with at most 8 files:
-#   gpu_check.log  junit.xml  results.tar.gz (benchmarks/results/<device>-<date>/)
+#   gpu_check.log  test_logs.tar.gz  results.tar.gz (benchmarks/results/<device>-<date>/)
 #   ops.md  networks.md  train_step.md  peer_nvidia.md  summary.txt
 # Knobs (environment): GPU_CHECK_SECONDS (total, default 560), TESTS_SECONDS (default 200),
 # BENCH_SECONDS (op benchmark budget, default 180), NETWORKS_SECONDS (default 60),
@@ -100,8 +100,26 @@ if want build; then
 fi
 
 if want tests; then
-    run_step tests "$(allot "${TESTS_SECONDS:-200}" 150)" "$PYTHON" -m pytest -q -ra \
-        --junitxml="$OUT/junit.xml" -p no:cacheprovider tests
+    # One pytest process per test file, all at once: a crash (segfault) in one file cannot hide
+    # the others' results, and 16 cores compile the Triton kernels in parallel. Benchmarks run
+    # only after every test process has ended, so they are not disturbed.
+    seconds=$(allot "${TESTS_SECONDS:-200}" 150)
+    log "step tests: one process per file, limit ${seconds}s each"
+    mkdir -p "$OUT/tests"
+    for file in tests/test_*.py; do
+        name=$(basename "$file" .py)
+        timeout --signal=INT --kill-after=20 "$seconds" "$PYTHON" -m pytest -q -ra \
+            -p no:cacheprovider "$file" >"$OUT/tests/$name.log" 2>&1 &
+    done
+    wait
+    for file in tests/test_*.py; do
+        name=$(basename "$file" .py)
+        summary=$(grep -E "passed|failed|error|Segmentation|Fatal Python" "$OUT/tests/$name.log" | tail -1)
+        grep -q KeyboardInterrupt "$OUT/tests/$name.log" && summary="$summary (STOPPED at the time limit)"
+        echo "$name: ${summary:-no summary (killed at the time limit?)}" | tee -a "$LOG" "$SUMMARY"
+        grep -E "^(FAILED|ERROR) " "$OUT/tests/$name.log" | cut -c1-220 | head -15 | tee -a "$LOG"
+    done
+    tar -czf "$OUT/test_logs.tar.gz" -C "$OUT" tests && rm -r "$OUT/tests"
 fi
 
 if [[ -z "${RESULTS_DIR:-}" ]]; then
