@@ -10,6 +10,11 @@ differentiable in the images (also twice, for R1), so generator gradients flow t
 Unlike NVIDIA's pipeline, the geometric resampling is plain bilinear (no 2x supersampling with
 a wavelet low-pass): simpler, slightly softer on rotations and fractional shifts.
 
+The resampling goes through :func:`grid_sample`, not ``F.grid_sample`` directly: torch up to at
+least 2.11 has no derivative for ``aten::grid_sampler_2d_backward`` (on the CPU and on GPUs), so
+R1 through the augmentation would fail there; ours is twice differentiable w.r.t. the images on
+every version and device.
+
 ``DiffAugment`` (Zhao et al. 2020): colour (brightness, saturation, contrast), translation by
 up to 1/8 of the image with zero fill, and cutout of a half-size square, applied to every image.
 
@@ -22,6 +27,99 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+_INTERPOLATION = {"bilinear": 0, "nearest": 1, "bicubic": 2}  # aten's enum values
+_PADDING = {"zeros": 0, "border": 1, "reflection": 2}
+
+
+def grid_sample(input: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear",
+                padding_mode: str = "zeros", align_corners: bool = False) -> torch.Tensor:
+    """``F.grid_sample`` on 4-D input, differentiable any number of times w.r.t. ``input``.
+
+    Args:
+        input: images ``[N, C, H, W]`` (float32, float16 on GPUs, bfloat16, float64).
+        grid: sampling positions ``[N, Ho, Wo, 2]`` in [-1, 1] (x, y), as for ``F.grid_sample``;
+            cast to ``input``'s dtype.
+        mode: ``"bilinear"``, ``"nearest"`` or ``"bicubic"``.
+        padding_mode: ``"zeros"``, ``"border"`` or ``"reflection"``.
+        align_corners: as for ``F.grid_sample``.
+
+    Returns ``[N, C, Ho, Wo]``, the same values as ``F.grid_sample``.
+
+    The output is linear in ``input``: the gradient w.r.t. ``input`` is the adjoint sampling
+    (``aten::grid_sampler_2d_backward``), and the derivative of that adjoint w.r.t. its incoming
+    gradient is the forward sampling again, which is how the double backward (R1) is built.
+    Second-order gradients w.r.t. ``grid`` are not provided: when ``grid`` requires a gradient
+    this calls ``F.grid_sample`` itself (exact first-order gradients for both arguments; its
+    double backward is whatever the installed torch offers, absent up to at least 2.11).
+    """
+    if mode not in _INTERPOLATION:
+        raise ValueError(f"mode must be one of {tuple(_INTERPOLATION)}, got {mode!r}")
+    if padding_mode not in _PADDING:
+        raise ValueError(f"padding_mode must be one of {tuple(_PADDING)}, got {padding_mode!r}")
+    if input.ndim != 4:
+        raise ValueError(f"input must be [N, C, H, W], got shape {tuple(input.shape)}")
+    if grid.ndim != 4 or grid.shape[0] != input.shape[0] or grid.shape[3] != 2:
+        raise ValueError(f"grid must be [N, Ho, Wo, 2] with N = {input.shape[0]}, got shape "
+                         f"{tuple(grid.shape)}")
+    grid = grid.to(input.dtype)
+    if grid.requires_grad and torch.is_grad_enabled():
+        return F.grid_sample(input, grid, mode=mode, padding_mode=padding_mode,
+                             align_corners=align_corners)
+    return _GridSample.apply(input, grid, _INTERPOLATION[mode], _PADDING[padding_mode],
+                             bool(align_corners))
+
+
+_MODE_NAMES = {value: name for name, value in _INTERPOLATION.items()}
+_PADDING_NAMES = {value: name for name, value in _PADDING.items()}
+
+
+class _GridSample(torch.autograd.Function):
+    """input -> sampled output; ``grid`` is a constant (it never requires a gradient here)."""
+
+    @staticmethod
+    def forward(ctx, input, grid, mode, padding, align_corners):
+        ctx.save_for_backward(input, grid)
+        ctx.modes = (mode, padding, align_corners)
+        return F.grid_sample(input, grid, mode=_MODE_NAMES[mode],
+                             padding_mode=_PADDING_NAMES[padding], align_corners=align_corners)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError("batikfast.augment.grid_sample: gradients w.r.t. grid go through "
+                               "F.grid_sample (grid must require grad before the call)")
+        input, grid = ctx.saved_tensors
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = _GridSampleAdjoint.apply(grad_output, input, grid, *ctx.modes)
+        return grad_input, None, None, None, None
+
+
+class _GridSampleAdjoint(torch.autograd.Function):
+    """grad_output -> grad_input, the adjoint of the sampling; ``input`` only gives the shape."""
+
+    @staticmethod
+    def forward(ctx, grad_output, input, grid, mode, padding, align_corners):
+        ctx.save_for_backward(grid)
+        ctx.modes = (mode, padding, align_corners)
+        # Under autocast the forward may have run in float32 on half inputs: the adjoint runs in
+        # the input's dtype so that its result matches the input.
+        grad_input, _ = torch.ops.aten.grid_sampler_2d_backward(
+            grad_output.to(input.dtype), input, grid, mode, padding, align_corners,
+            [True, False])
+        return grad_input
+
+    @staticmethod
+    def backward(ctx, grad_grad_input):
+        (grid,) = ctx.saved_tensors
+        grad_grad_output = None
+        if ctx.needs_input_grad[0]:
+            # The adjoint is linear in grad_output; its own adjoint is the forward sampling.
+            grad_grad_output = _GridSample.apply(grad_grad_input, grid, *ctx.modes)
+        # The adjoint does not depend on input's values, and grid is a constant.
+        return grad_grad_output, None, None, None, None, None
+
 
 ADA_BGC = dict(xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1, xfrac=1, brightness=1,
                contrast=1, lumaflip=1, hue=1, saturation=1)
@@ -213,8 +311,8 @@ def _resample(images, g_inv):
     theta = torch.stack([rows[:, :, 0] * (width / 2.0), rows[:, :, 1] * (height / 2.0),
                          rows[:, :, 2]], dim=2)
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection",
-                         align_corners=False)
+    return grid_sample(images, grid, mode="bilinear", padding_mode="reflection",
+                       align_corners=False)
 
 
 def _apply_colour_matrix(images, c):
