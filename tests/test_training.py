@@ -1,4 +1,11 @@
-"""The training loop on the CPU: every loss and augmentation, resume, faults, the command line."""
+"""The training loop on the CPU: every loss and augmentation, resume, faults, the command line.
+
+Every run here is pinned to the CPU whether or not the machine has a GPU: ``device="cpu"`` and
+``compile=False`` in :func:`micro_config`, ``--device cpu`` on every ``train.py`` and
+``batikfast.generate`` command line (generate's default is the GPU when there is one). The
+bit-exact comparisons (resume, deterministic runs, generate redrawing a training grid) hold on
+the CPU only. The GPU test at the end says so in its name and skips without one.
+"""
 import json
 import os
 import signal
@@ -247,7 +254,7 @@ def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
                         str(tmp_path / "empty"), "--device", "cpu"]) == 2
     assert "no images found" in capsys.readouterr().err
     assert _train_main(["--outdir", str(tmp_path / "run"), "--cfg", "tiny", "--batch", "6",
-                        "--batch-gpu", "4"]) == 2
+                        "--batch-gpu", "4", "--device", "cpu"]) == 2
     assert "multiple of batch_gpu" in capsys.readouterr().err
 
 
@@ -323,17 +330,23 @@ def test_tiny_cli_run_then_generate_a_grid(tmp_path):
     checkpoint = ckpt.latest_valid_checkpoint(outdir)
     config = json.loads((outdir / "training_options.json").read_text())
     assert config["cfg"] == "tiny" and config["resolution"] == 16
+    # --device cpu also turns the GPU default of torch.compile off
+    assert config["device"] == "cpu" and config["compile"] is False
+    log = (outdir / "log.txt").read_text()
+    assert "on cpu" in log and "torch.compile off" in log
     grid = tmp_path / "grid.png"
     gen = subprocess.run([sys.executable, "-m", "batikfast.generate", "--ckpt", str(checkpoint),
-                          "--seeds", "0-5", "--trunc", "0.7", "--out", str(grid)], env=_env(),
+                          "--seeds", "0-5", "--trunc", "0.7", "--out", str(grid),
+                          "--device", "cpu"], env=_env(),
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert gen.returncode == 0, gen.stderr
     from PIL import Image
     assert Image.open(grid).size == (3 * 16, 2 * 16)
     # the run's last grid shows seeds 0..15 of the EMA generator: generate redraws it exactly
     same = tmp_path / "same.png"
+    # on the CPU, as the run drew it: a GPU's arithmetic would change some pixels
     gen = subprocess.run([sys.executable, "-m", "batikfast.generate", "--ckpt", str(checkpoint),
-                          "--seeds", "0-15", "--out", str(same)], env=_env(),
+                          "--seeds", "0-15", "--out", str(same), "--device", "cpu"], env=_env(),
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert gen.returncode == 0, gen.stderr
     step = _weights(checkpoint)["progress"]["step"]
@@ -484,3 +497,21 @@ def test_training_on_a_zip_made_by_the_dataset_tool(tmp_path):
     assert result["step"] == 2
     options = json.loads((tmp_path / "run" / "training_options.json").read_text())
     assert options["data"].endswith("batik.zip")
+
+
+def test_a_micro_run_with_fp16_ada_and_r1_trains_on_the_gpu(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU (the CUDA path of the loop: fp16 layers, loss scaling, R1 "
+                    "through the augmentation on CUDA)")
+    config = micro_config(steps=2, device="cuda", aug="ada", precision="fp16", num_fp16_res=2,
+                          adjust_interval=1, ada_target=-1.0, diffusion_target=-1.0,
+                          d_reg_interval=1)
+    result = train(config, tmp_path)
+    assert result["step"] == 2
+    state = _weights(result["checkpoint"])
+    for net in ("G", "D", "G_ema"):
+        for name, value in state[net].items():
+            assert torch.isfinite(value).all(), (net, name)
+    assert state["training"]["augment_p"] > 0
+    log = (tmp_path / "log.txt").read_text()
+    assert "on cuda" in log and "non-finite" not in log
