@@ -1,5 +1,9 @@
 """Two CPU processes over gloo: the same gradients as one process, identical adaptive state,
-checkpoints that resume on another number of processes, and a clear exit when a rank dies."""
+checkpoints that resume on another number of processes, and a clear exit when a rank dies.
+
+The ranks are pinned to the CPU (``init_distributed("cpu")``, ``device="cpu"`` in the configs)
+and check that they got gloo and CPU tensors, so the test means the same on a GPU machine (two
+ranks there must not share one GPU through NCCL)."""
 import multiprocessing
 import os
 import socket
@@ -43,6 +47,9 @@ def _worker(rank, port, outdir, mode):
 
         if mode == "grads":
             info = dist_utils.init_distributed("cpu", timeout_s=60)
+            import torch.distributed as dist
+
+            (outdir / f"where{rank}.txt").write_text(f"{info.device.type} {dist.get_backend()}")
             trainer = _recording_trainer(_grad_config(batch_gpu=BATCH // WORLD),
                                          outdir / "grads_run", info)
             trainer.train_step(make_loader(trainer.dataset, trainer.batch_gpu, rank, WORLD,
@@ -101,6 +108,8 @@ def one_thread():
 def test_two_gloo_ranks_match_one_process_and_share_adaptive_state(tmp_path):
     codes = _run("grads", tmp_path)
     assert codes == [0, 0], _crashes(tmp_path)
+    for rank in range(WORLD):  # also where a GPU is visible
+        assert (tmp_path / f"where{rank}.txt").read_text() == "cpu gloo"
 
     # the gradients after the all-reduce equal one process's on the same global batch
     single = _recording_trainer(_grad_config(batch_gpu=BATCH), tmp_path / "single")
@@ -142,3 +151,20 @@ def test_a_dead_rank_makes_the_others_exit_with_a_clear_message(tmp_path):
         else _crashes(tmp_path)
     assert codes[0] == 5, message
     assert "another rank died" in message and "--resume auto" in message
+
+
+def test_more_ranks_than_gpus_is_a_clear_error_before_nccl_starts(monkeypatch):
+    from batikfast.training import distributed as dist_utils
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device",
+                        lambda *a: pytest.fail("no GPU may be touched before the check"))
+    with pytest.raises(RuntimeError, match="one GPU per process.*--device cpu"):
+        dist_utils.init_distributed("cuda")
+    with pytest.raises(RuntimeError, match="one GPU per process"):
+        dist_utils.init_distributed("auto")  # auto picks the GPU when one is visible

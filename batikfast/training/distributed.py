@@ -2,7 +2,8 @@
 
 A single process needs nothing: every helper here works with ``world_size == 1`` and no process
 group. Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) the group uses NCCL on GPUs
-and gloo on the CPU, and is created with a timeout, so that when one rank dies the others fail
+and gloo on the CPU (chosen by the device the run uses, not by whether a GPU exists: ``--device
+cpu`` on a GPU machine is gloo), and is created with a timeout, so that when one rank dies the others fail
 with a clear message instead of waiting forever in a collective.
 """
 from __future__ import annotations
@@ -45,7 +46,15 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for but no GPU is visible")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        gpus = torch.cuda.device_count()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if world_size > 1 and local_world > gpus:
+            # NCCL refuses two ranks on one GPU, and only after every rank has started.
+            raise RuntimeError(
+                f"{local_world} processes on this machine but {gpus} GPU(s) visible: NCCL needs "
+                f"one GPU per process. Start at most {gpus} (torchrun --nproc-per-node {gpus}), "
+                "or train on the CPU with --device cpu (gloo)")
+        torch.cuda.set_device(local_rank % gpus)
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
         dev = torch.device(device)
