@@ -1,4 +1,9 @@
-"""StyleGAN2 / Wasserstein losses with augmentation and diffusion before the discriminator."""
+"""StyleGAN2 / Wasserstein losses with augmentation and diffusion before the discriminator.
+
+These run on the CPU on every machine (networks and tensors are made without a device); only the
+backend comparison at the end takes the ``device`` fixture, the GPU where there is one. R1 through
+ADA's resampling relies on batikfast.augment.grid_sample (torch 2.11 cannot differentiate
+F.grid_sample twice, on the CPU either)."""
 
 import pytest
 import torch
