@@ -143,14 +143,6 @@ if want networks; then
         --rep-ms 50 --outdir "$RESULTS_DIR" ${NETWORKS_ARGS:-}
 fi
 
-if want train; then
-    budget=$(allot "${TRAIN_SECONDS:-90}" 70)
-    # Mixed precision first: the paper's setting. Each setup runs 16 warm-up + 32 timed steps.
-    # shellcheck disable=SC2086
-    run_step train $((budget + 60)) "$PYTHON" benchmarks/train_step.py --budget "$budget" \
-        --precision mixed fp32 --cycles 2 --outdir "$RESULTS_DIR" ${TRAIN_ARGS:-}
-fi
-
 if want peer; then
     NVIDIA_PATH=${NVIDIA_PATH:-}
     if [[ -z "$NVIDIA_PATH" ]]; then
@@ -169,6 +161,14 @@ if want peer; then
         log "step peer: skipped, no NVIDIA checkout in .peer/ (carry .peer to run it)"
         echo "peer: skipped (no .peer/stylegan3)" >>"$SUMMARY"
     fi
+fi
+
+if want train; then
+    budget=$(allot "${TRAIN_SECONDS:-90}" 70)
+    # Mixed precision first: the paper's setting. Each setup runs 16 warm-up + 32 timed steps.
+    # shellcheck disable=SC2086
+    run_step train $((budget + 60)) "$PYTHON" benchmarks/train_step.py --budget "$budget" \
+        --precision mixed fp32 --cycles 2 --outdir "$RESULTS_DIR" ${TRAIN_ARGS:-}
 fi
 
 if [[ -d "$RESULTS_DIR" ]]; then
