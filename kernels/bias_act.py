@@ -19,11 +19,11 @@ more than the memory traffic on an H100).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._checks import check_device, interpreting
 
 ACT_CODES = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "elu": 5, "selu": 6,
              "softplus": 7, "swish": 8}
@@ -150,24 +150,12 @@ def _bias_act_kernel(x_ptr, b_ptr, dy_ptr, out_ptr, rows, inner, channels, alpha
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
 def _check_tensor(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if t.device.type == "cpu":
-        if not _interpreting():
-            raise RuntimeError(f"bias_act (Triton) got {name} on the CPU: it needs CUDA tensors, "
-                               "or TRITON_INTERPRET=1 set before triton is imported (slow, for "
-                               "tests)")
-    elif t.device.type != "cuda":
-        raise RuntimeError(f"bias_act (Triton) needs CUDA tensors, got {name} on {t.device}")
-    if like is not None and t.device != like.device:
-        raise ValueError(f"{name} must be on {like.device} like x, got {t.device}")
+    check_device("bias_act", name, t, like)
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -195,7 +183,7 @@ def _launch(x, b, dy, out, dim, act, alpha, gain, clamp, order) -> torch.Tensor:
     rows = numel // inner
     # 4096 elements per program (16 per thread with 8 warps) amortise the per-program index
     # arithmetic; the interpreter gets small tiles so tiny test tensors span several programs.
-    block = 64 if _interpreting() else 4096
+    block = 64 if interpreting() else 4096
     block_i = min(triton.next_power_of_2(inner), block)
     block_r = block // block_i
     grid = (triton.cdiv(rows, block_r) * triton.cdiv(inner, block_i),)
@@ -204,7 +192,7 @@ def _launch(x, b, dy, out, dim, act, alpha, gain, clamp, order) -> torch.Tensor:
         rows, inner, channels, float(alpha), float(gain),
         float(clamp) if clamp is not None else 0.0,
         ACT=ACT_CODES[act], ORDER=order, HAS_BIAS=b is not None, HAS_CLAMP=clamp is not None,
-        BLOCK_R=block_r, BLOCK_I=block_i, num_warps=1 if _interpreting() else 8)
+        BLOCK_R=block_r, BLOCK_I=block_i, num_warps=1 if interpreting() else 8)
     return out
 
 

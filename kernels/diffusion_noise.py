@@ -11,11 +11,11 @@ numbers. Without ``noise_scale`` the kernel computes ``x_scale[n] * x[n]`` (the 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._checks import check_device, interpreting
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TWO_PI = tl.constexpr(6.283185307179586)
@@ -95,28 +95,12 @@ def _diffusion_noise_kernel(x_ptr, x_scale_ptr, noise_scale_ptr, noise_ptr, y_pt
     tl.store(y_ptr + index, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
-def _check_device(name: str, t: torch.Tensor, like: torch.Tensor | None) -> None:
-    if t.device.type == "cpu":
-        if not _interpreting():
-            raise RuntimeError(f"diffusion_noise (Triton) got {name} on the CPU: it needs CUDA "
-                               "tensors, or TRITON_INTERPRET=1 set before triton is imported "
-                               "(slow, for tests)")
-    elif t.device.type != "cuda":
-        raise RuntimeError(f"diffusion_noise (Triton) needs CUDA tensors, got {name} on {t.device}")
-    if like is not None and t.device != like.device:
-        raise ValueError(f"{name} must be on {like.device} like x, got {t.device}")
-
-
 def _check_args(x, x_scale, noise_scale, noise, seed, offset) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim < 1:
         raise ValueError(f"x must be a tensor [N, ...] of rank >= 1, got {x!r:.80}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    _check_device("x", x, None)
+    check_device("diffusion_noise", "x", x)
     for name, scale in (("x_scale", x_scale), ("noise_scale", noise_scale)):
         if scale is None and name == "noise_scale":
             continue
@@ -124,14 +108,14 @@ def _check_args(x, x_scale, noise_scale, noise, seed, offset) -> None:
                 or tuple(scale.shape) != (x.shape[0],)):
             raise ValueError(f"{name} must be a floating tensor of shape [{x.shape[0]}] (one value "
                              f"per sample), got {scale!r:.80}")
-        _check_device(name, scale, x)
+        check_device("diffusion_noise", name, scale, x)
     if noise is not None:
         if not isinstance(noise, torch.Tensor) or noise.shape != x.shape:
             raise ValueError(f"noise must be a tensor of x's shape {tuple(x.shape)}, got "
                              f"{getattr(noise, 'shape', noise)!r:.80}")
         if noise.dtype not in _DTYPES:
             raise TypeError(f"noise must be float32, float16 or bfloat16, got {noise.dtype}")
-        _check_device("noise", noise, x)
+        check_device("diffusion_noise", "noise", noise, x)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2 ** 62:
@@ -160,7 +144,7 @@ def diffusion_noise_forward(x, x_scale, noise_scale, noise, seed, offset):
     given_noise = noise_scale is not None and noise is not None
     # 4096 elements per program (16 per thread with 8 warps) keep the loads wide; the
     # interpreter gets small blocks so tiny test tensors span several programs.
-    block = 256 if _interpreting() else 4096
+    block = 256 if interpreting() else 4096
     shift = offset % 4
     per_sample = numel // x.shape[0]
     grid = (triton.cdiv(numel + shift, block),)
@@ -170,5 +154,5 @@ def diffusion_noise_forward(x, x_scale, noise_scale, noise, seed, offset):
         numel, per_sample, x.shape[0], int(seed), offset // 4,
         HAS_NOISE_SCALE=noise_scale is not None, GIVEN_NOISE=given_noise, SHIFT=shift,
         AT_MOST_TWO_SAMPLES=per_sample >= block, BLOCK=block,
-        num_warps=1 if _interpreting() else 8)
+        num_warps=1 if interpreting() else 8)
     return y

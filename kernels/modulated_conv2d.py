@@ -51,13 +51,14 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+
+from ._checks import check_device, interpreting as _interpreting
 
 _ACT_CODES = {"linear": 0, "relu": 1, "lrelu": 2}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -201,10 +202,6 @@ class _Config(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -384,14 +381,7 @@ def _check_args(x, weight, in_scale, out_scale, bias, act, clamp, padding) -> No
         raise ValueError(f"x must be a 4-D [N, I, H, W] tensor, got {_describe(x)}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.device.type == "cpu":
-        if not _interpreting():
-            raise RuntimeError("modulated_conv2d_forward (Triton) got CPU tensors: it needs CUDA "
-                               "tensors, or TRITON_INTERPRET=1 set before triton is imported "
-                               "(slow, for tests)")
-    elif x.device.type != "cuda":
-        raise RuntimeError(f"modulated_conv2d_forward (Triton) needs CUDA tensors, got x on "
-                           f"{x.device}")
+    check_device("modulated_conv2d_forward", "x", x)
     batch, in_channels = x.shape[:2]
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[1] != in_channels:
         raise ValueError(f"weight must be [O, {in_channels}, kh, kw], got {_describe(weight)}")

@@ -24,11 +24,11 @@ fixed trip counts. Taps read x through L1/L2 (neighbouring outputs share their i
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._checks import check_device, interpreting
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -159,34 +159,18 @@ def _upfirdn2d_kernel(x_ptr, f_ptr, y_ptr,
              mask=tl.reshape(row_ok & col_ok, (TILE,)))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
-def _check_device(name: str, t: torch.Tensor, like: torch.Tensor | None) -> None:
-    if t.device.type == "cpu":
-        if not _interpreting():
-            raise RuntimeError(f"upfirdn2d (Triton) got {name} on the CPU: it needs CUDA tensors, "
-                               "or TRITON_INTERPRET=1 set before triton is imported (slow, for "
-                               "tests)")
-    elif t.device.type != "cuda":
-        raise RuntimeError(f"upfirdn2d (Triton) needs CUDA tensors, got {name} on {t.device}")
-    if like is not None and t.device != like.device:
-        raise ValueError(f"{name} must be on {like.device} like x, got {t.device}")
-
-
 def _check_args(x, f, factors, pads) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"x must be a 4-D tensor [N, C, H, W], got {getattr(x, 'shape', x)!r:.80}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    _check_device("x", x, None)
+    check_device("upfirdn2d", "x", x)
     if not isinstance(f, torch.Tensor) or f.ndim != 2 or f.numel() == 0:
         raise ValueError(f"f must be a non-empty 2-D filter [fh, fw], got "
                          f"{getattr(f, 'shape', f)!r:.80}")
     if not f.is_floating_point():
         raise TypeError(f"f must be a floating-point tensor (float32), got {f.dtype}")
-    _check_device("f", f, x)
+    check_device("upfirdn2d", "f", f, x)
     for name, value in factors.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -197,7 +181,7 @@ def _check_args(x, f, factors, pads) -> None:
 
 def _tile(out_h: int, out_w: int) -> tuple[int, int, int, int]:
     """(PLANES, PLANE_ROWS, BLOCK_W, num_warps) for out_h x out_w output planes."""
-    if _interpreting():
+    if interpreting():
         # Tiny tiles so the small test images span several tiles in both directions (and
         # the smallest ones stack planes).
         block_w, rows, num_warps = min(triton.next_power_of_2(out_w), 8), 32, 1

@@ -1,5 +1,10 @@
-"""Shared by the cross-backend tests: where they run, and skipping with a reason."""
+"""Shared by the cross-backend tests (where they run, skipping with a reason) and the Triton
+kernel tests (compiling for an NVIDIA GPU without one)."""
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,3 +30,35 @@ def require(impl, op, dtype=torch.float32):
 
 def _triton_kernel_exists(op):
     return importlib.util.find_spec(f"batikfast.kernels.{op}") is not None
+
+
+# Compiling for a real GPU target catches what the interpreter lets through (types, layouts,
+# constexpr rules); ptxas ships with Triton, so this runs on machines without a GPU too.
+COMPILE_HEADER = r"""
+import sys
+sys.path.insert(0, {root!r})
+import triton
+from triton.backends.compiler import GPUTarget
+from batikfast import backends
+kernels = backends.triton_kernels({op!r})
+
+
+def compile_for_sm90(fn, types, constants, num_warps):
+    signature, attrs = {{}}, {{}}
+    for i, name in enumerate(fn.arg_names):
+        signature[name] = "constexpr" if name in constants else types[name]
+        if signature[name].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = triton.compiler.ASTSource(fn, signature, constexprs=constants, attrs=attrs)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+"""
+
+
+def compile_without_gpu(op, calls):
+    """Run ``calls`` after COMPILE_HEADER in a fresh interpreter without TRITON_INTERPRET."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = COMPILE_HEADER.format(root=root, op=op) + calls
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]

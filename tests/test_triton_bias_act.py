@@ -9,9 +9,6 @@ interpreter, so the tensors stay tiny.
 """
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from batikfast import backends, ops  # noqa: E402
+from tests._support import compile_without_gpu  # noqa: E402
 
 ba = backends.triton_kernels("bias_act")
 
@@ -217,7 +215,7 @@ def test_bias_act_refuses_bad_input_with_a_clear_error(monkeypatch):
         ba.bias_act_forward(x, torch.zeros(2, device=DEVICE), 1, "relu", 0.0, 1.0, None)
     with pytest.raises(ValueError, match="order must be 1 or 2"):
         ba.bias_act_backward(x, x, None, 1, "relu", 0.0, 1.0, None, 3)
-    monkeypatch.setattr(ba, "_interpreting", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         ba.bias_act_forward(torch.zeros(2, 3), None, 1, "relu", 0.0, 1.0, None)
 
@@ -238,36 +236,6 @@ def test_bias_act_ops_triton_matches_ops_reference_with_gradients(act):
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5, msg=f"{act} {what}")
 
 
-# Compiling for a real GPU target catches what the interpreter lets through (types, layouts,
-# constexpr rules); ptxas ships with Triton, so this runs on machines without a GPU too.
-COMPILE_HEADER = r"""
-import sys
-sys.path.insert(0, {root!r})
-import triton
-from triton.backends.compiler import GPUTarget
-from batikfast import backends
-kernels = backends.triton_kernels({op!r})
-
-
-def compile_for_sm90(fn, types, constants, num_warps):
-    signature, attrs = {{}}, {{}}
-    for i, name in enumerate(fn.arg_names):
-        signature[name] = "constexpr" if name in constants else types[name]
-        if signature[name].startswith("*"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = triton.compiler.ASTSource(fn, signature, constexprs=constants, attrs=attrs)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-"""
-
-
-def compile_without_gpu(op, calls):
-    """Run ``calls`` after COMPILE_HEADER in a fresh interpreter without TRITON_INTERPRET."""
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = COMPILE_HEADER.format(root=root, op=op) + calls
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
 @pytest.mark.skipif(HAS_GPU, reason="on a GPU machine every test compiles the kernel for real")
 def test_bias_act_kernel_compiles_for_an_nvidia_gpu():
     compile_without_gpu("bias_act", """

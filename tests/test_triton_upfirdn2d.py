@@ -9,9 +9,6 @@ Without a GPU the kernel runs in Triton's interpreter, so the images stay tiny.
 """
 import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from batikfast import backends, ops  # noqa: E402
+from tests._support import compile_without_gpu  # noqa: E402
 
 up2d = backends.triton_kernels("upfirdn2d")
 
@@ -209,7 +207,7 @@ def test_upfirdn2d_refuses_bad_input_with_a_clear_error(monkeypatch):
         up2d.upfirdn2d(x, f, 1, 1, 1, 0, 0, 0, 0, 0, False, 1.0)
     with pytest.raises(ValueError, match="leaves no output pixel"):
         up2d.upfirdn2d(x, f, 1, 1, 1, 1, -2, -2, 0, 0, False, 1.0)
-    monkeypatch.setattr(up2d, "_interpreting", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         up2d.upfirdn2d(torch.zeros(1, 1, 4, 4), torch.ones(2, 2), 1, 1, 1, 1, 0, 0, 0, 0,
                        False, 1.0)
@@ -221,36 +219,6 @@ def test_upfirdn2d_empty_batch_gives_empty_output():
     assert y.shape == (0, 3, 7, 7)
 
 
-# Compiling for a real GPU target catches what the interpreter lets through (types, layouts,
-# constexpr rules); ptxas ships with Triton, so this runs on machines without a GPU too.
-COMPILE_HEADER = r"""
-import sys
-sys.path.insert(0, {root!r})
-import triton
-from triton.backends.compiler import GPUTarget
-from batikfast import backends
-kernels = backends.triton_kernels({op!r})
-
-
-def compile_for_sm90(fn, types, constants, num_warps):
-    signature, attrs = {{}}, {{}}
-    for i, name in enumerate(fn.arg_names):
-        signature[name] = "constexpr" if name in constants else types[name]
-        if signature[name].startswith("*"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = triton.compiler.ASTSource(fn, signature, constexprs=constants, attrs=attrs)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-"""
-
-
-def compile_without_gpu(op, calls):
-    """Run ``calls`` after COMPILE_HEADER in a fresh interpreter without TRITON_INTERPRET."""
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = COMPILE_HEADER.format(root=root, op=op) + calls
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
 @pytest.mark.skipif(HAS_GPU, reason="on a GPU machine every test compiles the kernel for real")
 def test_upfirdn2d_kernel_compiles_for_an_nvidia_gpu():
     compile_without_gpu("upfirdn2d", """

@@ -1,0 +1,28 @@
+"""Device checks shared by the Triton kernel modules.
+
+Triton compiles for CUDA; CPU tensors are accepted only under Triton's interpreter
+(``TRITON_INTERPRET=1``, read when triton is imported), which the tests use without a GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter runs the kernels (read on every call: tests change it)."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def check_device(op: str, name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
+    """Raise unless ``t`` (argument ``name`` of ``op``) can run on Triton, on ``like``'s device."""
+    if t.device.type == "cpu":
+        if not interpreting():
+            raise RuntimeError(f"{op} (Triton) got {name} on the CPU: it needs CUDA tensors, "
+                               "or TRITON_INTERPRET=1 set before triton is imported (slow, for "
+                               "tests)")
+    elif t.device.type != "cuda":
+        raise RuntimeError(f"{op} (Triton) needs CUDA tensors, got {name} on {t.device}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name} must be on {like.device} like x, got {t.device}")
