@@ -567,21 +567,106 @@ void launch(Params<T> p, const at::Tensor& weight, const at::Tensor& like, cudaS
   }
 }
 
+// Every argument check runs before any tensor is read, cast, made contiguous or guarded, and
+// reads nothing but metadata, so bad input reaching the op directly (torch.ops.batikfast_cuda,
+// past the Python wrapper) raises an error naming the argument. Messages are built from string
+// literals and values only: no view outlives the call.
 void check_device(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.defined(), "modulated_conv2d_forward: ", name, " must be a defined tensor");
   TORCH_CHECK(t.is_cuda(), "modulated_conv2d_forward: ", name,
-              " must be a CUDA tensor, got a tensor on ", t.device());
+              " must be a CUDA tensor, got a tensor on ", t.device().str());
   TORCH_CHECK(t.device() == x.device(), "modulated_conv2d_forward: ", name,
-              " must be on the same device as x (", x.device(), "), got ", t.device());
+              " must be on the same device as x (", x.device().str(), "), got ",
+              t.device().str());
 }
 
 void check_float_dtype(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
   TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, "modulated_conv2d_forward: ",
-              name, " must be float32, float16 or bfloat16, got ", s);
+              name, " must be float32, float16 or bfloat16, got ", c10::toString(s));
 }
 
-const at::Tensor* present(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? &t.value() : nullptr;
+// Sizes of a validated call.
+struct Shape {
+  int64_t N, I, H, W, O, KH, KW, Ho, Wo;
+  int act;
+};
+
+Shape validate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& in_scale,
+               const c10::optional<at::Tensor>& out_scale, const c10::optional<at::Tensor>& noise,
+               const c10::optional<at::Tensor>& bias, c10::string_view act, int64_t padding) {
+  Shape s{};
+  // Scalars first: they need no tensor at all.
+  s.act = parse_modconv_act(std::string_view(act.data(), act.size()));
+  TORCH_CHECK(padding >= 0, "modulated_conv2d_forward: padding must be >= 0, got ", padding);
+
+  TORCH_CHECK(x.defined(), "modulated_conv2d_forward: x must be a defined tensor");
+  TORCH_CHECK(x.is_cuda(), "modulated_conv2d_forward: x must be a CUDA tensor, got a tensor on ",
+              x.device().str());
+  check_float_dtype(x, "x");
+  TORCH_CHECK(x.dim() == 4, "modulated_conv2d_forward: x must be 4-D [N, I, H, W], got ", x.dim(),
+              "-D");
+  s.N = x.size(0);
+  s.I = x.size(1);
+  s.H = x.size(2);
+  s.W = x.size(3);
+
+  check_device(weight, "weight", x);
+  check_float_dtype(weight, "weight");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == s.I, "modulated_conv2d_forward: weight must be [O, ",
+              s.I, ", kh, kw], got shape ", weight.sizes());
+  TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1,
+              "modulated_conv2d_forward: weight must have a non-empty kernel, got shape ",
+              weight.sizes());
+  s.O = weight.size(0);
+  s.KH = weight.size(2);
+  s.KW = weight.size(3);
+
+  check_device(in_scale, "in_scale", x);
+  TORCH_CHECK(in_scale.scalar_type() == at::kFloat,
+              "modulated_conv2d_forward: in_scale must be float32, got ",
+              c10::toString(in_scale.scalar_type()));
+  TORCH_CHECK(in_scale.dim() == 2 && in_scale.size(0) == s.N && in_scale.size(1) == s.I,
+              "modulated_conv2d_forward: in_scale must be [", s.N, ", ", s.I, "], got shape ",
+              in_scale.sizes());
+
+  s.Ho = s.H + 2 * padding - s.KH + 1;
+  s.Wo = s.W + 2 * padding - s.KW + 1;
+  TORCH_CHECK(s.Ho >= 1 && s.Wo >= 1, "modulated_conv2d_forward: output would be empty (", s.Ho,
+              "x", s.Wo, "): kernel ", s.KH, "x", s.KW, " is larger than the padded input ", s.H,
+              "x", s.W, " with padding ", padding);
+
+  if (out_scale.has_value() && out_scale->defined()) {
+    const at::Tensor& t = *out_scale;
+    check_device(t, "out_scale", x);
+    TORCH_CHECK(t.scalar_type() == at::kFloat,
+                "modulated_conv2d_forward: out_scale must be float32, got ",
+                c10::toString(t.scalar_type()));
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.O,
+                "modulated_conv2d_forward: out_scale must be [", s.N, ", ", s.O, "], got shape ",
+                t.sizes());
+  }
+  if (noise.has_value() && noise->defined()) {
+    const at::Tensor& t = *noise;
+    check_device(t, "noise", x);
+    check_float_dtype(t, "noise");
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == s.N && t.size(1) == 1 && t.size(2) == s.Ho &&
+                    t.size(3) == s.Wo,
+                "modulated_conv2d_forward: noise must be [", s.N, ", 1, ", s.Ho, ", ", s.Wo,
+                "], got shape ", t.sizes());
+  }
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor& t = *bias;
+    check_device(t, "bias", x);
+    check_float_dtype(t, "bias");
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == s.O, "modulated_conv2d_forward: bias must be [", s.O,
+                "], got shape ", t.sizes());
+  }
+  TORCH_CHECK(std::max({s.N, s.I, s.O, s.H, s.W, s.KH, s.KW, s.Ho, s.Wo}) <= INT32_MAX &&
+                  s.I * s.KH * s.KW <= INT32_MAX - 64,
+              "modulated_conv2d_forward: sizes too large (each dimension and I*kh*kw must fit in "
+              "32 bits), got x ", x.sizes(), ", weight ", weight.sizes());
+  return s;
 }
 
 }  // namespace
@@ -592,62 +677,15 @@ at::Tensor modulated_conv2d_forward(const at::Tensor& x, const at::Tensor& weigh
                                     const c10::optional<at::Tensor>& noise,
                                     const c10::optional<at::Tensor>& bias, c10::string_view act,
                                     double alpha, double gain, double clamp, int64_t padding) {
-  TORCH_CHECK(x.is_cuda(), "modulated_conv2d_forward: x must be a CUDA tensor, got a tensor on ",
-              x.device());
-  check_float_dtype(x, "x");
-  TORCH_CHECK(x.dim() == 4, "modulated_conv2d_forward: x must be 4-D [N, I, H, W], got shape ",
-              x.sizes());
-  check_device(weight, "weight", x);
-  check_float_dtype(weight, "weight");
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1),
-              "modulated_conv2d_forward: weight must be [O, ", x.size(1), ", kh, kw], got shape ",
-              weight.sizes());
-  TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1,
-              "modulated_conv2d_forward: weight must have a non-empty kernel, got shape ",
-              weight.sizes());
-  const int64_t N = x.size(0), I = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t O = weight.size(0), KH = weight.size(2), KW = weight.size(3);
-  check_device(in_scale, "in_scale", x);
-  TORCH_CHECK(in_scale.scalar_type() == at::kFloat,
-              "modulated_conv2d_forward: in_scale must be float32, got ", in_scale.scalar_type());
-  TORCH_CHECK(in_scale.dim() == 2 && in_scale.size(0) == N && in_scale.size(1) == I,
-              "modulated_conv2d_forward: in_scale must be [", N, ", ", I, "], got shape ",
-              in_scale.sizes());
-  TORCH_CHECK(padding >= 0, "modulated_conv2d_forward: padding must be >= 0, got ", padding);
-  const int64_t Ho = H + 2 * padding - KH + 1, Wo = W + 2 * padding - KW + 1;
-  TORCH_CHECK(Ho >= 1 && Wo >= 1, "modulated_conv2d_forward: output would be empty (", Ho, "x", Wo,
-              "): kernel ", KH, "x", KW, " is larger than the padded input ", H, "x", W,
-              " with padding ", padding);
-  const at::Tensor* out_scale_t = present(out_scale);
-  if (out_scale_t) {
-    check_device(*out_scale_t, "out_scale", x);
-    TORCH_CHECK(out_scale_t->scalar_type() == at::kFloat,
-                "modulated_conv2d_forward: out_scale must be float32, got ",
-                out_scale_t->scalar_type());
-    TORCH_CHECK(out_scale_t->dim() == 2 && out_scale_t->size(0) == N && out_scale_t->size(1) == O,
-                "modulated_conv2d_forward: out_scale must be [", N, ", ", O, "], got shape ",
-                out_scale_t->sizes());
-  }
-  const at::Tensor* noise_t = present(noise);
-  if (noise_t) {
-    check_device(*noise_t, "noise", x);
-    check_float_dtype(*noise_t, "noise");
-    TORCH_CHECK(noise_t->dim() == 4 && noise_t->size(0) == N && noise_t->size(1) == 1 &&
-                    noise_t->size(2) == Ho && noise_t->size(3) == Wo,
-                "modulated_conv2d_forward: noise must be [", N, ", 1, ", Ho, ", ", Wo,
-                "], got shape ", noise_t->sizes());
-  }
-  const at::Tensor* bias_t = present(bias);
-  if (bias_t) {
-    check_device(*bias_t, "bias", x);
-    check_float_dtype(*bias_t, "bias");
-    TORCH_CHECK(bias_t->dim() == 1 && bias_t->size(0) == O, "modulated_conv2d_forward: bias must be [",
-                O, "], got shape ", bias_t->sizes());
-  }
-  const int act_code = parse_modconv_act(act);
-  TORCH_CHECK(std::max({N, I, O, H, W, KH, KW, Ho, Wo}) <= INT32_MAX && I * KH * KW <= INT32_MAX - 64,
-              "modulated_conv2d_forward: sizes too large (each dimension and I*kh*kw must fit in "
-              "32 bits), got x ", x.sizes(), ", weight ", weight.sizes());
+  const Shape s = validate(x, weight, in_scale, out_scale, noise, bias, act, padding);
+  const int64_t N = s.N, I = s.I, H = s.H, W = s.W;
+  const int64_t O = s.O, KH = s.KH, KW = s.KW, Ho = s.Ho, Wo = s.Wo;
+  const int act_code = s.act;
+  // Validated above: present means given and defined.
+  const at::Tensor* const out_scale_t =
+      out_scale.has_value() && out_scale->defined() ? &*out_scale : nullptr;
+  const at::Tensor* const noise_t = noise.has_value() && noise->defined() ? &*noise : nullptr;
+  const at::Tensor* const bias_t = bias.has_value() && bias->defined() ? &*bias : nullptr;
 
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dtype = x.scalar_type();

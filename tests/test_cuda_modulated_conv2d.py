@@ -6,7 +6,11 @@ torch makes doing the same computation in the kernel's dtype, plus a floor fitte
 relative to the output's scale (fp32 runs on tensor cores as tf32, as cuDNN does for fp32
 convolutions by default). GPU only: without one every test skips.
 """
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -271,6 +275,113 @@ def test_paper256_generator_layers_match_reference(layer, dtype):
     check_against_reference(args, "lrelu", 0.2, math.sqrt(2), 256.0, padding=padding)
 
 
+# ---- the op itself refuses bad input with a message naming the argument ---------------------
+#
+# These call the registered op directly, past the Python wrapper's checks. They run in a child
+# process: should a bad argument ever crash the op instead of raising (as a segfault once did on
+# the GPU machine), the crash fails the case it happened in and no other test's result is lost.
+
+def _good():
+    return dict(x=torch.randn(2, 3, 5, 5, device="cuda"), weight=torch.randn(4, 3, 3, 3, device="cuda"),
+                in_scale=torch.ones(2, 3, device="cuda"), out_scale=torch.ones(2, 4, device="cuda"),
+                noise=torch.zeros(2, 1, 5, 5, device="cuda"), bias=torch.zeros(4, device="cuda"))
+
+
+def _call(args, act="lrelu", padding=1):
+    return raw_op()(args["x"], args["weight"], args["in_scale"], args["out_scale"],
+                    args["noise"], args["bias"], act, 0.2, 1.0, -1.0, padding)
+
+
+def _replace(name, make):
+    return lambda: _call(dict(_good(), **{name: make()}))
+
+
+def _empty_output():
+    args = _good()
+    return _call(dict(args, x=args["x"][:, :, :1, :1], noise=None), padding=0)
+
+
+# (case id, the call, the message the error must contain)
+BAD_CALLS = [
+    ("x_cpu", _replace("x", lambda: torch.randn(2, 3, 5, 5)), "x must be a CUDA tensor"),
+    ("x_float64", _replace("x", lambda: torch.randn(2, 3, 5, 5, device="cuda", dtype=torch.float64)),
+     "x must be float32"),
+    ("x_3d", _replace("x", lambda: torch.randn(2, 3, 5, device="cuda")), "x must be 4-D"),
+    ("weight_cpu", _replace("weight", lambda: torch.randn(4, 3, 3, 3)),
+     "weight must be a CUDA tensor"),
+    ("weight_channels", _replace("weight", lambda: torch.randn(4, 2, 3, 3, device="cuda")),
+     "weight must be [O, 3, kh, kw]"),
+    ("in_scale_cpu", _replace("in_scale", lambda: torch.ones(2, 3)), "in_scale must be a CUDA tensor"),
+    ("in_scale_shape", _replace("in_scale", lambda: torch.ones(2, 4, device="cuda")),
+     "in_scale must be [2, 3]"),
+    ("in_scale_dtype", _replace("in_scale", lambda: torch.ones(2, 3, device="cuda", dtype=torch.float16)),
+     "in_scale must be float32"),
+    ("out_scale_cpu", _replace("out_scale", lambda: torch.ones(2, 4)), "out_scale must be a CUDA tensor"),
+    ("out_scale_shape", _replace("out_scale", lambda: torch.ones(2, 3, device="cuda")),
+     "out_scale must be [2, 4]"),
+    ("noise_cpu", _replace("noise", lambda: torch.zeros(2, 1, 5, 5)), "noise must be a CUDA tensor"),
+    ("noise_shape", _replace("noise", lambda: torch.zeros(2, 1, 4, 5, device="cuda")),
+     "noise must be [2, 1, 5, 5]"),
+    ("bias_cpu", _replace("bias", lambda: torch.zeros(4)), "bias must be a CUDA tensor"),
+    ("bias_shape", _replace("bias", lambda: torch.zeros(5, device="cuda")), "bias must be [4]"),
+    ("bias_dtype", _replace("bias", lambda: torch.zeros(4, device="cuda", dtype=torch.int32)),
+     "bias must be float32, float16 or bfloat16"),
+    ("act", lambda: _call(_good(), act="tanh"), "act must be one of linear, relu, lrelu"),
+    ("padding", lambda: _call(_good(), padding=-1), "padding must be >= 0"),
+    ("empty_output", _empty_output, "output would be empty"),
+]
+
+
+def _run_bad_calls():
+    """Child process: each case's outcome as one JSON line, written as soon as it is known."""
+    for case, call, _ in BAD_CALLS:
+        try:
+            call()
+            torch.cuda.synchronize()
+            outcome = {"case": case, "error": None}
+        except Exception as error:  # the test checks the type
+            outcome = {"case": case, "type": type(error).__name__, "error": str(error)}
+        print(json.dumps(outcome), flush=True)
+
+
+@pytest.fixture(scope="module")
+def bad_call_outcomes():
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(here), here] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    child = subprocess.run(
+        [sys.executable, "-c", "import test_cuda_modulated_conv2d as t; t._run_bad_calls()"],
+        cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=300)
+    outcomes = {}
+    for line in child.stdout.splitlines():
+        if line.startswith("{"):
+            outcome = json.loads(line)
+            outcomes[outcome["case"]] = outcome
+    return outcomes, child
+
+
+@pytest.mark.parametrize("case,message", [(case, message) for case, _, message in BAD_CALLS],
+                         ids=[case for case, _, _ in BAD_CALLS])
+def test_bad_arguments_raise_an_error_naming_them(bad_call_outcomes, case, message):
+    outcomes, child = bad_call_outcomes
+    assert case in outcomes, (
+        f"the child process ended (exit status {child.returncode}) before case {case!r} reported; "
+        f"it crashed in the first unreported case, not raising.\nstderr tail:\n{child.stderr[-3000:]}")
+    outcome = outcomes[case]
+    assert outcome["error"] is not None, f"{case}: the op accepted the bad argument"
+    assert outcome["type"] == "RuntimeError", f"{case}: {outcome['type']}: {outcome['error']}"
+    assert message in outcome["error"], f"{case}: message {outcome['error']!r}"
+
+
+def test_op_schema_passes_opcheck():
+    args = make_inputs(2, 5, 6, 4, 4, 3, 1, torch.float16, seed=10)
+    torch.library.opcheck(raw_op(), (args["x"], args["weight"], args["in_scale"],
+                                     args["out_scale"], args["noise"], args["bias"], "lrelu",
+                                     0.2, 1.0, -1.0, 1), test_utils=("test_schema",))
+
+
+# Last in the file: the largest allocation of the suite (about 5 GiB), so it cannot starve or
+# disturb the tests above.
 def test_inputs_beyond_two_giga_elements_use_64_bit_offsets():
     total = torch.cuda.get_device_properties(0).total_memory
     if total < 24 * 2 ** 30:
@@ -290,59 +401,3 @@ def test_inputs_beyond_two_giga_elements_use_64_bit_offsets():
         error = (y[n:n + 1, :, rows].double() - truth).abs().max().item()
         assert error <= FLOOR[torch.bfloat16] * scale, f"sample {n}: error {error:.3g}"
     del x, y
-
-
-# ---- the op itself refuses bad input with a message naming the argument ---------------------
-
-def _good():
-    return dict(x=torch.randn(2, 3, 5, 5, device="cuda"), weight=torch.randn(4, 3, 3, 3, device="cuda"),
-                in_scale=torch.ones(2, 3, device="cuda"), out_scale=torch.ones(2, 4, device="cuda"),
-                noise=torch.zeros(2, 1, 5, 5, device="cuda"), bias=torch.zeros(4, device="cuda"))
-
-
-def _call(args, act="lrelu", padding=1):
-    return raw_op()(args["x"], args["weight"], args["in_scale"], args["out_scale"],
-                    args["noise"], args["bias"], act, 0.2, 1.0, -1.0, padding)
-
-
-@pytest.mark.parametrize("name,make,message", [
-    ("x", lambda: torch.randn(2, 3, 5, 5), "x must be a CUDA tensor"),
-    ("x", lambda: torch.randn(2, 3, 5, 5, device="cuda", dtype=torch.float64), "x must be float32"),
-    ("x", lambda: torch.randn(2, 3, 5, device="cuda"), "x must be 4-D"),
-    ("weight", lambda: torch.randn(4, 3, 3, 3), "weight must be a CUDA tensor"),
-    ("weight", lambda: torch.randn(4, 2, 3, 3, device="cuda"), "weight must be [O, 3, kh, kw]"),
-    ("in_scale", lambda: torch.ones(2, 4, device="cuda"), "in_scale must be [2, 3]"),
-    ("in_scale", lambda: torch.ones(2, 3, device="cuda", dtype=torch.float16),
-     "in_scale must be float32"),
-    ("out_scale", lambda: torch.ones(2, 3, device="cuda"), "out_scale must be [2, 4]"),
-    ("noise", lambda: torch.zeros(2, 1, 4, 5, device="cuda"), "noise must be [2, 1, 5, 5]"),
-    ("bias", lambda: torch.zeros(5, device="cuda"), "bias must be [4]"),
-    ("bias", lambda: torch.zeros(4, device="cuda", dtype=torch.int32),
-     "bias must be float32, float16 or bfloat16"),
-], ids=["x_cpu", "x_float64", "x_3d", "weight_cpu", "weight_channels", "in_scale_shape",
-        "in_scale_dtype", "out_scale_shape", "noise_shape", "bias_shape", "bias_dtype"])
-def test_bad_arguments_raise_an_error_naming_them(name, make, message):
-    args = dict(_good(), **{name: make()})
-    with pytest.raises(RuntimeError) as info:
-        _call(args)
-    assert message in str(info.value)
-
-
-def test_bad_activation_and_padding_raise_errors_naming_them():
-    with pytest.raises(RuntimeError) as info:
-        _call(_good(), act="tanh")
-    assert "act must be one of linear, relu, lrelu" in str(info.value)
-    with pytest.raises(RuntimeError) as info:
-        _call(_good(), padding=-1)
-    assert "padding must be >= 0" in str(info.value)
-    with pytest.raises(RuntimeError) as info:
-        args = _good()
-        _call(dict(args, x=args["x"][:, :, :1, :1], noise=None), padding=0)
-    assert "output would be empty" in str(info.value)
-
-
-def test_op_schema_passes_opcheck():
-    args = make_inputs(2, 5, 6, 4, 4, 3, 1, torch.float16, seed=10)
-    torch.library.opcheck(raw_op(), (args["x"], args["weight"], args["in_scale"],
-                                     args["out_scale"], args["noise"], args["bias"], "lrelu",
-                                     0.2, 1.0, -1.0, 1), test_utils=("test_schema",))
