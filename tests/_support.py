@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from batikfast import backends
 
@@ -62,3 +63,32 @@ def compile_without_gpu(op, calls):
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+
+# The fused modulated-convolution layer of the kernel-level API, written with torch ops; shared
+# by the Triton and CUDA kernel tests.
+MODCONV_ACTS = {"linear": lambda y, a: y, "relu": lambda y, a: y.clamp(min=0),
+                "lrelu": lambda y, a: torch.where(y > 0, y, y * a)}
+
+
+def modconv_layer_reference(x, weight, in_scale, out_scale, noise, bias, act, alpha, gain, clamp, padding,
+              dtype=torch.float64):
+    """The fused layer computed with torch ops in ``dtype``; also returns the pre-clamp scale."""
+    def cast(t):
+        return t.to(dtype) if t is not None else None
+
+    x, weight, in_scale, out_scale, noise, bias = map(
+        cast, (x, weight, in_scale, out_scale, noise, bias))
+    if in_scale is not None:
+        x = x * in_scale[:, :, None, None]
+    y = F.conv2d(x, weight, padding=padding)
+    if out_scale is not None:
+        y = y * out_scale[:, :, None, None]
+    if noise is not None:
+        y = y + noise
+    if bias is not None:
+        y = y + bias[None, :, None, None]
+    y = MODCONV_ACTS[act](y, alpha) * gain
+    scale = y.abs().max().item() if y.numel() else 0.0
+    if clamp is not None:
+        y = y.clamp(-clamp, clamp)
+    return y, scale

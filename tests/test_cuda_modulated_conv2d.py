@@ -14,17 +14,15 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from batikfast import _cuda
+from tests._support import modconv_layer_reference as reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Error floor relative to the output's scale: tf32 and fp16 keep 10 mantissa bits, bf16 7.
 FLOOR = {torch.float32: 3e-3, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-ACTS = {"linear": lambda y, a: y, "relu": lambda y, a: y.clamp(min=0),
-        "lrelu": lambda y, a: torch.where(y > 0, y, y * a)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,28 +58,6 @@ def make_inputs(batch, in_ch, out_ch, height, width, kh, padding, dtype, *, kw=N
         noise=(rand(batch, 1, out_h, out_w) * 0.5).to(dtype) if noise else None,
         bias=(rand(out_ch) * 0.5).to(dtype) if bias else None)
     return {name: t.cuda() if t is not None else None for name, t in args.items()}
-
-
-def reference(x, weight, in_scale, out_scale, noise, bias, act, alpha, gain, clamp, padding,
-              dtype=torch.float64):
-    """The fused layer computed with torch ops in ``dtype``; also returns the pre-clamp scale."""
-    def cast(t):
-        return t.to(dtype) if t is not None else None
-
-    x, weight, in_scale, out_scale, noise, bias = map(
-        cast, (x, weight, in_scale, out_scale, noise, bias))
-    y = F.conv2d(x * in_scale[:, :, None, None], weight, padding=padding)
-    if out_scale is not None:
-        y = y * out_scale[:, :, None, None]
-    if noise is not None:
-        y = y + noise
-    if bias is not None:
-        y = y + bias[None, :, None, None]
-    y = ACTS[act](y, alpha) * gain
-    scale = y.abs().max().item() if y.numel() else 0.0
-    if clamp is not None:
-        y = y.clamp(-clamp, clamp)
-    return y, scale
 
 
 def run(args, act="lrelu", alpha=0.2, gain=1.4, clamp=None, padding=1):

@@ -10,12 +10,12 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from batikfast import backends  # noqa: E402
+from tests._support import modconv_layer_reference as reference
 
 mc = backends.triton_kernels("modulated_conv2d")
 
@@ -24,8 +24,6 @@ DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Error floor relative to the output's scale. fp32 runs as tf32 on the GPU (10-bit mantissa).
 FLOOR = {torch.float32: 3e-3 if HAS_GPU else 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-ACTS = {"linear": lambda y, a: y, "relu": lambda y, a: y.clamp(min=0),
-        "lrelu": lambda y, a: torch.where(y > 0, y, y * a)}
 
 
 def make_inputs(batch, in_ch, out_ch, height, width, k, padding, dtype, *, out_scale=True,
@@ -44,30 +42,6 @@ def make_inputs(batch, in_ch, out_ch, height, width, k, padding, dtype, *, out_s
         noise=rand(batch, 1, out_h, out_w) * 0.5 if noise else None,
         bias=rand(out_ch) * 0.5 if bias else None)
     return {name: t.to(DEVICE) if t is not None else None for name, t in args.items()}
-
-
-def reference(x, weight, in_scale, out_scale, noise, bias, act, alpha, gain, clamp, padding,
-              dtype=torch.float64):
-    """The fused layer computed with torch ops in ``dtype``; also returns the pre-clamp scale."""
-    def cast(t):
-        return t.to(dtype) if t is not None else None
-
-    x, weight, in_scale, out_scale, noise, bias = map(
-        cast, (x, weight, in_scale, out_scale, noise, bias))
-    if in_scale is not None:
-        x = x * in_scale[:, :, None, None]
-    y = F.conv2d(x, weight, padding=padding)
-    if out_scale is not None:
-        y = y * out_scale[:, :, None, None]
-    if noise is not None:
-        y = y + noise
-    if bias is not None:
-        y = y + bias[None, :, None, None]
-    y = ACTS[act](y, alpha) * gain
-    scale = y.abs().max().item() if y.numel() else 0.0
-    if clamp is not None:
-        y = y.clamp(-clamp, clamp)
-    return y, scale
 
 
 def check_against_reference(args, act="lrelu", alpha=0.2, gain=1.4, clamp=None, padding=1):
