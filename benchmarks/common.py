@@ -224,3 +224,14 @@ def _summary(times: list[float], method: str) -> Timing:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def markdown_preamble(title: str, meta: dict, provenance: list[str]) -> list[str]:
+    """The lines that open every report: title, the CPU warning, provenance, the time-limit flag."""
+    out = [title, ""]
+    if meta.get("device_type") != "cuda":
+        out += [f"**{CPU_LABEL}**: checks the script only.", ""]
+    out += provenance
+    if meta.get("interrupted"):
+        out.append("- **interrupted by a time limit: the run is incomplete**")
+    return out + [""]

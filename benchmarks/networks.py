@@ -195,15 +195,12 @@ def _print_row(row):
 
 def markdown(payload) -> str:
     meta, rows = payload["meta"], payload["results"]
-    out = [f"# batikfast networks ({meta['cfg']}, batch {meta['batch']}): {meta['device']}", ""]
-    if meta.get("device_type") != "cuda":
-        out += [f"**{common.CPU_LABEL}**: checks the script only.", ""]
-    out += [f"- date {meta['date']}, commit `{meta.get('git_commit')}`; torch {meta['torch']}, "
-            f"triton {meta['triton']}, CUDA {meta['cuda']}; timing: {meta['timing']}",
-            "- fwd+bwd: gradients of every parameter (and of D's input image)",
-            *(["- **interrupted by a time limit: the run is incomplete**"]
-              if meta.get("interrupted") else []), "",
-            "| network | mode | precision | backend | compile | ms [20-80%] | images/s | "
+    out = common.markdown_preamble(
+        f"# batikfast networks ({meta['cfg']}, batch {meta['batch']}): {meta['device']}", meta,
+        [f"- date {meta['date']}, commit `{meta.get('git_commit')}`; torch {meta['torch']}, "
+         f"triton {meta['triton']}, CUDA {meta['cuda']}; timing: {meta['timing']}",
+         "- fwd+bwd: gradients of every parameter (and of D's input image)"])
+    out += ["| network | mode | precision | backend | compile | ms [20-80%] | images/s | "
             "x eager ref | x compiled ref |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         cells = [row["network"], row["mode"], row["precision"], row["backend"], row["compile"]]

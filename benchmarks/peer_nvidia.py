@@ -260,18 +260,15 @@ def _print_row(row):
 
 def markdown(payload: dict) -> str:
     meta, rows = payload["meta"], payload["results"]
-    out = [f"# batikfast vs NVIDIA {meta['nvidia_flavour']} ops: {meta['device']}", ""]
-    if meta.get("device_type") != "cuda":
-        out += [f"**{common.CPU_LABEL}**: checks the script only.", ""]
-    out += [f"- date {meta['date']}, batikfast commit `{meta.get('git_commit')}`, NVIDIA code "
-            f"from `{meta['nvidia_path']}` ({meta['nvidia_flavour']})",
-            f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; "
-            f"timing: {meta['timing']}",
-            "- NVIDIA paths that ran: " + "; ".join(
-                f"{op}: **{kind}** ({why})" for op, (kind, why) in meta["nvidia_paths"].items()),
-            *(["- **interrupted by a time limit: the run is incomplete**"]
-              if meta.get("interrupted") else []),
-            "", "Each cell: median ms, speed-up over NVIDIA's path that ran, and the largest "
+    out = common.markdown_preamble(
+        f"# batikfast vs NVIDIA {meta['nvidia_flavour']} ops: {meta['device']}", meta,
+        [f"- date {meta['date']}, batikfast commit `{meta.get('git_commit')}`, NVIDIA code "
+         f"from `{meta['nvidia_path']}` ({meta['nvidia_flavour']})",
+         f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; "
+         f"timing: {meta['timing']}",
+         "- NVIDIA paths that ran: " + "; ".join(
+             f"{op}: **{kind}** ({why})" for op, (kind, why) in meta["nvidia_paths"].items())])
+    out += ["Each cell: median ms, speed-up over NVIDIA's path that ran, and the largest "
             "deviation from NVIDIA's result relative to its largest value.", ""]
     groups = {}
     for row in rows:

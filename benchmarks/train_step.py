@@ -286,15 +286,12 @@ def _print_row(row):
 
 def markdown(payload) -> str:
     meta, rows = payload["meta"], payload["results"]
-    out = [f"# batikfast training step ({meta['cfg']}): {meta['device']}", ""]
-    if meta.get("device_type") != "cuda":
-        out += [f"**{common.CPU_LABEL}**: checks the script only.", ""]
-    out += [f"- date {meta['date']}, commit `{meta.get('git_commit')}`; torch {meta['torch']}, "
-            f"triton {meta['triton']}, CUDA {meta['cuda']}",
-            f"- {meta['what']}",
-            *(["- **interrupted by a time limit: the run is incomplete**"]
-              if meta.get("interrupted") else []), "",
-            "| setup | images/s | sec/kimg | x eager ref | x compiled ref | peak GPU GiB | "
+    out = common.markdown_preamble(
+        f"# batikfast training step ({meta['cfg']}): {meta['device']}", meta,
+        [f"- date {meta['date']}, commit `{meta.get('git_commit')}`; torch {meta['torch']}, "
+         f"triton {meta['triton']}, CUDA {meta['cuda']}",
+         f"- {meta['what']}"])
+    out += ["| setup | images/s | sec/kimg | x eager ref | x compiled ref | peak GPU GiB | "
             "steps (warm-up s) |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         if row.get("status") != "ok":
