@@ -1,6 +1,5 @@
 """Shared by the cross-backend tests (where they run, skipping with a reason) and the Triton
 kernel tests (compiling for an NVIDIA GPU without one)."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -22,15 +21,6 @@ def require(impl, op, dtype=torch.float32):
     reason = backends.unavailable_reason(impl, DEVICE, dtype)
     if reason is not None:
         pytest.skip(f"{impl} cannot run on {DEVICE.type} here: {reason}")
-    # The modulated convolution's resampling and unfused epilogues run on the other kernels.
-    needed = [op] + (["upfirdn2d", "bias_act"] if op == "modulated_conv2d" else [])
-    missing = [name for name in needed if not _triton_kernel_exists(name)]
-    if impl == "triton" and missing:
-        pytest.skip(f"kernels/{missing[0]}.py is not in this checkout")
-
-
-def _triton_kernel_exists(op):
-    return importlib.util.find_spec(f"batikfast.kernels.{op}") is not None
 
 
 # Compiling for a real GPU target catches what the interpreter lets through (types, layouts,
