@@ -15,6 +15,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+def interpreter_tiles() -> bool:
+    """Whether to launch with the small tiles chosen for the interpreter (tiny test tensors then
+    span several programs). ``BATIKFAST_INTERPRET_DEVICE_TILES=1`` makes the interpreter launch
+    with the block sizes a GPU gets instead, so that the CPU tests also cover the tiling code
+    paths that only the GPU would otherwise take."""
+    return interpreting() and os.environ.get("BATIKFAST_INTERPRET_DEVICE_TILES", "") != "1"
+
+
 def check_device(op: str, name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
     """Raise unless ``t`` (argument ``name`` of ``op``) can run on Triton, on ``like``'s device."""
     if t.device.type == "cpu":

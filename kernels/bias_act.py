@@ -22,26 +22,40 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from ._checks import check_device, interpreting
+from ._checks import check_device, interpreter_tiles, interpreting
 
 ACT_CODES = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "elu": 5, "selu": 6,
              "softplus": 7, "swish": 8}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SELU_SCALE = tl.constexpr(1.0507009873554805)
 _SELU_ALPHA = tl.constexpr(1.6732632423543772)
+# Read when the kernels are decorated, as triton.jit decides then whether to interpret them.
+_LIBDEVICE_EXP = tl.constexpr(not interpreting())
+
+
+@triton.jit
+def _exp(z):
+    """exp(z) to about one ulp. On NVIDIA GPUs tl.exp is an approximate ex2 of the rounded
+    z * log2(e), up to 3e-6 relative error for |z| near 80 (softplus(-30) would lose 1e-6);
+    libdevice's expf keeps full precision. The interpreter has no libdevice, and its tl.exp is
+    numpy's, already exact."""
+    if _LIBDEVICE_EXP:
+        return libdevice.exp(z)
+    else:
+        return tl.exp(z)
 
 
 @triton.jit
 def _expm1(z):
     """exp(z) - 1 for z <= 0 without cancellation near 0.
 
-    A Taylor polynomial near 0 (|error| < 2e-9 relative below 0.25), exp(z) - 1 beyond: this
-    needs neither libdevice (its expm1 does not run in the interpreter) nor a correctly rounded
-    exp / log (tl.exp is an approximate ex2 on NVIDIA GPUs)."""
+    A Taylor polynomial near 0 (|error| < 2e-9 relative below 0.25), exp(z) - 1 beyond, where
+    the subtraction loses nothing: libdevice's expm1 does not run in the interpreter."""
     poly = z * (1.0 + z * (0.5 + z * (1.0 / 6.0 + z * (1.0 / 24.0 + z * (
         1.0 / 120.0 + z * (1.0 / 720.0 + z * (1.0 / 5040.0)))))))
-    return tl.where(z > -0.25, poly, tl.exp(z) - 1.0)
+    return tl.where(z > -0.25, poly, _exp(z) - 1.0)
 
 
 @triton.jit
@@ -56,7 +70,7 @@ def _log1p(v):
 def _sigmoid(z):
     """1 / (1 + exp(-z)) from exp(-|z|): never overflows, and keeps relative precision for very
     negative z."""
-    e = tl.exp(-tl.abs(z))
+    e = _exp(-tl.abs(z))
     r = 1.0 / (1.0 + e)
     return tl.where(z >= 0.0, r, e * r)
 
@@ -87,17 +101,17 @@ def _act_and_derivative(z, alpha, ACT: tl.constexpr, ORDER: tl.constexpr):
         first = value * (1.0 - value)
         second = first * (1.0 - 2.0 * value)
     elif ACT == 5:  # elu (alpha is not used, as in NVIDIA's bias_act)
-        e = tl.exp(tl.minimum(z, 0.0))
+        e = _exp(tl.minimum(z, 0.0))
         value = tl.where(z > 0.0, z, _expm1(tl.minimum(z, 0.0)))
         first = tl.where(z > 0.0, 1.0, e)
         second = tl.where(z > 0.0, 0.0, e)
     elif ACT == 6:  # selu
-        e = tl.exp(tl.minimum(z, 0.0))
+        e = _exp(tl.minimum(z, 0.0))
         value = _SELU_SCALE * tl.where(z > 0.0, z, _SELU_ALPHA * _expm1(tl.minimum(z, 0.0)))
         first = tl.where(z > 0.0, _SELU_SCALE, _SELU_SCALE * _SELU_ALPHA * e)
         second = tl.where(z > 0.0, 0.0, _SELU_SCALE * _SELU_ALPHA * e)
     elif ACT == 7:  # softplus = max(z, 0) + log1p(exp(-|z|)): no overflow for large z
-        value = tl.maximum(z, 0.0) + _log1p(tl.exp(-tl.abs(z)))
+        value = tl.maximum(z, 0.0) + _log1p(_exp(-tl.abs(z)))
         first = _sigmoid(z)
         second = first * (1.0 - first)
     else:  # swish
@@ -183,7 +197,7 @@ def _launch(x, b, dy, out, dim, act, alpha, gain, clamp, order) -> torch.Tensor:
     rows = numel // inner
     # 4096 elements per program (16 per thread with 8 warps) amortise the per-program index
     # arithmetic; the interpreter gets small tiles so tiny test tensors span several programs.
-    block = 64 if interpreting() else 4096
+    block = 64 if interpreter_tiles() else 4096
     block_i = min(triton.next_power_of_2(inner), block)
     block_r = block // block_i
     grid = (triton.cdiv(rows, block_r) * triton.cdiv(inner, block_i),)
@@ -192,7 +206,7 @@ def _launch(x, b, dy, out, dim, act, alpha, gain, clamp, order) -> torch.Tensor:
         rows, inner, channels, float(alpha), float(gain),
         float(clamp) if clamp is not None else 0.0,
         ACT=ACT_CODES[act], ORDER=order, HAS_BIAS=b is not None, HAS_CLAMP=clamp is not None,
-        BLOCK_R=block_r, BLOCK_I=block_i, num_warps=1 if interpreting() else 8)
+        BLOCK_R=block_r, BLOCK_I=block_i, num_warps=1 if interpreter_tiles() else 8)
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_device, interpreting
+from ._checks import check_device, interpreter_tiles
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TWO_PI = tl.constexpr(6.283185307179586)
@@ -144,7 +144,7 @@ def diffusion_noise_forward(x, x_scale, noise_scale, noise, seed, offset):
     given_noise = noise_scale is not None and noise is not None
     # 4096 elements per program (16 per thread with 8 warps) keep the loads wide; the
     # interpreter gets small blocks so tiny test tensors span several programs.
-    block = 256 if interpreting() else 4096
+    block = 256 if interpreter_tiles() else 4096
     shift = offset % 4
     per_sample = numel // x.shape[0]
     grid = (triton.cdiv(numel + shift, block),)
@@ -154,5 +154,5 @@ def diffusion_noise_forward(x, x_scale, noise_scale, noise, seed, offset):
         numel, per_sample, x.shape[0], int(seed), offset // 4,
         HAS_NOISE_SCALE=noise_scale is not None, GIVEN_NOISE=given_noise, SHIFT=shift,
         AT_MOST_TWO_SAMPLES=per_sample >= block, BLOCK=block,
-        num_warps=1 if interpreting() else 8)
+        num_warps=1 if interpreter_tiles() else 8)
     return y

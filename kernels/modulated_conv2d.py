@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ._checks import check_device, interpreting as _interpreting
+from ._checks import check_device, interpreter_tiles, interpreting as _interpreting
 
 _ACT_CODES = {"linear": 0, "relu": 1, "lrelu": 2}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -204,14 +204,25 @@ class _Config(NamedTuple):
     num_stages: int
 
 
+# An H100's count, for the interpreter launching with device tiles (it has no SMs to count).
+NOMINAL_MULTIPROCESSORS = 132
+
+
 @functools.lru_cache(maxsize=None)
 def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return NOMINAL_MULTIPROCESSORS
+    return _multiprocessor_count(device.index if device.index is not None
+                                 else torch.cuda.current_device())
+
+
 def _choose_config(rows: int, pixels: int, in_channels: int, out_channels: int,
                    dtype: torch.dtype, device: torch.device) -> _Config:
-    if _interpreting():
+    if interpreter_tiles():
         # One small config: the interpreter cannot autotune, and 32x32x16 tiles already make the
         # tiny test shapes span several row, column and channel blocks.
         return _Config(32, 32, 16, 4, 1)
@@ -219,8 +230,7 @@ def _choose_config(rows: int, pixels: int, in_channels: int, out_channels: int,
     block_k = min(64 if sixteen_bit else 32, max(16, triton.next_power_of_2(in_channels)))
     # All output channels in one tile when O <= 128: the x tile is then read once.
     block_n = min(128, max(16, triton.next_power_of_2(out_channels)))
-    sms = _multiprocessor_count(device.index if device.index is not None
-                                else torch.cuda.current_device())
+    sms = _sm_count(device)
     n_tiles = triton.cdiv(out_channels, block_n)
     block_m = 128
     if pixels % 128 != 0 and pixels % 64 == 0:

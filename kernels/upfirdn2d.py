@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_device, interpreting
+from ._checks import check_device, interpreter_tiles
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -181,7 +181,7 @@ def _check_args(x, f, factors, pads) -> None:
 
 def _tile(out_h: int, out_w: int) -> tuple[int, int, int, int]:
     """(PLANES, PLANE_ROWS, BLOCK_W, num_warps) for out_h x out_w output planes."""
-    if interpreting():
+    if interpreter_tiles():
         # Tiny tiles so the small test images span several tiles in both directions (and
         # the smallest ones stack planes).
         block_w, rows, num_warps = min(triton.next_power_of_2(out_w), 8), 32, 1

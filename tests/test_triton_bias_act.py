@@ -37,7 +37,10 @@ ACTIVATIONS = {
     "elu": lambda z, a: torch.where(z > 0, z, torch.expm1(z)),
     "selu": lambda z, a: 1.0507009873554805 * torch.where(
         z > 0, z, 1.6732632423543772 * torch.expm1(z)),
-    "softplus": lambda z, a: torch.log1p(torch.exp(-z.abs())) + z.clamp(min=0),
+    # Two smooth branches, so that autograd differentiates correctly at z == 0 (abs and clamp
+    # would give a derivative of 0 or 1 there instead of 1/2).
+    "softplus": lambda z, a: torch.where(z > 0, z + torch.log1p(torch.exp(-z)),
+                                         torch.log1p(torch.exp(z))),
     "swish": lambda z, a: z / (1 + torch.exp(-z)),
 }
 

@@ -242,8 +242,8 @@ def test_a_config_too_big_for_shared_memory_falls_back_to_a_smaller_one(monkeypa
 ], ids=str)
 def test_tile_choice_follows_the_layer_regime_on_a_132_sm_gpu(monkeypatch, case):
     (batch, in_ch, out_ch, out_h, out_w, dtype), expected = case
-    monkeypatch.setattr(mc, "_interpreting", lambda: False)
-    monkeypatch.setattr(mc, "_multiprocessor_count", lambda index: 132)
+    monkeypatch.setenv("BATIKFAST_INTERPRET_DEVICE_TILES", "1")
+    monkeypatch.setattr(mc, "_sm_count", lambda device: 132)
     config = mc._choose_config(batch * out_h * out_w, out_h * out_w, in_ch, out_ch, dtype,
                                torch.device("cuda", 0))
     assert (config.block_m, config.block_n, config.block_k) == expected
