@@ -232,14 +232,17 @@ class Diffusion:
         ``t`` (default: drawn from the pool) and ``noise`` (default: drawn inside the kernel)
         may be given, e.g. to compare implementations."""
         stream = self._call_stream()
+        host_t = None
         if t is None:
-            picks = torch.randint(0, self.pool_size, (x.shape[0],), generator=stream)
-            t = _to_device(self.pool[picks], x.device)
+            # Drawn on the host and handed to the op there: its range check then needs no
+            # device sync (one per discriminator call otherwise).
+            host_t = self.pool[torch.randint(0, self.pool_size, (x.shape[0],), generator=stream)]
+            t = _to_device(host_t, x.device)
         noise_seed = int(torch.randint(0, 2 ** 62, (), generator=stream))
         sqrt_alpha_bar, sqrt_one_minus_alpha_bar = self.schedules(x.device)
-        x_t = ops.diffusion_noise(x, t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar,
-                                  noise_std=self.noise_std, noise=noise, seed=noise_seed,
-                                  impl=self.impl)
+        x_t = ops.diffusion_noise(x, host_t if host_t is not None else t, sqrt_alpha_bar,
+                                  sqrt_one_minus_alpha_bar, noise_std=self.noise_std,
+                                  noise=noise, seed=noise_seed, impl=self.impl)
         return x_t, t
 
     # -- checkpoints --------------------------------------------------------------------------

@@ -380,3 +380,23 @@ def test_ops_work_under_torch_func_grad(impl):
     ref = torch.func.grad(loss)(styles, "ref")
     tolerance = 10 * TF32_FLOOR if HAS_GPU else 1e-3
     torch.testing.assert_close(fast, ref, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU: checks that a host t causes no "
+                    "device sync")
+@pytest.mark.parametrize("impl", ["ref"] + FAST)
+def test_diffusion_noise_takes_steps_drawn_on_the_host_without_waiting_for_the_gpu(impl):
+    require(impl, "diffusion_noise")
+    sab, s1mab = schedule()
+    x = rand(4, 3, 8, 9, seed=18, dtype=torch.float32)
+    host_t = torch.tensor([0, 3, 20, 11])
+    on_device = ops.diffusion_noise(x, host_t.to(DEVICE), sab, s1mab, seed=3, impl=impl)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        from_host = ops.diffusion_noise(x, host_t, sab, s1mab, seed=3, impl=impl)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(from_host, on_device)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 20\]"):
+        ops.diffusion_noise(x, torch.tensor([0, 3, 21, 11]), sab, s1mab, seed=3, impl=impl)

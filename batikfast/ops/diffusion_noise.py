@@ -28,7 +28,10 @@ def diffusion_noise(x: torch.Tensor, t: torch.Tensor, sqrt_alpha_bar: torch.Tens
 
     Args:
         x: [N, ...] clean samples.
-        t: [N] integer steps, each in ``[0, len(sqrt_alpha_bar))``.
+        t: [N] integer steps, each in ``[0, len(sqrt_alpha_bar))``, on x's device or on the
+            CPU. Their range is checked; on a GPU that check waits for the device, so a caller
+            that draws t on the host (as :class:`batikfast.diffusion.Diffusion` does) should
+            pass the CPU tensor: then nothing waits.
         sqrt_alpha_bar, sqrt_one_minus_alpha_bar: 1-D schedules of equal length (t = 0 is the
             clean image: sqrt_alpha_bar[0] = 1 and sqrt_one_minus_alpha_bar[0] = 0).
         noise_std: scale of the noise on top of the schedule (Diffusion-GAN: 0.05).
@@ -37,6 +40,9 @@ def diffusion_noise(x: torch.Tensor, t: torch.Tensor, sqrt_alpha_bar: torch.Tens
         impl: ``"ref"``, ``"triton"``, ``"cuda"`` or None for automatic choice.
     """
     _check_arguments(x, t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, noise, seed)
+    if t.device != x.device:
+        # A host t, copied through pinned memory: a pageable copy would wait for the GPU.
+        t = t.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else t.to(x.device)
     x_scale = sqrt_alpha_bar.float()[t]
     noise_scale = sqrt_one_minus_alpha_bar.float()[t] * float(noise_std)
     chosen = backends.resolve("diffusion_noise", x, impl)
@@ -67,10 +73,14 @@ def _check_arguments(x, t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, noise, seed
         check_tensor("noise", noise)
         if noise.shape != x.shape:
             raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
-    check_same_device(x=x, t=t, sqrt_alpha_bar=sqrt_alpha_bar,
+    if t.device.type != "cpu":
+        check_same_device(x=x, t=t)
+    check_same_device(x=x, sqrt_alpha_bar=sqrt_alpha_bar,
                       sqrt_one_minus_alpha_bar=sqrt_one_minus_alpha_bar, noise=noise)
     if seed is not None and not (isinstance(seed, int) and 0 <= seed < _SEED_RANGE):
         raise ValueError(f"seed must be None or an int in [0, 2**62), got {seed!r}")
+    # Under torch.compile a data-dependent check would break the graph; on a GPU tensor it costs
+    # a device sync (see the docstring).
     if t.numel() and not torch.compiler.is_compiling():
         low, high = int(t.min()), int(t.max())
         if low < 0 or high >= sqrt_alpha_bar.shape[0]:
