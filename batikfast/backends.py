@@ -16,7 +16,6 @@ Importing this module touches neither CUDA nor Triton nor the extension.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -66,11 +65,18 @@ def interpreting_triton() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_NOT_LOOKED_UP = object()
+_triton_missing = _NOT_LOOKED_UP
+
+
 def _triton_import_error() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (pip install triton)"
-    return None
+    # Cached in a module global rather than by functools.lru_cache: torch.compile traces this
+    # (dispatch runs inside compiled code) and warns that it ignores an lru_cache wrapper.
+    global _triton_missing
+    if _triton_missing is _NOT_LOOKED_UP:
+        _triton_missing = (None if importlib.util.find_spec("triton") is not None
+                           else "Triton is not installed (pip install triton)")
+    return _triton_missing
 
 
 def triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
