@@ -184,6 +184,20 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def output_strides(x: torch.Tensor) -> tuple[int, ...]:
+    """The strides of bias_act_forward's and bias_act_backward's output: x's own when x is
+    dense, else contiguous. Fake (meta) implementations must give compiled graphs these. They
+    depend on x alone, because a compiled graph may hand the backward a dy whose strides differ
+    from those it was traced with."""
+    if _is_dense(x):
+        return tuple(x.stride())
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 def _launch(x, b, dy, out, dim, act, alpha, gain, clamp, order) -> torch.Tensor:
     numel = x.numel()
     if numel == 0:
@@ -243,11 +257,11 @@ def bias_act_forward(x, b, dim, act, alpha, gain, clamp):
         y of x's shape, dtype and (for dense inputs) strides; math in fp32.
     """
     dim = _check_args(x, b, dim, act, clamp)
+    y = torch.empty_strided(x.shape, output_strides(x), dtype=x.dtype, device=x.device)
     if not _is_dense(x):
         x = x.contiguous()
     if b is not None:
         b = b.contiguous()
-    y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     return _launch(x, b, None, y, dim, act, alpha, gain, clamp, 0)
 
 
@@ -263,10 +277,12 @@ def bias_act_backward(dy, x, b, dim, act, alpha, gain, clamp, order):
         raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order!r}")
-    # One walk through storage serves both tensors only when they share a dense layout.
-    if not (_is_dense(x) and dy.stride() == x.stride()):
-        x, dy = x.contiguous(), dy.contiguous()
+    dx = torch.empty_strided(x.shape, output_strides(x), dtype=x.dtype, device=x.device)
+    if not _is_dense(x):
+        x = x.contiguous()
+    if dy.stride() != x.stride():
+        # One walk through storage serves both tensors: dy is copied into x's layout.
+        dy = torch.empty_strided(x.shape, x.stride(), dtype=dy.dtype, device=dy.device).copy_(dy)
     if b is not None:
         b = b.contiguous()
-    dx = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     return _launch(x, b, dy, dx, dim, act, alpha, gain, clamp, order)

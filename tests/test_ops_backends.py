@@ -365,6 +365,32 @@ def test_ops_compile_with_fullgraph_and_no_graph_break(impl):
 
 
 @pytest.mark.parametrize("impl", FAST)
+def test_compiled_bias_act_keeps_working_on_channels_last_and_transposed_inputs(impl):
+    """The fake implementation must promise the strides the kernel really returns (the Triton
+    kernel keeps a dense input's layout); inductor checks them at run time."""
+    require(impl, "bias_act")
+    torch._dynamo.reset()
+    b = rand(3, seed=34)
+    layouts = {"channels-last": rand(2, 3, 4, 5, seed=35).contiguous(
+                   memory_format=torch.channels_last),
+               "transposed": rand(2, 5, 4, 3, seed=36).transpose(1, 3),
+               "strided slice": rand(2, 3, 8, 5, seed=37)[:, :, ::2]}
+
+    def layer(x):
+        return ops.bias_act(x, b, act="lrelu", clamp=0.8, impl=impl) * 2
+
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor", dynamic=False)
+    for name, x in layouts.items():
+        x = x.requires_grad_(True)
+        out = compiled(x)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        expected = layer(x)
+        (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+        torch.testing.assert_close(out, expected, msg=name)
+        torch.testing.assert_close(grad, expected_grad, msg=name)
+
+
+@pytest.mark.parametrize("impl", FAST)
 def test_ops_work_under_torch_func_grad(impl):
     for op in OP_FILES:
         require(impl, op)

@@ -146,9 +146,18 @@ def _bias_act_op(x: torch.Tensor, b: Optional[torch.Tensor], dim: int, act: str,
         x, b, dim, act, alpha, gain, _kernel_clamp(clamp))
 
 
+def _empty_output(x, impl):
+    """The output a kernel gives, as metadata: a compiled graph must see its real strides (the
+    Triton kernel keeps a dense input's layout; the CUDA kernel writes contiguous outputs)."""
+    strides_rule = getattr(backends.kernels("bias_act", impl), "output_strides", None)
+    if strides_rule is None:
+        return x.new_empty(x.shape)
+    return x.new_empty_strided(x.shape, strides_rule(x))
+
+
 @_bias_act_op.register_fake
 def _(x, b, dim, act, alpha, gain, clamp, impl):
-    return x.new_empty(x.shape)
+    return _empty_output(x, impl)
 
 
 def _bias_act_setup(ctx, inputs, output):
@@ -177,7 +186,7 @@ def _bias_act_grad_op(dy: torch.Tensor, x: torch.Tensor, b: Optional[torch.Tenso
 
 @_bias_act_grad_op.register_fake
 def _(dy, x, b, dim, act, alpha, gain, clamp, order, impl):
-    return x.new_empty(x.shape)
+    return _empty_output(x, impl)
 
 
 def _bias_act_grad_setup(ctx, inputs, output):
