@@ -32,8 +32,9 @@
 // - Steps are double-buffered: the global loads of step s+1 are issued before the MMAs of step
 //   s and written to the other buffer after them, so one barrier per step suffices.
 // - fp16/bf16 use 16x16x16 fragments; fp32 uses tf32 16x16x8 fragments with fp32 accumulation,
-//   what cuDNN does for fp32 convolutions under torch's default allow_tf32 (and what the Triton
-//   kernel does). Operands are rounded to tf32 when they are stored to shared memory.
+//   what cuDNN does for fp32 convolutions under torch's default allow_tf32. Operands are rounded
+//   to tf32 when they are stored to shared memory. With torch.backends.cudnn.allow_tf32 off,
+//   batikfast.ops sends fp32 layers to cuDNN instead (wmma has no full-fp32 product).
 // - The epilogue goes through shared memory so each warp writes 32 consecutive pixels of one
 //   output channel; a tile may span several samples (small images), so out_scale and noise are
 //   gathered per row.

@@ -23,8 +23,9 @@ styles are read as one vector per sample and selected per row (gathered per row 
 covers more than 4 samples). out_scale is gathered per row in the epilogue.
 
 Accumulation is fp32; fp16/bf16 operands go to ``tl.dot`` in their own dtype, fp32 operands as
-tf32 on the GPU (what cuDNN does for fp32 convolutions with ``torch.backends.cudnn.allow_tf32``,
-torch's default) and exactly under ``TRITON_INTERPRET=1``.
+tf32 on the GPU when ``torch.backends.cudnn.allow_tf32`` lets cuDNN do the same for fp32
+convolutions (torch's default), else in full fp32 (see ``dot_precision``), and exactly under
+``TRITON_INTERPRET=1``.
 
 Tiles (see ``_choose_config``). The StyleGAN2 paper256 generator has two regimes:
 - 4x4..32x32 layers, 512 channels: few rows, K = 9 * 512. These are matmul-bound; what limits
@@ -277,6 +278,16 @@ def _launch_fitting(*args, config: _Config) -> None:
         raise
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """How fp32 tiles are multiplied: in TF32 when torch lets cuDNN use it for convolutions
+    (``torch.backends.cudnn.allow_tf32``, on by default; NVIDIA's StyleGAN training and ours turn
+    it off), else in full fp32, as the reference's convolution then is. The interpreter always
+    multiplies exactly. 16-bit tiles ignore it."""
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _interpreting():
+        return "tf32"
+    return "ieee"
+
+
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     """The memory format of the output for input ``x``, as torch.conv2d picks it: channels-last
     when x is (and is not also plainly contiguous), else contiguous. Fake (meta) implementations
@@ -354,7 +365,6 @@ def _launch(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, cl
     out_scale_strides = out_scale.stride() if out_scale is not None else (0, 0)
     noise_strides = (noise.stride(0), noise.stride(2), noise.stride(3)) if noise is not None \
         else (0, 0, 0)
-    fp32 = x.dtype == torch.float32
     pixels = out_h * out_w
     scale_samples = (pixels - math.gcd(config.block_m, pixels) + config.block_m - 1) // pixels + 1
     grid = (triton.cdiv(rows, config.block_m) * triton.cdiv(out_channels, config.block_n),)
@@ -370,7 +380,7 @@ def _launch(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, cl
         float(clamp) if clamp is not None else 0.0,
         KH=kh, KW=kw, HAS_OUT_SCALE=out_scale is not None, HAS_NOISE=noise is not None,
         HAS_BIAS=bias is not None, ACT=_ACT_CODES[act], HAS_CLAMP=clamp is not None,
-        DOT_PRECISION="tf32" if fp32 and not _interpreting() else "ieee",
+        DOT_PRECISION=dot_precision(x.dtype),
         # Triton 3.8's interpreter multiplies bf16 blocks as their raw uint16 bits.
         DOT_IN_FP32=x.dtype == torch.bfloat16 and _interpreting(),
         SCALE_SAMPLES=min(scale_samples, batch) if in_scale is not None else 0,

@@ -247,6 +247,27 @@ def test_modulated_conv2d_kernels_match_the_reference_to_second_order(
                      tf32=True)
 
 
+@pytest.mark.parametrize("up", [1, 2])
+@pytest.mark.parametrize("impl", FAST)
+def test_fp32_modulated_conv2d_is_fp32_accurate_when_tf32_is_off_for_convolutions(
+        impl, up, monkeypatch):
+    """Training turns TF32 off (as NVIDIA's does); the kernels must then not use it either."""
+    require(impl, "modulated_conv2d")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setitem(globals(), "_lowp_dtype", torch.float32)  # the tolerance's dtype
+    x = rand(2, 24, 6, 7, seed=40).requires_grad_(True)
+    weight = rand(20, 24, 3, 3, seed=41).requires_grad_(True)
+    styles = (rand(2, 24, seed=42) + 1).requires_grad_(True)
+    f = ops.setup_filter([1, 3, 3, 1], device=DEVICE)
+
+    def fn(x, weight, styles, impl):
+        return ops.modulated_conv2d(x, weight, styles, up=up, padding=1, resample_filter=f,
+                                    impl=impl, act="lrelu", bias=None)
+
+    results = run_three_ways(fn, impl, [x, weight, styles], torch.float32, second_order=False)
+    check_three_ways(results, ["x", "weight", "styles"], tf32=False)
+
+
 @pytest.mark.parametrize("impl", FAST)
 def test_modulated_conv2d_kernels_accept_non_contiguous_input(impl, dtype):
     require(impl, "modulated_conv2d", dtype)

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from batikfast import backends  # noqa: E402
+from tests._support import compile_without_gpu  # noqa: E402
 from tests._support import modconv_layer_reference as reference
 
 mc = backends.triton_kernels("modulated_conv2d")
@@ -288,6 +289,35 @@ def test_cpu_tensors_are_refused_unless_triton_is_interpreted(monkeypatch):
     args.update({n: v.cpu() for n, v in args.items() if isinstance(v, torch.Tensor)})
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         mc.modulated_conv2d_forward(**args)
+
+
+@pytest.mark.parametrize("allow_tf32", [True, False])
+def test_fp32_tiles_multiply_in_tf32_only_when_torch_allows_it_for_convolutions(monkeypatch,
+                                                                                 allow_tf32):
+    monkeypatch.setattr(mc, "_interpreting", lambda: False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    assert mc.dot_precision(torch.float32) == ("tf32" if allow_tf32 else "ieee")
+    assert mc.dot_precision(torch.float16) == "ieee"  # 16-bit operands: the flag is moot
+
+
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU machine every test compiles the kernel for real")
+def test_modulated_conv2d_kernel_compiles_for_an_nvidia_gpu():
+    """The GPU's tiles and every dtype / precision, including full-fp32 (TF32 off) tiles."""
+    compile_without_gpu("modulated_conv2d", """
+for dtype, precision, (bm, bn, bk, warps), scale_samples, even_k in [
+        ("fp16", "ieee", (128, 128, 64, 8), 1, True), ("bf16", "ieee", (64, 64, 64, 4), 3, False),
+        ("fp32", "tf32", (128, 64, 32, 8), 1, True), ("fp32", "ieee", (64, 128, 32, 8), 9, True),
+        ("fp16", "ieee", (128, 16, 16, 4), 0, False)]:
+    types = dict(x_ptr="*" + dtype, w_ptr="*" + dtype, in_scale_ptr="*fp32",
+                 out_scale_ptr="*fp32", noise_ptr="*" + dtype, bias_ptr="*" + dtype,
+                 y_ptr="*" + dtype, alpha="fp32", gain="fp32", clamp="fp32")
+    for name in kernels._modulated_conv2d_fwd_kernel.arg_names:
+        types.setdefault(name, "i64" if name.startswith("stride") or name == "M" else "i32")
+    compile_for_sm90(kernels._modulated_conv2d_fwd_kernel, types, dict(
+        KH=3, KW=3, HAS_OUT_SCALE=True, HAS_NOISE=True, HAS_BIAS=True, ACT=2, HAS_CLAMP=True,
+        DOT_PRECISION=precision, DOT_IN_FP32=False, SCALE_SAMPLES=scale_samples,
+        EVEN_K=even_k, STORE_ROWS_FASTEST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps)
+""")
 
 
 # paper256 generator layers: matmul-bound small images with 512 channels, bandwidth-bound large

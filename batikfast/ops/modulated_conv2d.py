@@ -147,7 +147,7 @@ def _modulated_conv2d_fast(x, weight, styles, noise, up, down, padding, resample
     styles = styles.float()
     demod_coefs = demodulation_coefficients(weight, styles) if demodulate else None
     single_pass = (up == 1 and down == 1 and kh == kw and isinstance(padding, int)
-                   and 0 <= padding <= kh - 1)
+                   and 0 <= padding <= kh - 1 and not _exact_fp32_unavailable(x, impl))
     if not single_pass:
         y = conv2d_resample(x * styles.to(x.dtype)[:, :, None, None], weight.to(x.dtype),
                             f=resample_filter, up=up, down=down, padding=padding, impl=impl)
@@ -170,6 +170,14 @@ def _modulated_conv2d_fast(x, weight, styles, noise, up, down, padding, resample
     if noise is not None:
         y = y + noise.to(y.dtype)
     return _epilogue(y, bias, act, alpha, gain, clamp, impl)
+
+
+def _exact_fp32_unavailable(x, impl) -> bool:
+    """The CUDA kernel multiplies fp32 on tensor cores in TF32 only; when torch forbids TF32 for
+    convolutions (``torch.backends.cudnn.allow_tf32 = False``, as in training) an fp32 layer
+    takes the composite path, whose convolution is cuDNN's in full fp32. (The Triton kernel
+    switches its own precision.)"""
+    return impl == "cuda" and x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
 
 
 def _epilogue(y, bias, act, alpha, gain, clamp, impl):
