@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ts-dist", choices=CHOICES["ts_dist"], default=None)
     _bool_flag(p, "diffusion", "noise the discriminator's inputs (Diffusion-GAN; default on)")
     p.add_argument("--backend", choices=CHOICES["backend"], default=None)
-    _bool_flag(p, "compile", "torch.compile the main phases (default: on for GPUs)")
+    _bool_flag(p, "compile", "torch.compile the training phases, R1 and path length through "
+               "torch.func; one that fails to compile runs eagerly and the log says so "
+               "(default: on for GPUs)")
+    _bool_flag(p, "cudagraphs", "with --compile on a GPU, run the main phases as CUDA graphs "
+               "(torch.compile mode 'reduce-overhead'; default off)")
     p.add_argument("--precision", choices=CHOICES["precision"], default=None)
     p.add_argument("--batch", type=int, default=None, help="global batch size")
     p.add_argument("--batch-gpu", type=int, default=None, help="images per GPU per round")
@@ -83,6 +87,13 @@ def config_from_args(args) -> dict:
     config = make_config(args.cfg, **overrides)
     if config["compile"] is None:
         config["compile"] = False if config["device"] == "cpu" else None
+    if config["cudagraphs"]:
+        import torch
+
+        device = config["device"]
+        if not (device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())):
+            where = "this machine has no CUDA GPU" if device == "auto" else f"--device {device}"
+            raise ValueError(f"--cudagraphs needs a CUDA GPU (CUDA graphs), but {where}")
     return config
 
 

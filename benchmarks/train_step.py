@@ -6,11 +6,13 @@
 
 Runs the real loop, ``batikfast.training.loop.Trainer.train_step`` (G main, path length,
 D main, R1, diffusion, EMA, lazy regularisation intervals), for each combination of backend
-(ref / triton / cuda), compilation (eager / compiled) and precision (fp32 / mixed: fp16 in the
-4 highest resolutions, as paper256). Timing covers whole cycles of the lazy regularisation
-(16 steps: every phase in its true proportion) after warm-up steps that absorb compilation.
-The real images are one fixed in-memory batch unless ``--real-data``, so the figure is the
-GPU step, not the data loader. Writes ``train_step.{json,md}`` beside the op results.
+(ref / triton / cuda), compilation (eager / compiled / cudagraphs: compiled with the main
+phases in torch.compile's mode "reduce-overhead", i.e. CUDA graphs, GPUs only) and precision
+(fp32 / mixed: fp16 in the 4 highest resolutions, as paper256). Timing covers whole cycles of
+the lazy regularisation (16 steps: every phase in its true proportion) after warm-up steps
+that absorb compilation. The real images are one fixed in-memory batch unless
+``--real-data``, so the figure is the GPU step, not the data loader. Writes
+``train_step.{json,md}`` beside the op results.
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ from benchmarks.common import default_device, fmt_float  # noqa: E402
 import torch  # noqa: E402
 
 PRECISIONS = {"fp32": "fp32", "mixed": "fp16", "bf16": "bf16"}
+# --compile-modes: the training options each one sets (see measure_setup)
+COMPILE_MODES = {"eager": dict(compile=False), "compiled": dict(compile=True),
+                 "cudagraphs": dict(compile=True, cudagraphs=True)}
 MISSING_LOOP = "the training loop (batikfast.training.loop.Trainer) is not available yet"
 
 
@@ -42,8 +47,9 @@ def parse_args(argv=None):
                                                      "--quick: tiny)")
     parser.add_argument("--backends", nargs="+", choices=("ref", "triton", "cuda"),
                         default=["ref", "triton", "cuda"])
-    parser.add_argument("--compile-modes", nargs="+", choices=("eager", "compiled"),
-                        default=["eager", "compiled"])
+    parser.add_argument("--compile-modes", nargs="+", choices=tuple(COMPILE_MODES),
+                        default=list(COMPILE_MODES),
+                        help="cudagraphs: compiled, the main phases as CUDA graphs (--cudagraphs)")
     parser.add_argument("--precision", nargs="+", choices=sorted(PRECISIONS),
                         default=["mixed", "fp32"],
                         help="fp32, mixed (fp16 in the 4 highest resolutions) or bf16 (likewise)")
@@ -69,7 +75,7 @@ def parse_args(argv=None):
         args.cfg = args.cfg or "tiny"
         if args.backends == ["ref", "triton", "cuda"]:
             args.backends = ["ref"]
-        if args.compile_modes == ["eager", "compiled"]:
+        if args.compile_modes == list(COMPILE_MODES):
             args.compile_modes = ["eager"]
         if args.precision == ["mixed", "fp32"]:
             args.precision = ["fp32"]
@@ -125,7 +131,7 @@ def measure_setup(args, device, backend, compile_mode, precision, workdir,
     from batikfast.training.distributed import DistInfo
     from batikfast.training.loop import Trainer
 
-    overrides = dict(backend=backend, compile=compile_mode == "compiled",
+    overrides = dict(backend=backend, **COMPILE_MODES[compile_mode],
                      precision=PRECISIONS[precision], device=device.type, workers=4)
     if args.batch:
         overrides["batch"] = args.batch
@@ -224,6 +230,8 @@ def run(args, device, rows: list | None = None) -> list[dict]:
             row["status"] = f"unavailable: {missing}"
         elif args.budget is not None and time.perf_counter() - started > args.budget:
             row["status"] = "skipped: time budget"
+        elif compile_mode == "cudagraphs" and device.type != "cuda":
+            row["status"] = f"skipped: CUDA graphs need a GPU, not {device.type}"
         else:
             _measure_with_retries(args, device, backend, compile_mode, precision, row)
         _print_row(row)

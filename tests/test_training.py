@@ -515,3 +515,59 @@ def test_a_micro_run_with_fp16_ada_and_r1_trains_on_the_gpu(tmp_path):
     assert state["training"]["augment_p"] > 0
     log = (tmp_path / "log.txt").read_text()
     assert "on cuda" in log and "non-finite" not in log
+
+
+def _train_cli():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("batikfast_train_cli", REPO / "train.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def test_cudagraphs_is_opt_in_and_refused_at_startup_without_a_gpu_or_compile(
+        tmp_path, monkeypatch, capsys):
+    cli = _train_cli()
+
+    def config(*argv):
+        return cli.config_from_args(cli.build_parser().parse_args(["--outdir", "x", *argv]))
+
+    assert config()["cudagraphs"] is False
+    with pytest.raises(ValueError, match="--cudagraphs needs a CUDA GPU.*--device cpu"):
+        config("--cudagraphs", "--device", "cpu")
+    assert cli.main(["--outdir", str(tmp_path / "run"), "--cudagraphs", "--device", "cpu"]) == 2
+    assert "error: --cudagraphs needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="this machine has no CUDA GPU"):
+        config("--cudagraphs")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert config("--cudagraphs")["cudagraphs"] is True
+    with pytest.raises(ValueError, match="cudagraphs=True needs compile.*compile=False"):
+        config("--cudagraphs", "--no-compile")
+    # the API refuses it too, where the device is known
+    from batikfast.training.model import build_training_objects
+    from batikfast.networks import Discriminator, Generator
+    G = Generator(8, 0, 8, 8, 3, channel_base=64, channel_max=8)
+    D = Discriminator(0, 8, 3, channel_base=64, channel_max=8)
+    options = make_config("tiny", resolution=8, compile=True, cudagraphs=True, device="cpu")
+    with pytest.raises(ValueError, match="cudagraphs=True needs a CUDA device, got device cpu"):
+        build_training_objects(options, G, D, "cpu")
+
+
+def test_training_step_benchmark_has_a_cudagraphs_variant_skipped_without_a_gpu(monkeypatch):
+    from benchmarks import train_step
+    args = train_step.parse_args([])
+    assert args.compile_modes == ["eager", "compiled", "cudagraphs"]
+    assert train_step.parse_args(["--quick"]).compile_modes == ["eager"]
+    measured = []
+    monkeypatch.setattr(train_step, "loop_available", lambda: None)
+    monkeypatch.setattr(train_step, "_measure_with_retries",
+                        lambda args, device, backend, mode, precision, row: measured.append(mode))
+    args = train_step.parse_args(["--backends", "ref", "--precision", "fp32", "--compile-modes",
+                                  "compiled", "cudagraphs"])
+    rows = train_step.run(args, torch.device("cpu"))
+    assert measured == ["compiled"]
+    assert rows[1]["config"] == "ref cudagraphs fp32"
+    assert rows[1]["status"] == "skipped: CUDA graphs need a GPU, not cpu"
+    assert train_step.COMPILE_MODES["cudagraphs"] == dict(compile=True, cudagraphs=True)

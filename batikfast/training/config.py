@@ -41,6 +41,7 @@ DEFAULTS = dict(
     diffusion=True, beta_schedule="linear", beta_start=1e-4, beta_end=2e-2, t_min=10,
     t_max=1000, diffusion_target=0.6, diffusion_kimg=100.0, ts_dist="priority", noise_std=0.05,
     adjust_interval=4, g_reg_interval=4, d_reg_interval=16, backend="auto", compile=None,
+    cudagraphs=False,
     deterministic=False, workers=None, keep_checkpoints=3, max_nan_skips=10, metrics=[],
     metrics_features=None, metrics_num=10000, grid_seeds=16, device="auto",
     ddp_timeout_s=600.0, stop_after_steps=None, init=None,
@@ -85,6 +86,11 @@ def validate_config(config: dict) -> None:
             raise ValueError(f"{key} must be a positive integer, got {config[key]!r}")
     if config["kimg"] <= 0:
         raise ValueError(f"kimg must be positive, got {config['kimg']}")
+    if config.get("cudagraphs") not in (None, False, True):
+        raise ValueError(f"cudagraphs must be True or False, got {config['cudagraphs']!r}")
+    if config.get("cudagraphs") and config["compile"] is False:
+        raise ValueError("cudagraphs=True needs compile (CUDA graphs are torch.compile's mode "
+                         "'reduce-overhead'), got compile=False")
     if config["batch"] % config["batch_gpu"]:
         raise ValueError(f"batch ({config['batch']}) must be a multiple of batch_gpu "
                          f"({config['batch_gpu']})")

@@ -1,7 +1,9 @@
 """Builds the model-side objects the loop drives: networks, diffusion, augmentation, loss.
 
-The loop sees one :class:`TrainingParts` object: ``accumulate_gradients`` (NVIDIA's phase API,
-routed to compiled modules for the main phases and eager ones for the regularisation phases),
+The loop sees one :class:`TrainingParts` object: ``accumulate_gradients`` (NVIDIA's phase API;
+with compile on, the main phases run compiled modules and the regularisation phases take their
+inner gradient with torch.func inside compiled functions, falling back to eager for a phase,
+with one log line, when compiling it fails at its first call),
 ``adjust`` (p and T from the all-reduced signs of the real logits, identical on every rank),
 ``pop_stats`` (tick averages of the losses, reduced over ranks), and ``state_dict``.
 """
@@ -11,8 +13,13 @@ import torch
 
 from batikfast.training import distributed as dist_utils
 
-# Gboth and Dboth hold the regularisers too (double backward): they stay eager with Greg, Dreg.
 MAIN_PHASES = ("Gmain", "Dmain")
+REG_PHASES = {"Greg": "path length", "Dreg": "R1"}
+# Without lazy regularisation Gboth and Dboth run: their main part eagerly (double backward and
+# compiled modules do not mix), their regulariser as Greg's and Dreg's, falling back with them.
+REGULARIZER_OF = {"Greg": "Greg", "Gboth": "Greg", "Dreg": "Dreg", "Dboth": "Dreg"}
+# torch.compile options of the regularisers' compiled inner gradients (tests swap the backend).
+REG_COMPILE_OPTIONS: dict = {}
 
 
 def _dtype(value):
@@ -63,16 +70,24 @@ class TrainingParts:
                       loss=config["loss"], r1_gamma=config["r1_gamma"],
                       style_mixing_prob=config["style_mixing"], pl_weight=config["pl_weight"],
                       device=self.device)
-        self.eager_loss = StyleGAN2Loss(G.mapping, G.synthesis, D, **common)
-        self.main_loss = self.eager_loss
+        self.log = log
         self.compiled = self._want_compile(config)
-        self.compile_note = "torch.compile off: every phase runs eagerly"
+        self.cudagraphs = self._want_cudagraphs(config)
+        # The loss of every phase but the compiled main ones; it holds the path-length mean.
+        self.reg_loss = StyleGAN2Loss(
+            G.mapping, G.synthesis, D, **common,
+            compile_regularizers=dict(REG_COMPILE_OPTIONS) if self.compiled else None)
+        self.main_loss = self.reg_loss
         if self.compiled:
-            self.main_loss = StyleGAN2Loss(torch.compile(G.mapping), torch.compile(G.synthesis),
-                                           torch.compile(D), **common)
-            self.compile_note = ("torch.compile: Gmain and Dmain compiled; Greg (path length) "
-                                 "and Dreg (R1) run eagerly, their double backward does not "
-                                 "compile")
+            # CUDA graphs for the main phases only: the regularisers run every 4 / 16 steps.
+            mode = "reduce-overhead" if self.cudagraphs else None
+            self.main_loss = StyleGAN2Loss(
+                torch.compile(G.mapping, mode=mode), torch.compile(G.synthesis, mode=mode),
+                torch.compile(D, mode=mode), **common)
+        self._reg_modules = {"Greg": G, "Dreg": D}
+        self._untried_reg_phases = set(self.reg_loss.compiled_regularizers())
+        self._reg_fallbacks: dict[str, str] = {}
+        self.compile_note = self._describe_compilation()
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
         self._ada_sign_sum = torch.zeros([], dtype=torch.float64, device=self.device)
@@ -84,6 +99,32 @@ class TrainingParts:
         if want is None:
             want = self.device.type == "cuda"
         return bool(want)
+
+    def _want_cudagraphs(self, config) -> bool:
+        if not config.get("cudagraphs", False):
+            return False
+        if not self.compiled:
+            raise ValueError("cudagraphs=True needs compile on (CUDA graphs are torch.compile's "
+                             f"mode 'reduce-overhead'), got compile={config['compile']!r}")
+        if self.device.type != "cuda":
+            raise ValueError(f"cudagraphs=True needs a CUDA device, got device {self.device}")
+        return True
+
+    def _describe_compilation(self) -> str:
+        if not self.compiled:
+            return "torch.compile off: every phase runs eagerly"
+        note = "torch.compile" + (" (mode reduce-overhead: CUDA graphs)" if self.cudagraphs
+                                  else "") + ": Gmain and Dmain compiled"
+        both = [f"{net}both" for net in "GD" if not self.config.get(f"{net.lower()}_reg_interval")]
+        if both:
+            note += f" ({' and '.join(both)}: main part eager)"
+        for phase, what in REG_PHASES.items():
+            if phase in self._reg_fallbacks:
+                note += (f"; {phase} ({what}) runs eagerly, compiling it failed: "
+                         f"{self._reg_fallbacks[phase]}")
+            else:
+                note += f"; {phase} ({what}) compiled, its inner gradient through torch.func"
+        return note
 
     def _make_augment(self, config):
         from batikfast.augment import AugmentPipe, DiffAugment
@@ -101,8 +142,11 @@ class TrainingParts:
         return "; ".join(parts)
 
     def accumulate_gradients(self, phase: str, **kwargs) -> None:
-        loss = self.main_loss if phase in MAIN_PHASES else self.eager_loss
-        stats = loss.accumulate_gradients(phase=phase, **kwargs)
+        if REGULARIZER_OF.get(phase) in self._untried_reg_phases:
+            stats = self._first_compiled_regularization(phase, kwargs)
+        else:
+            loss = self.main_loss if phase in MAIN_PHASES else self.reg_loss
+            stats = loss.accumulate_gradients(phase=phase, **kwargs)
         for key, value in stats.items():
             value = value.detach().float()
             self._sums[key] = self._sums.get(key, 0) + value.sum()
@@ -111,6 +155,28 @@ class TrainingParts:
             signs = stats["signs/real"]  # kept on the device: no synchronisation per phase
             self._ada_sign_sum = self._ada_sign_sum + signs.detach().double().sum()
             self._ada_sign_count += signs.numel()
+
+    def _first_compiled_regularization(self, phase: str, kwargs: dict) -> dict:
+        """Run ``phase`` with its regulariser compiled; if that raises, run it (and every later
+        call) eagerly.
+
+        The first call of a phase is the first round of its step: the optimiser has just
+        zeroed the gradients, so dropping whatever a failed attempt accumulated is exact.
+        (A retried path-length call updates the mapping's w_avg twice, once.)"""
+        reg = REGULARIZER_OF[phase]
+        self._untried_reg_phases.discard(reg)
+        pl_mean = self.reg_loss.pl_mean
+        try:
+            return self.reg_loss.accumulate_gradients(phase=phase, **kwargs)
+        except Exception as error:  # the GPU machine's torch may fail where this one compiles
+            self._reg_fallbacks[reg] = f"{_describe_error(error)} (torch {torch.__version__})"
+            self.compile_note = self._describe_compilation()
+            self.reg_loss.use_eager_regularizer(reg)
+            self.reg_loss.pl_mean = pl_mean
+            self._reg_modules[reg].zero_grad(set_to_none=True)
+            self.log(f"torch.compile: {phase} ({REG_PHASES[reg]}) falls back to eager: "
+                     f"compiling it failed at its first call with {self._reg_fallbacks[reg]}")
+            return self.reg_loss.accumulate_gradients(phase=phase, **kwargs)
 
     @property
     def augment_p(self) -> float:
@@ -161,7 +227,7 @@ class TrainingParts:
         return {"diffusion": self.diffusion.state_dict() if self.diffusion else None,
                 "augment_p": self.augment_p, "ada_p": self.ada_p,
                 "ada_signs": [float(self._ada_sign_sum), self._ada_sign_count],
-                "loss": self.eager_loss.state_dict()}
+                "loss": self.reg_loss.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if self.diffusion is not None and state.get("diffusion") is not None:
@@ -172,7 +238,21 @@ class TrainingParts:
         self._ada_sign_count = int(state["ada_signs"][1])
         if self.augment_pipe is not None and hasattr(self.augment_pipe, "p"):
             self.augment_pipe.p = float(state["augment_p"])
-        self.eager_loss.load_state_dict(state["loss"])
+        self.reg_loss.load_state_dict(state["loss"])
+
+
+def _describe_error(error: BaseException) -> str:
+    """``Type: first line`` of ``error`` and of its causes (Dynamo wraps the one that matters)."""
+    parts = []
+    while error is not None and len(parts) < 3:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        if len(lines) > 1 and lines[0].endswith(":"):  # "backend='x' raised:" and the reason
+            lines[0] = f"{lines[0]} {lines[1]}"
+        if lines and len(lines[0]) > 360:  # Dynamo puts the op first and the reason last
+            lines[0] = f"{lines[0][:120]} ... {lines[0][-240:]}"
+        parts.append(f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)
+        error = error.__cause__
+    return "; caused by ".join(parts)
 
 
 def build_training_objects(config: dict, G, D, device, rank: int = 0, log=print) -> TrainingParts:
