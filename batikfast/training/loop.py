@@ -41,9 +41,10 @@ from batikfast.training.config import network_kwargs, split_batch
 from batikfast.training.ema import ema_beta, update_ema
 from batikfast.training.model import build_networks, build_training_objects
 
-RUNTIME_KEYS = ("kimg", "snap", "image_snap", "tick_kimg", "workers", "compile", "backend",
-                "keep_checkpoints", "metrics", "metrics_features", "metrics_num", "device",
-                "ddp_timeout_s", "max_nan_skips", "deterministic", "batch_gpu", "stop_after_steps")
+RUNTIME_KEYS = ("kimg", "snap", "image_snap", "tick_kimg", "workers", "compile", "cudagraphs",
+                "backend", "keep_checkpoints", "metrics", "metrics_features", "metrics_num",
+                "device", "ddp_timeout_s", "max_nan_skips", "deterministic", "batch_gpu",
+                "stop_after_steps")
 
 
 # (statistic, label) shown on each progress line; stats.jsonl and TensorBoard get all of them.
