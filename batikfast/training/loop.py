@@ -228,7 +228,9 @@ class Trainer:
             if interval:
                 ratio = interval / (interval + 1)
                 lr, betas = lr * ratio, tuple(b ** ratio for b in betas)
-            opt = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=1e-8)
+            # Fused on GPUs: one kernel for all parameters instead of a dozen foreach launches.
+            opt = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=1e-8,
+                                   fused=self.device.type == "cuda" or None)
             if interval:
                 phases += [Phase(name + "main", module, opt, 1), Phase(name + "reg", module, opt, interval)]
             else:
