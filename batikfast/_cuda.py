@@ -126,6 +126,14 @@ def available() -> tuple[bool, Optional[str]]:
     return True, None
 
 
+# Dispatch asks this inside compiled code. Traced, load()'s lock is a context manager dynamo
+# cannot enter (a graph break: an error under fullgraph); as a constant, dynamo calls it once
+# and keeps the answer, which never changes once given. This attribute is exactly what
+# torch.compiler.assume_constant_result sets (a test checks it); calling that here would import
+# dynamo, and with it triton, whenever batikfast is imported.
+available._dynamo_marked_constant = True
+
+
 def build_info() -> dict:
     """What the loaded extension was compiled for: torch_version, cuda_version, arch_list."""
     return dict(load().build_info())

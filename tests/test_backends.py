@@ -90,3 +90,32 @@ def test_importing_batikfast_loads_neither_triton_nor_the_extension_nor_cuda():
             "int(torch.cuda.is_initialized()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["0", "0", "0"], out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_availability_checks_trace_under_fullgraph_compile(impl):
+    """Dispatch runs inside compiled networks: asking whether an implementation can run a GPU
+    call must not break the graph (the extension loader's lock once did, on every GPU)."""
+    torch._dynamo.reset()
+    gpu = torch.device("cuda")
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def offset_by_availability(x):
+        reason = backends.unavailable_reason(impl, gpu, torch.float16)
+        return x + (1.0 if reason is None else 2.0)
+
+    expected = 1.0 if backends.unavailable_reason(impl, gpu, torch.float16) is None else 2.0
+    assert offset_by_availability(torch.zeros(2)).tolist() == [expected, expected]
+
+
+def test_the_extension_check_carries_the_mark_torch_compiler_gives_constant_functions():
+    """batikfast marks it without importing dynamo (lean import); the mark must stay the one
+    torch.compiler.assume_constant_result sets, or compiled dispatch breaks the graph again."""
+    from batikfast import _cuda
+
+    def probe():
+        return None
+
+    marked = torch.compiler.assume_constant_result(probe)
+    added = {name for name in vars(marked)}
+    assert added and all(getattr(_cuda.available, name) == getattr(marked, name) for name in added)
