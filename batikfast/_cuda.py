@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from batikfast.backends import constant_under_compile
+
 REBUILD = "rebuild with: pip install --no-build-isolation -e ."
 ACTIVATIONS = ("linear", "relu", "lrelu", "tanh", "sigmoid", "elu", "selu", "softplus", "swish")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -128,10 +130,8 @@ def available() -> tuple[bool, Optional[str]]:
 
 # Dispatch asks this inside compiled code. Traced, load()'s lock is a context manager dynamo
 # cannot enter (a graph break: an error under fullgraph); as a constant, dynamo calls it once
-# and keeps the answer, which never changes once given. This attribute is exactly what
-# torch.compiler.assume_constant_result sets (a test checks it); calling that here would import
-# dynamo, and with it triton, whenever batikfast is imported.
-available._dynamo_marked_constant = True
+# and keeps the answer, which never changes once given.
+available = constant_under_compile(available)
 
 
 def build_info() -> dict:

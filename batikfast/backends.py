@@ -137,14 +137,27 @@ def resolve(op: str, x: torch.Tensor, impl: str | None = None) -> str:
         reason = unavailable_reason(candidate, device, dtype)
         if reason is None:
             if reasons:
-                _warn_once(op, candidate, reasons)
+                _warn_once(op, candidate, tuple(reasons))
             return candidate
         reasons.append(f"{candidate}: {reason}")
-    _warn_once(op, "ref", reasons)
+    _warn_once(op, "ref", tuple(reasons))
     return "ref"
 
 
-def _warn_once(op: str, chosen: str, reasons: list[str]) -> None:
+def constant_under_compile(fn):
+    """Mark ``fn`` as torch.compiler.assume_constant_result does: dynamo then calls it once
+    while tracing and keeps its answer, instead of tracing into it. For checks whose answer
+    never changes once given (and whose bodies dynamo cannot trace: locks, warnings). Set
+    directly, because assume_constant_result imports dynamo, and with it triton, whenever
+    batikfast is imported; a test pins the attribute to the one torch sets."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+# A constant under compile: dynamo cannot trace warnings.warn (a graph break, an error under
+# fullgraph), and called once at trace time it warns exactly when it should.
+@constant_under_compile
+def _warn_once(op: str, chosen: str, reasons: tuple[str, ...]) -> None:
     key = f"{chosen}|{'|'.join(reasons)}"
     if key in _warned_reasons:
         return

@@ -108,14 +108,33 @@ def test_availability_checks_trace_under_fullgraph_compile(impl):
     assert offset_by_availability(torch.zeros(2)).tolist() == [expected, expected]
 
 
-def test_the_extension_check_carries_the_mark_torch_compiler_gives_constant_functions():
-    """batikfast marks it without importing dynamo (lean import); the mark must stay the one
+def test_constant_under_compile_marks_functions_as_torch_compiler_does():
+    """batikfast marks without importing dynamo (lean import); the mark must stay the one
     torch.compiler.assume_constant_result sets, or compiled dispatch breaks the graph again."""
-    from batikfast import _cuda
-
     def probe():
+        return None
+
+    def ours():
         return None
 
     marked = torch.compiler.assume_constant_result(probe)
     added = {name for name in vars(marked)}
-    assert added and all(getattr(_cuda.available, name) == getattr(marked, name) for name in added)
+    backends.constant_under_compile(ours)
+    assert added and all(getattr(ours, name) == getattr(marked, name) for name in added)
+
+
+def test_the_fallback_warning_is_given_once_from_compiled_code_too(monkeypatch):
+    torch._dynamo.reset()
+    monkeypatch.setattr(backends, "_warned_reasons", set())
+    reasons = ("cuda: not built here", "triton: not installed here")
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def warn_then_add(x):
+        backends._warn_once("bias_act", "ref", reasons)
+        return x + 1
+
+    with pytest.warns(RuntimeWarning, match="fall back to the 'ref' implementation"):
+        assert warn_then_add(torch.zeros(2)).tolist() == [1.0, 1.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backends._warn_once("bias_act", "ref", reasons)  # once per reason, compiled or not
