@@ -316,3 +316,35 @@ def test_generator_and_discriminator_match_between_reference_and_fast_backends(i
     for ref, fast in zip(results["ref"], results[impl]):
         scale = ref.abs().max().item()
         torch.testing.assert_close(fast, ref, rtol=tolerance, atol=tolerance * max(scale, 1.0))
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton", "cuda"])
+def test_generator_and_discriminator_compile_without_a_graph_break(impl, device):
+    """fullgraph=True turns any graph break into an error: dispatch, the ops' wrappers and the
+    networks' own code must all trace, forward and backward, on every backend."""
+    reason = fast_backend_unavailable(impl, device) if impl != "ref" else None
+    if reason:
+        pytest.skip(reason)
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    G = Generator(4, 0, 4, 8, 3, channel_base=32, channel_max=4, conv_clamp=256,
+                  mapping_kwargs=dict(num_layers=1)).to(device)
+    D = Discriminator(0, 8, 3, channel_base=32, channel_max=4, conv_clamp=256,
+                      mapping_kwargs=dict(num_layers=1), epilogue_kwargs=dict(mbstd_group_size=2),
+                      ).to(device)
+    z = torch.randn(2, 4, device=device)
+    t = torch.tensor([3, 5], device=device)
+    # aot_eager traces what inductor would get; inductor itself on a GPU.
+    compiler = "inductor" if device.type == "cuda" else "aot_eager"
+    batikfast.set_backend(impl)
+    try:
+        ws = torch.compile(G.mapping, fullgraph=True, backend=compiler)(z, None)
+        img = torch.compile(G.synthesis, fullgraph=True, backend=compiler)(ws, noise_mode="const")
+        logits = torch.compile(D, fullgraph=True, backend=compiler)(img, None, t)
+        logits.sum().backward()
+        eager = D(G.synthesis(G.mapping(z, None), noise_mode="const"), None, t)
+    finally:
+        batikfast.set_backend(None)
+    assert G.synthesis.b8.conv0.weight.grad is not None and D.b8.conv0.weight.grad is not None
+    tolerance = 1e-4 if device.type == "cpu" else 1e-2  # TF32 in the fast fp32 convolutions
+    torch.testing.assert_close(logits.detach(), eager.detach(), rtol=tolerance, atol=tolerance)
