@@ -353,3 +353,15 @@ def test_compiled_reference_reuses_one_dynamic_graph_per_op_variant():
         opcases.make_callable(case, inputs, "ref", "fwd", compiled=True, dynamic=False)
     assert len(opcases._compiled_forwards) == 1 + len(acts)
     opcases._compiled_forwards.clear()
+
+
+def test_train_step_measures_the_baselines_and_the_likely_fastest_setup_first():
+    """Under a time budget the first setups are the ones measured."""
+    from benchmarks import train_step
+
+    args = train_step.parse_args(["--precision", "mixed", "fp32"])
+    order = train_step.measurement_order(args)
+    assert order[:3] == [("mixed", "eager", "ref"), ("mixed", "compiled", "cuda"),
+                         ("mixed", "compiled", "ref")]
+    assert len(order) == len(set(order)) == 2 * 3 * 3
+    assert [precision for precision, _, _ in order] == ["mixed"] * 9 + ["fp32"] * 9
