@@ -151,9 +151,12 @@ def _modulated_conv2d_fast(x, weight, styles, noise, up, down, padding, resample
     if not single_pass:
         y = conv2d_resample(x * styles.to(x.dtype)[:, :, None, None], weight.to(x.dtype),
                             f=resample_filter, up=up, down=down, padding=padding, impl=impl)
-        if demod_coefs is not None:
+        if demod_coefs is not None and noise is not None:
+            # One pass over the largest tensor of the layer instead of two.
+            y = torch.addcmul(noise.to(y.dtype), y, demod_coefs.to(y.dtype)[:, :, None, None])
+        elif demod_coefs is not None:
             y = y * demod_coefs.to(y.dtype)[:, :, None, None]
-        if noise is not None:
+        elif noise is not None:
             y = y + noise.to(y.dtype)
         return _epilogue(y, bias, act, alpha, gain, clamp, impl)
     out_size = (x.shape[2] + 2 * padding - kh + 1, x.shape[3] + 2 * padding - kw + 1)
