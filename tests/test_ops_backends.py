@@ -9,7 +9,7 @@ to the output). On a machine without a GPU the Triton kernels run in the interpr
 import pytest
 import torch
 
-from batikfast import ops
+from batikfast import backends, ops
 from tests._support import DEVICE, FAST_IMPLS as FAST, HAS_GPU, require
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -447,3 +447,26 @@ def test_diffusion_noise_takes_steps_drawn_on_the_host_without_waiting_for_the_g
     assert torch.equal(from_host, on_device)
     with pytest.raises(ValueError, match=r"t must lie in \[0, 20\]"):
         ops.diffusion_noise(x, torch.tensor([0, 3, 21, 11]), sab, s1mab, seed=3, impl=impl)
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_compiled_diffusion_noise_of_gpu_images_takes_steps_drawn_on_the_host(impl):
+    """Dynamo traces GPU code on fake CUDA tensors (which need no GPU); fake tensors cannot be
+    pinned, so the host t's pinned copy must stay out of compiled code."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gpu = torch.device("cuda")
+    reason = backends.unavailable_reason(impl, gpu, torch.float16)
+    if reason is not None:
+        pytest.skip(f"{impl} cannot run on a GPU here: {reason}")
+    torch._dynamo.reset()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(2, 3, 5, 4, device=gpu, dtype=torch.float16)
+        sab, s1mab = (s.to(gpu) for s in schedule())
+        host_t = torch.tensor([3, 9])
+
+    def noise(x, t):
+        return ops.diffusion_noise(x, t, sab, s1mab, seed=1, impl=impl)
+
+    graph = torch._dynamo.export(noise)(x, host_t).graph_module.graph
+    assert torch.ops.batikfast.diffusion_noise.default in {node.target for node in graph.nodes}

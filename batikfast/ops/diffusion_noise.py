@@ -41,8 +41,11 @@ def diffusion_noise(x: torch.Tensor, t: torch.Tensor, sqrt_alpha_bar: torch.Tens
     """
     _check_arguments(x, t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, noise, seed)
     if t.device != x.device:
-        # A host t, copied through pinned memory: a pageable copy would wait for the GPU.
-        t = t.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else t.to(x.device)
+        # A host t, copied through pinned memory: a pageable copy would wait for the GPU. Not
+        # while compiling: the graph is traced on fake tensors, which cannot be pinned
+        # (torch.compile would fail on every GPU), and the compiled graph does the copy.
+        pinned = x.is_cuda and not torch.compiler.is_compiling()
+        t = t.pin_memory().to(x.device, non_blocking=True) if pinned else t.to(x.device)
     x_scale = sqrt_alpha_bar.float()[t]
     noise_scale = sqrt_one_minus_alpha_bar.float()[t] * float(noise_std)
     chosen = backends.resolve("diffusion_noise", x, impl)
