@@ -5,6 +5,7 @@ Triton compiles for CUDA; CPU tensors are accepted only under Triton's interpret
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -34,3 +35,13 @@ def check_device(op: str, name: str, t: torch.Tensor, like: torch.Tensor | None 
         raise RuntimeError(f"{op} (Triton) needs CUDA tensors, got {name} on {t.device}")
     if like is not None and t.device != like.device:
         raise ValueError(f"{name} must be on {like.device} like x, got {t.device}")
+
+
+def launch_device(t: torch.Tensor):
+    """A context that makes ``t``'s GPU the current one for a kernel launch. Triton launches on
+    the current device and its current stream, not on the device of the pointers it is given
+    (torch's own ops guard the device themselves): a tensor on another GPU would be read from
+    the wrong context and out of order with its own stream."""
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)

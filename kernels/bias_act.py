@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._checks import check_device, interpreter_tiles, interpreting
+from ._checks import check_device, interpreter_tiles, interpreting, launch_device
 
 ACT_CODES = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "elu": 5, "selu": 6,
              "softplus": 7, "swish": 8}
@@ -215,12 +215,13 @@ def _launch(x, b, dy, out, dim, act, alpha, gain, clamp, order) -> torch.Tensor:
     block_i = min(triton.next_power_of_2(inner), block)
     block_r = block // block_i
     grid = (triton.cdiv(rows, block_r) * triton.cdiv(inner, block_i),)
-    _bias_act_kernel[grid](
-        x, b if b is not None else x, dy if dy is not None else x, out,
-        rows, inner, channels, float(alpha), float(gain),
-        float(clamp) if clamp is not None else 0.0,
-        ACT=ACT_CODES[act], ORDER=order, HAS_BIAS=b is not None, HAS_CLAMP=clamp is not None,
-        BLOCK_R=block_r, BLOCK_I=block_i, num_warps=1 if interpreter_tiles() else 8)
+    with launch_device(x):
+        _bias_act_kernel[grid](
+            x, b if b is not None else x, dy if dy is not None else x, out,
+            rows, inner, channels, float(alpha), float(gain),
+            float(clamp) if clamp is not None else 0.0,
+            ACT=ACT_CODES[act], ORDER=order, HAS_BIAS=b is not None, HAS_CLAMP=clamp is not None,
+            BLOCK_R=block_r, BLOCK_I=block_i, num_warps=1 if interpreter_tiles() else 8)
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_device, interpreter_tiles
+from ._checks import check_device, interpreter_tiles, launch_device
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TWO_PI = tl.constexpr(6.283185307179586)
@@ -148,11 +148,12 @@ def diffusion_noise_forward(x, x_scale, noise_scale, noise, seed, offset):
     shift = offset % 4
     per_sample = numel // x.shape[0]
     grid = (triton.cdiv(numel + shift, block),)
-    _diffusion_noise_kernel[grid](
-        x, x_scale.contiguous(), noise_scale.contiguous() if noise_scale is not None else x,
-        noise.contiguous() if given_noise else x, y,
-        numel, per_sample, x.shape[0], int(seed), offset // 4,
-        HAS_NOISE_SCALE=noise_scale is not None, GIVEN_NOISE=given_noise, SHIFT=shift,
-        AT_MOST_TWO_SAMPLES=per_sample >= block, BLOCK=block,
-        num_warps=1 if interpreter_tiles() else 8)
+    with launch_device(x):
+        _diffusion_noise_kernel[grid](
+            x, x_scale.contiguous(), noise_scale.contiguous() if noise_scale is not None else x,
+            noise.contiguous() if given_noise else x, y,
+            numel, per_sample, x.shape[0], int(seed), offset // 4,
+            HAS_NOISE_SCALE=noise_scale is not None, GIVEN_NOISE=given_noise, SHIFT=shift,
+            AT_MOST_TWO_SAMPLES=per_sample >= block, BLOCK=block,
+            num_warps=1 if interpreter_tiles() else 8)
     return y

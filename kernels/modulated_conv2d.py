@@ -59,7 +59,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ._checks import check_device, interpreter_tiles, interpreting as _interpreting
+from ._checks import check_device, interpreter_tiles, launch_device
+from ._checks import interpreting as _interpreting
 
 _ACT_CODES = {"linear": 0, "relu": 1, "lrelu": 2}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -348,8 +349,9 @@ def modulated_conv2d_forward(x, weight, in_scale, out_scale, noise, bias, act, a
     # A no-op when x is already channels-last (keep activations so to skip this copy).
     x = x.contiguous(memory_format=torch.channels_last)
     config = _choose_config(rows, out_h * out_w, in_channels, out_channels, x.dtype, x.device)
-    _launch_fitting(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, clamp,
-                    padding, config=config)
+    with launch_device(x):
+        _launch_fitting(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, clamp,
+                        padding, config=config)
     return y
 
 

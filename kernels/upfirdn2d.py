@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_device, interpreter_tiles
+from ._checks import check_device, interpreter_tiles, launch_device
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -233,10 +233,11 @@ def upfirdn2d(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_fil
     tile_planes, plane_rows, block_w, num_warps = _tile(out_h, out_w)
     grid = (triton.cdiv(planes, tile_planes) * triton.cdiv(out_h, plane_rows)
             * triton.cdiv(out_w, block_w),)
-    _upfirdn2d_kernel[grid](
-        x, f, y, planes, in_h, in_w, out_h, out_w,
-        plane_stride, x.stride(2), x.stride(3), *f.stride(),
-        skip_x * upx - padx0, skip_y * upy - pady0, skip_x, skip_y, float(gain),
-        UPX=upx, UPY=upy, DOWNX=downx, DOWNY=downy, FH=fh, FW=fw, FLIP=bool(flip_filter),
-        PLANES=tile_planes, PLANE_ROWS=plane_rows, BLOCK_W=block_w, num_warps=num_warps)
+    with launch_device(x):
+        _upfirdn2d_kernel[grid](
+            x, f, y, planes, in_h, in_w, out_h, out_w,
+            plane_stride, x.stride(2), x.stride(3), *f.stride(),
+            skip_x * upx - padx0, skip_y * upy - pady0, skip_x, skip_y, float(gain),
+            UPX=upx, UPY=upy, DOWNX=downx, DOWNY=downy, FH=fh, FW=fw, FLIP=bool(flip_filter),
+            PLANES=tile_planes, PLANE_ROWS=plane_rows, BLOCK_W=block_w, num_warps=num_warps)
     return y
