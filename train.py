@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=None, dest="r1_gamma", help="R1 weight")
     p.add_argument("--target", type=float, default=None, dest="diffusion_target")
     p.add_argument("--workers", type=int, default=None, help="data loader processes per GPU")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (one process)")
     p.add_argument("--metrics", default=None, help="comma list of fid,kid,pr at each checkpoint")
     p.add_argument("--metrics-features", default=None, help="feature network file for --metrics")
     p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)

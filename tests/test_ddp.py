@@ -168,3 +168,24 @@ def test_more_ranks_than_gpus_is_a_clear_error_before_nccl_starts(monkeypatch):
         dist_utils.init_distributed("cuda")
     with pytest.raises(RuntimeError, match="one GPU per process"):
         dist_utils.init_distributed("auto")  # auto picks the GPU when one is visible
+
+
+def test_a_named_gpu_is_made_the_current_one(monkeypatch):
+    """The checkpoint's CUDA RNG state, pinned copies and Triton launches all use the current
+    GPU: ``--device cuda:1`` must make GPU 1 current, not only put the networks there."""
+    from batikfast.training import distributed as dist_utils
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    current = [0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: current.__setitem__(0, index))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    info = dist_utils.init_distributed("cuda:1")
+    assert current == [1] and info.device == torch.device("cuda", 1)
+    with pytest.raises(RuntimeError, match="cuda:2 was asked for but 2 GPU"):
+        dist_utils.init_distributed("cuda:2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="names one GPU, but 2 processes.*--device cuda"):
+        dist_utils.init_distributed("cuda:1")

@@ -43,18 +43,25 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
+    requested = torch.device(device)
+    if requested.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but no GPU is visible")
+            raise RuntimeError(f"--device {device} was asked for but no GPU is visible")
         gpus = torch.cuda.device_count()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if world_size > 1 and local_world > gpus:
+        if requested.index is not None:
+            index = _named_gpu(requested, gpus, world_size)
+        elif world_size > 1 and local_world > gpus:
             # NCCL refuses two ranks on one GPU, and only after every rank has started.
             raise RuntimeError(
                 f"{local_world} processes on this machine but {gpus} GPU(s) visible: NCCL needs "
                 f"one GPU per process. Start at most {gpus} (torchrun --nproc-per-node {gpus}), "
                 "or train on the CPU with --device cpu (gloo)")
-        torch.cuda.set_device(local_rank % gpus)
+        else:
+            index = local_rank % gpus
+        # Current, not only named: the RNG state in checkpoints, pinned copies and the Triton
+        # kernels all use the current GPU.
+        torch.cuda.set_device(index)
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
         dev = torch.device(device)
@@ -69,6 +76,17 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
             kwargs.pop("device_id", None)
             dist.init_process_group(**kwargs)
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+def _named_gpu(requested: torch.device, gpus: int, world_size: int) -> int:
+    """The index of ``--device cuda:N``, checked: one process only, and a GPU that exists."""
+    if world_size > 1:
+        raise RuntimeError(
+            f"--device {requested} names one GPU, but {world_size} processes run and each needs "
+            "its own: pass --device cuda (each rank then takes the GPU of its LOCAL_RANK)")
+    if requested.index >= gpus:
+        raise RuntimeError(f"--device {requested} was asked for but {gpus} GPU(s) are visible")
+    return requested.index
 
 
 def shutdown() -> None:
