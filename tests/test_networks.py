@@ -350,3 +350,65 @@ def test_generator_and_discriminator_compile_without_a_graph_break(impl, device)
         batikfast.set_backend(None)
     assert G.synthesis.b8.conv0.weight.grad is not None and D.b8.conv0.weight.grad is not None
     torch.testing.assert_close(logits.detach(), eager.detach(), rtol=1e-4, atol=1e-4)
+
+
+def _trace_on_fake_gpu(module, args, kwargs=None):
+    """Capture ``module(*args)`` as torch.compile(fullgraph=True) sees it for CUDA tensors, on
+    fake CUDA tensors (no GPU needed): the graph's batikfast ops, or an error at a graph break."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gpu = torch.device("cuda")
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake:
+        state = ({k: v.to(gpu) for k, v in module.named_parameters()},
+                 {k: v.to(gpu) for k, v in module.named_buffers()})
+        args = [a.to(gpu) if isinstance(a, torch.Tensor) else a for a in args]
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+
+        def run(*inputs):  # on the fake tensors: creating a real CUDA tensor needs a GPU
+            with fake:
+                return graph_module.forward(*inputs)
+        return run
+
+    def call(state, *args):
+        return torch.func.functional_call(module, state, args, kwargs or {})
+
+    torch._dynamo.reset()
+    out = torch.compile(call, backend=capture, fullgraph=True, dynamic=False)(state, *args)
+    assert out.device.type == "cuda"
+    return {str(node.target) for graph in graphs for node in graph.graph.nodes
+            if str(node.target).startswith("batikfast.")}
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton", "cuda"])
+def test_compiled_networks_dispatch_gpu_tensors_without_a_graph_break(impl):
+    """What the compiled main phases trace on a GPU, checked without one: dispatch to each
+    backend, the fp16 layers and the op wrappers all stay in one graph, and the fast backends'
+    graphs hold their custom ops (the reference's none)."""
+    reason = backends.unavailable_reason(impl, torch.device("cuda"), torch.float16)
+    if reason is not None:
+        pytest.skip(f"{impl} cannot run on a GPU here: {reason}")
+    torch.manual_seed(6)
+    G = Generator(4, 0, 4, 8, 3, channel_base=32, channel_max=4, conv_clamp=256, num_fp16_res=1,
+                  mapping_kwargs=dict(num_layers=1))
+    D = Discriminator(0, 8, 3, channel_base=32, channel_max=4, conv_clamp=256, num_fp16_res=1,
+                      mapping_kwargs=dict(num_layers=1), epilogue_kwargs=dict(mbstd_group_size=2))
+    ws = torch.randn(2, G.synthesis.num_ws, 4)
+    batikfast.set_backend(impl)
+    try:
+        traced = {"mapping": _trace_on_fake_gpu(G.mapping, (torch.randn(2, 4), None)),
+                  "synthesis": _trace_on_fake_gpu(G.synthesis, (ws,), dict(noise_mode="const")),
+                  "D": _trace_on_fake_gpu(D, (torch.randn(2, 3, 8, 8), None,
+                                              torch.tensor([3, 5])))}
+    finally:
+        batikfast.set_backend(None)
+    if impl == "ref":
+        assert traced == {"mapping": set(), "synthesis": set(), "D": set()}
+    else:
+        assert {"batikfast.modulated_conv2d.default", "batikfast.upfirdn2d.default",
+                "batikfast.bias_act.default"} <= traced["synthesis"]
+        assert {"batikfast.upfirdn2d.default", "batikfast.bias_act.default"} <= traced["D"]
+        assert "batikfast.bias_act.default" in traced["mapping"]
