@@ -101,14 +101,15 @@ fi
 
 if want tests; then
     # One pytest process per test file, all at once: a crash (segfault) in one file cannot hide
-    # the others' results, and 16 cores compile the Triton kernels in parallel. Benchmarks run
+    # the others' results (and faulthandler names the test that crashed), and 16 cores compile
+    # the Triton kernels in parallel. Benchmarks run
     # only after every test process has ended, so they are not disturbed.
     seconds=$(allot "${TESTS_SECONDS:-200}" 150)
     log "step tests: one process per file, limit ${seconds}s each"
     mkdir -p "$OUT/tests"
     for file in tests/test_*.py; do
         name=$(basename "$file" .py)
-        timeout --signal=INT --kill-after=20 "$seconds" "$PYTHON" -m pytest -q -ra \
+        timeout --signal=INT --kill-after=20 "$seconds" "$PYTHON" -X faulthandler -m pytest -q -ra \
             -p no:cacheprovider "$file" >"$OUT/tests/$name.log" 2>&1 &
     done
     wait
