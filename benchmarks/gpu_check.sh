@@ -102,8 +102,8 @@ fi
 if want tests; then
     # One pytest process per test file, all at once: a crash (segfault) in one file cannot hide
     # the others' results (and faulthandler names the test that crashed), and 16 cores compile
-    # the Triton kernels in parallel. Benchmarks run
-    # only after every test process has ended, so they are not disturbed.
+    # the Triton kernels in parallel. Benchmarks run only after every test process has ended,
+    # so they are not disturbed.
     seconds=$(allot "${TESTS_SECONDS:-200}" 150)
     log "step tests: one process per file, limit ${seconds}s each"
     mkdir -p "$OUT/tests"
