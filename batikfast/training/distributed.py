@@ -89,9 +89,20 @@ def _named_gpu(requested: torch.device, gpus: int, world_size: int) -> int:
     return requested.index
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(wait_for_peers: bool = False) -> None:
+    """Leave the process group. ``wait_for_peers`` (a run that ended normally) meets the other
+    ranks at a barrier first: a rank that tears gloo down while a peer is still finishing its
+    last collective can abort the peer's process at exit ("terminate called without an active
+    exception"). After an error nobody waits: a dead peer would hold the barrier until the
+    timeout."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait_for_peers and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer is gone: leave anyway
+            pass
+    dist.destroy_process_group()
 
 
 def _collective(fn, *args, what: str):

@@ -551,9 +551,12 @@ def train(config: dict, outdir, resume: str | None = None) -> dict:
     """Run training (single process, or one rank under torchrun); returns the final progress."""
     info = dist_utils.init_distributed(config["device"], config["ddp_timeout_s"])
     try:
-        return _train(config, Path(outdir), resume, info)
-    finally:
+        progress = _train(config, Path(outdir), resume, info)
+    except BaseException:
         dist_utils.shutdown()
+        raise
+    dist_utils.shutdown(wait_for_peers=True)
+    return progress
 
 
 def _train(config: dict, outdir: Path, resume, info) -> dict:
