@@ -96,8 +96,8 @@ def run_metadata(device: torch.device, argv: list[str] | None = None) -> dict:
         meta["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         meta["sm_count"] = props.multi_processor_count
         meta["compute_capability"] = f"{props.major}.{props.minor}"
-        meta["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
-        meta["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+    meta["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    meta["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
     return meta
 
 

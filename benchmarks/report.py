@@ -71,6 +71,9 @@ def markdown(payload: dict) -> str:
         f"cuDNN {meta.get('cudnn')}",
         f"- timing: {meta['timing']}; median of repeats with the 20th-80th percentile spread; "
         f"torch.compile: {meta.get('compile')}",
+        "- fp32 convolutions: "
+        + ("TF32 (torch's default)" if meta.get("tf32_cudnn", True) else
+           "full fp32, TF32 off (as in training)"),
     ]
     if ceilings:
         flops = ceilings["matmul_tflops"]

@@ -82,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also run benchmarks/train_step.py (whole training step)")
     parser.add_argument("--no-ceilings", action="store_true",
                         help="skip measuring copy bandwidth and matmul throughput")
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="fp32 convolutions without TF32 (torch.backends.cudnn.allow_tf32 "
+                             "off), as the training loop runs them; every backend follows it")
     args = parser.parse_args(argv)
     if args.shapes is None:
         args.shapes = ["tiny"] if args.quick else ["paper256-g", "paper256-d"]
@@ -272,6 +275,8 @@ def main(argv=None) -> dict:
         raise SystemExit("--device cuda: no GPU visible to torch")
     if "compiled" in args.backends:
         _raise_compile_limits()
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
     rep_ms = args.rep_ms or (20.0 if args.quick else 100.0)
     timer = Timer(device, warmup_ms=rep_ms / 4, rep_ms=rep_ms,
                   min_repeats=1 if device.type == "cpu" else 10)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -365,3 +366,13 @@ def test_train_step_measures_the_baselines_and_the_likely_fastest_setup_first():
                          ("mixed", "compiled", "ref")]
     assert len(order) == len(set(order)) == 2 * 3 * 3
     assert [precision for precision, _, _ in order] == ["mixed"] * 9 + ["fp32"] * 9
+
+
+def test_no_tf32_runs_fp32_convolutions_without_tf32_and_says_so(tmp_path, monkeypatch):
+    from benchmarks import run as bench_run
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # restored after the test
+    payload = bench_run.main(["--quick", "--ops", "bias_act", "--backends", "ref",
+                              "--no-ceilings", "--no-tf32", "--outdir", str(tmp_path)])
+    assert payload["meta"]["tf32_cudnn"] is False
+    assert "full fp32, TF32 off" in (tmp_path / "ops.md").read_text()
