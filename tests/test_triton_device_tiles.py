@@ -152,6 +152,7 @@ MODCONV_CASES = [
     (3, 64, 40, 5, 6, 3, 1, 132),  # K blocks divide I exactly
     (2, 5, 3, 11, 13, 1, 0, 1),  # toRGB-like: 1x1 kernel, few channels
     (1, 33, 17, 4, 4, 3, 0, 132),  # no padding: output smaller than input
+    (10, 12, 20, 3, 3, 3, 1, 1),  # 9-pixel images: a 128-row tile gathers 10 samples' styles
 ]
 
 
