@@ -220,3 +220,28 @@ def test_extension_was_built_wherever_a_toolkit_and_a_cuda_torch_exist(extension
         pytest.skip("no CUDA toolkit or a CPU-only torch: nothing to build")
     ok, reason = _cuda.available()
     assert ok, f"a CUDA toolkit is here but batikfast._C did not build or load: {reason}"
+
+
+def test_modulated_conv2d_cpp_checks_name_each_bad_argument_without_a_gpu(monkeypatch):
+    """The raw op's own argument checks (past the Python wrapper), run on fake CUDA tensors:
+    dispatching straight to the op's CUDA kernel function runs its C++ validation, which reads
+    only metadata, so every bad call must raise its named error here too. The same cases run
+    on real tensors, in a child process, on a GPU (test_cuda_modulated_conv2d.py)."""
+    import functools
+    import re
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tests import test_cuda_modulated_conv2d as modconv_tests
+
+    available, reason = _cuda.available()
+    if not available:
+        pytest.skip(f"batikfast._C is not available: {reason}")
+    op = torch.ops.batikfast_cuda.modulated_conv2d_forward.default
+    cuda_kernel = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    monkeypatch.setattr(modconv_tests, "raw_op",
+                        lambda: functools.partial(op.redispatch, cuda_kernel))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for case, call, message in modconv_tests.BAD_CALLS:
+            with pytest.raises(RuntimeError, match=re.escape(message)):
+                call()
