@@ -207,7 +207,6 @@ Prepared prepare(const char* op, const at::Tensor& x, const c10::optional<at::Te
               op, ": dim must be an axis of x (rank ", x.dim(), "), got ", dim);
   Prepared r;
   r.act = parse_act(act);
-  r.x = dense(x);
   const int64_t axis = x.dim() == 0 ? 0 : (dim < 0 ? dim + x.dim() : dim);
   r.p.numel = x.numel();
   r.p.channels = x.dim() == 0 ? 1 : x.size(axis);
@@ -227,6 +226,8 @@ Prepared prepare(const char* op, const at::Tensor& x, const c10::optional<at::Te
     // As the reference: the bias is added in x's dtype.
     r.b = b->to(x.scalar_type()).contiguous();
   }
+  // Only now, with every argument checked, is x read (made dense, possibly copied).
+  r.x = dense(x);
   // Guards against a zero divisor in the channel walk of empty axes (numel is 0 then anyway).
   r.p.inner = std::max<int64_t>(r.p.inner, 1);
   r.p.channels = std::max<int64_t>(r.p.channels, 1);
@@ -249,13 +250,15 @@ at::Tensor bias_act_backward(const at::Tensor& dy, const at::Tensor& x,
                              const c10::optional<at::Tensor>& b, int64_t dim, c10::string_view act,
                              double alpha, double gain, double clamp, int64_t order) {
   TORCH_CHECK(order == 1 || order == 2, "bias_act_backward: order must be 1 or 2, got ", order);
-  Prepared r = prepare("bias_act_backward", x, b, dim, act, alpha, gain, clamp);
+  // dy is checked before prepare() reads x, so that no bad call copies anything.
+  BF_CHECK_CUDA(x, "x");
   BF_CHECK_CUDA(dy, "dy");
   BF_CHECK_SAME_DEVICE(dy, x, "dy", "x");
   TORCH_CHECK(dy.sizes() == x.sizes(), "bias_act_backward: dy must have the shape of x ",
               x.sizes(), ", got ", dy.sizes());
   TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "bias_act_backward: dy must have x's dtype ",
               x.scalar_type(), ", got ", dy.scalar_type());
+  Prepared r = prepare("bias_act_backward", x, b, dim, act, alpha, gain, clamp);
   r.p.order = static_cast<int>(order);
   const at::Tensor dy_dense = dense(dy);
   const c10::cuda::CUDAGuard guard(x.device());

@@ -245,3 +245,57 @@ def test_modulated_conv2d_cpp_checks_name_each_bad_argument_without_a_gpu(monkey
         for case, call, message in modconv_tests.BAD_CALLS:
             with pytest.raises(RuntimeError, match=re.escape(message)):
                 call()
+
+
+def _raw_bad_calls(gpu):
+    """(op, arguments, words the error must contain) for the raw ops other than the modulated
+    convolution (which has its own table in test_cuda_modulated_conv2d.py)."""
+    x, b, f = torch.randn(2, 3, 5, 5, device=gpu), torch.randn(3, device=gpu), torch.ones(4, 4, device=gpu)
+    ones = torch.ones(2, device=gpu)
+    act = ("lrelu", 0.2, 1.0, -1.0)
+    up = (False, 1.0)
+    return [
+        ("bias_act_forward", (x.cpu(), b, 1, *act), "x must be a CUDA tensor"),
+        ("bias_act_forward", (x.double(), b, 1, *act), "x must be float32, float16 or bfloat16"),
+        ("bias_act_forward", (x, torch.randn(4, device=gpu), 1, *act), "b must be 1-D"),
+        ("bias_act_forward", (x, b.cpu(), 1, *act), "b must be a CUDA tensor"),
+        ("bias_act_forward", (x, b, 4, *act), "dim must be an axis of x"),
+        ("bias_act_forward", (x, b, 1, "gelu", 0.2, 1.0, -1.0), "act must be one of"),
+        ("bias_act_backward", (x, x, b, 1, *act, 3), "order must be 1 or 2"),
+        ("bias_act_backward", (x[:, :2], x, b, 1, *act, 1), "dy must have the shape of x"),
+        ("bias_act_backward", (x.half(), x, b, 1, *act, 1), "dy must have x's dtype"),
+        ("upfirdn2d", (x.cpu(), f, 1, 1, 1, 1, 0, 0, 0, 0, *up), "x must be a CUDA tensor"),
+        ("upfirdn2d", (x[0], f, 1, 1, 1, 1, 0, 0, 0, 0, *up), "x must be 4-D"),
+        ("upfirdn2d", (x, f.cpu(), 1, 1, 1, 1, 0, 0, 0, 0, *up), "f must be a CUDA tensor"),
+        ("upfirdn2d", (x, f[0], 1, 1, 1, 1, 0, 0, 0, 0, *up), "f must be a non-empty 2-D filter"),
+        ("upfirdn2d", (x, f, 0, 1, 1, 1, 0, 0, 0, 0, *up), "upx and upy must be >= 1"),
+        ("upfirdn2d", (x, f, 1, 1, 1, 0, 0, 0, 0, 0, *up), "downx and downy must be >= 1"),
+        ("upfirdn2d", (x, f, 1, 1, 1, 1, -3, -3, 0, 0, *up), "the output would be empty"),
+        ("diffusion_noise_forward", (x, torch.ones(3, device=gpu), None, None, 1, 0),
+         "x_scale must have shape [2]"),
+        ("diffusion_noise_forward", (x, torch.ones(2), None, None, 1, 0),
+         "x_scale must be a CUDA tensor"),
+        ("diffusion_noise_forward", (x, ones, ones, torch.ones(2, 3, 5, 4, device=gpu), 1, 0),
+         "noise must have x's shape"),
+        ("diffusion_noise_forward", (x, ones, None, None, -1, 0), "seed must be >= 0"),
+        ("diffusion_noise_forward", (x, ones, None, None, 1, -5), "offset must be >= 0"),
+    ]
+
+
+def test_raw_op_cpp_checks_name_each_bad_argument_without_a_gpu():
+    """As above, for bias_act (both directions), upfirdn2d and diffusion noise: each bad call
+    reaches the op's CUDA kernel function on fake CUDA tensors and must raise its named error."""
+    import re
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    available, reason = _cuda.available()
+    if not available:
+        pytest.skip(f"batikfast._C is not available: {reason}")
+    cuda_kernel = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        cases = _raw_bad_calls(torch.device("cuda"))
+        for name, args, words in cases:
+            op = getattr(torch.ops.batikfast_cuda, name).default
+            with pytest.raises(RuntimeError, match=re.escape(words)):
+                op.redispatch(cuda_kernel, *args)
