@@ -96,11 +96,12 @@ def test_compiled_path_length_penalty_and_g_gradients_equal_the_eager_ones(phase
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["Dreg", "Greg"])
-def test_regularizers_compiled_by_inductor_equal_the_eager_ones(phase, monkeypatch):
+def test_regularizers_compiled_by_inductor_equal_the_eager_ones(phase):
     # Inductor draws its own random numbers unless told to call aten's: the synthesis noise
-    # must match the eager run's.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-    check_compiled_equals_eager(phase, {}, augment=True, calls=1)
+    # must match the eager run's. (config.patch, not monkeypatch: pytest 9.2's monkeypatch
+    # deletes the option on undo, which hides it from every later compile in the process.)
+    with torch._inductor.config.patch(fallback_random=True):
+        check_compiled_equals_eager(phase, {}, augment=True, calls=1)
 
 
 def test_triton_ops_do_not_compile_under_torch_func_yet():
