@@ -211,6 +211,10 @@ def report() -> str:
     gpu = torch.cuda.is_available()
     lines.append(f"  GPU: {torch.cuda.get_device_name() if gpu else 'none visible'}")
     lines.append(f"  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}")
+    lines.append("  fp32 convolutions: " + (
+        "TF32 allowed (torch.backends.cudnn.allow_tf32; the fast kernels follow it)"
+        if torch.backends.cudnn.allow_tf32 else
+        "full fp32 (torch.backends.cudnn.allow_tf32 is off; the fast kernels follow it)"))
     lines.append(f"  forced backend: {get_backend() or 'auto'}")
     device = torch.device("cuda" if gpu else "cpu")
     for impl in IMPLEMENTATIONS:

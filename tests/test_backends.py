@@ -77,6 +77,12 @@ def test_report_lists_every_implementation_with_its_status():
     assert "ref" in text and ("available" in text)
 
 
+@pytest.mark.parametrize("allow_tf32", [True, False])
+def test_report_says_whether_fp32_convolutions_may_use_tf32(monkeypatch, allow_tf32):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    assert ("TF32 allowed" if allow_tf32 else "full fp32") in backends.report()
+
+
 def test_python_m_batikfast_info_prints_the_report():
     out = subprocess.run([sys.executable, "-m", "batikfast.info"], capture_output=True, text=True,
                          check=True).stdout
