@@ -29,5 +29,15 @@ def pytest_report_header(config):
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread: the CI machine's 2 shared cores only spin against each other with
+    more (training-sized tests use it through ``pytest.mark.usefixtures``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def device():
     return torch.device("cuda" if HAS_GPU else "cpu")

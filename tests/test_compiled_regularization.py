@@ -23,13 +23,10 @@ QUICK = {"backend": "aot_eager"}
 
 
 @pytest.fixture(autouse=True)
-def reference_ops_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: more threads only spin against each other
+def reference_ops(one_thread):
     batikfast.set_backend("ref")
     yield
     batikfast.set_backend(None)
-    torch.set_num_threads(threads)
 
 
 def make(G, D, compile_regularizers, augment):

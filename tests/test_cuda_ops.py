@@ -280,7 +280,11 @@ _MASK = np.uint64(0xFFFFFFFF)
 def _philox4x32_10(counters, seed):
     """Philox4x32-10 on uint64 numpy arrays of 32-bit words: counter (lo, hi, 0, 0), key = seed."""
     c = [counters & _MASK, counters >> np.uint64(32), np.zeros_like(counters), np.zeros_like(counters)]
-    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    return _philox_rounds(c, np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32))
+
+
+def _philox_rounds(c, k0, k1):
+    """The ten Philox4x32 rounds on the counter words ``c`` with key (k0, k1)."""
     for r in range(10):
         if r:
             k0, k1 = (k0 + np.uint64(_W0)) & _MASK, (k1 + np.uint64(_W1)) & _MASK
@@ -295,14 +299,7 @@ def test_reference_philox_reproduces_the_published_known_answers():
     zero = _philox4x32_10(np.array([0], dtype=np.uint64), 0)
     assert [int(w[0]) for w in zero] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
     ones = np.array([0xFFFFFFFF], dtype=np.uint64)
-    c = [ones, ones, ones, ones]
-    k0 = k1 = np.uint64(0xFFFFFFFF)
-    for r in range(10):
-        if r:
-            k0, k1 = (k0 + np.uint64(_W0)) & _MASK, (k1 + np.uint64(_W1)) & _MASK
-        p0, p1 = np.uint64(_M0) * c[0], np.uint64(_M1) * c[2]
-        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _MASK, (p0 >> np.uint64(32)) ^ c[3] ^ k1,
-             p0 & _MASK]
+    c = _philox_rounds([ones] * 4, np.uint64(0xFFFFFFFF), np.uint64(0xFFFFFFFF))
     assert [int(w[0]) for w in c] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
 
 

@@ -97,12 +97,7 @@ def _crashes(outdir):
     return "\n".join(p.read_text() for p in Path(outdir).glob("crash*.txt"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_gloo_ranks_match_one_process_and_share_adaptive_state(tmp_path):

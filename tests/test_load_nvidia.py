@@ -52,10 +52,17 @@ def nvidia_modules():
     EasyDict.__module__ = "dnnlib.util"
     EasyDict.__qualname__ = "EasyDict"
     made["dnnlib.util"].EasyDict = EasyDict
-    saved = {name: sys.modules.get(name) for name in made}
-    sys.modules.update(made)
-    try:
+    with temporary_modules(made):
         yield _reconstruct_persistent_obj, EasyDict
+
+
+@contextlib.contextmanager
+def temporary_modules(modules: dict):
+    """``modules`` (name -> module) in sys.modules while the block runs, then as before."""
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield
     finally:
         for name, module in saved.items():
             if module is None:
@@ -247,10 +254,9 @@ def test_diffusion_gan_snapshot_with_its_diffusion_object_loads(tmp_path):
     identity_module.Identity = Identity
     reference = Diffusion(p=0.25)
     path = tmp_path / "best_model.pkl"
-    saved = {name: sys.modules.get(name) for name in ("training", "training.diffusion")}
-    sys.modules["training"] = types.ModuleType("training")
-    sys.modules["training.diffusion"] = identity_module
-    try:
+    training_modules = {"training": types.ModuleType("training"),
+                        "training.diffusion": identity_module}
+    with temporary_modules(training_modules):
         with nvidia_modules() as (reconstruct, easydict):
             state = dict(_parameters=collections.OrderedDict(), _buffers=collections.OrderedDict(),
                          _modules=collections.OrderedDict(aug=Identity()), _init_args=(),
@@ -264,12 +270,6 @@ def test_diffusion_gan_snapshot_with_its_diffusion_object_loads(tmp_path):
                             best_fid=30.5)
             with open(path, "wb") as handle:
                 pickle.dump(dict(diffusion=diffusion, progress=progress), handle)
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
     loaded = load_nvidia(path)
     assert isinstance(loaded["diffusion"], Diffusion)
     assert loaded["diffusion"].p == 0.25 and loaded["diffusion"].T == reference.T

@@ -10,13 +10,7 @@ from batikfast.metrics import (SmallFeatureNet, compute_metrics, dataset_feature
                                load_feature_network, precision_recall, to_uint8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared CPU cores: more threads only spin against each other
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_spd(rng, d):

@@ -28,13 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 BATCH = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine has 2 shared cores: more threads only spin against each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro_config(steps: int = 4, **overrides) -> dict:
