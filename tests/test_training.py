@@ -6,6 +6,7 @@ Every run here is pinned to the CPU whether or not the machine has a GPU: ``devi
 bit-exact comparisons (resume, deterministic runs, generate redrawing a training grid) hold on
 the CPU only. The GPU test at the end says so in its name and skips without one.
 """
+import copy
 import json
 import os
 import signal
@@ -187,34 +188,63 @@ def test_deterministic_runs_give_identical_checkpoints(tmp_path):
     assert a["checkpoint"].read_bytes()[:100] == b["checkpoint"].read_bytes()[:100]
 
 
-def test_non_finite_gradients_skip_the_step_and_repeated_ones_stop_the_run(tmp_path):
-    config = micro_config(steps=20, max_nan_skips=3, snap=1)
-    trainer = Trainer(config, tmp_path, DistInfo())
+def _poisoned_trainer(config, outdir, poisoned_phase="Dmain"):
+    """A trainer whose ``poisoned_phase`` leaves a NaN gradient while ``poison["on"]``."""
+    trainer = Trainer(config, outdir, DistInfo())
     original = trainer.parts.accumulate_gradients
     poison = {"on": False}
 
     def poisoned(phase, **kwargs):
         original(phase, **kwargs)
-        if poison["on"] and phase == "Dmain":
+        if poison["on"] and phase == poisoned_phase:
             next(trainer.D.parameters()).grad.fill_(float("nan"))
 
     trainer.parts.accumulate_gradients = poisoned
     from batikfast.data import make_loader
-    loader = make_loader(trainer.dataset, trainer.batch_gpu, num_workers=0)
+    return trainer, poison, make_loader(trainer.dataset, trainer.batch_gpu, num_workers=0)
+
+
+def test_non_finite_gradients_skip_the_step_and_repeated_ones_stop_the_run(tmp_path):
+    trainer, poison, loader = _poisoned_trainer(micro_config(steps=20, max_nan_skips=3, snap=1),
+                                                tmp_path)
     trainer.train_step(loader)
     good = trainer.save_checkpoint()
-    before = {n: p.clone() for n, p in trainer.D.named_parameters()}
     poison["on"] = True
     trainer.train_step(loader)
     for name, p in trainer.D.named_parameters():  # Dmain skipped (Dreg may still step)
         assert torch.isfinite(p).all(), name
+    trainer.report_faults()  # what every adjust_interval-th step and every checkpoint do
     log = (tmp_path / "log.txt").read_text()
     assert "non-finite gradient in phase Dmain at step 1" in log
     with pytest.raises(TrainingDiverged, match="last good checkpoint is intact"):
         for _ in range(5):
             trainer.train_step(loader)
     assert ckpt.latest_valid_checkpoint(tmp_path) == good
-    assert before  # the skipped step left D finite
+
+
+def test_a_skipped_step_leaves_weights_and_adam_state_untouched_without_a_host_sync(tmp_path):
+    # d_reg_interval 16: step 1 runs Dmain alone, so nothing else moves D
+    trainer, poison, loader = _poisoned_trainer(micro_config(steps=20, d_reg_interval=16),
+                                                tmp_path)
+    trainer.train_step(loader)
+    d_opt = trainer._opt("D")
+    weights = {n: p.detach().clone() for n, p in trainer.D.named_parameters()}
+    adam = copy.deepcopy(d_opt.state_dict()["state"])
+    poison["on"] = True
+    trainer.train_step(loader)
+    for name, p in trainer.D.named_parameters():
+        assert torch.equal(p, weights[name]), name
+    _same_state(d_opt.state_dict()["state"], adam)
+    # nothing was read back yet: the flag waits on the device for the next report
+    assert not (tmp_path / "log.txt").exists() or \
+        "non-finite" not in (tmp_path / "log.txt").read_text()
+    assert [step for step, *_ in trainer._unreported_faults] == [0, 1]
+    poison["on"] = False
+    trainer.train_step(loader)
+    assert any(not torch.equal(p, weights[n]) for n, p in trainer.D.named_parameters())
+    trainer.report_faults()
+    assert "non-finite gradient in phase Dmain at step 1" in (tmp_path / "log.txt").read_text()
+    assert trainer.nan_streak == 0  # step 2 was good
 
 
 def _train_main(argv):
@@ -464,11 +494,17 @@ def test_fp16_loss_scaling_unscales_to_the_same_gradients_and_backs_off_on_overf
         for name, g in grads[0][phase].items():
             torch.testing.assert_close(grads[1][phase][name], g, rtol=1e-5, atol=1e-8)
     scaler = LossScaler(True, init_scale=8.0, growth_interval=2)
-    scaler.update(finite=False)
-    assert scaler.scale == 4.0
-    scaler.update(True)
-    scaler.update(True)
-    assert scaler.scale == 8.0
+    overflow, fine = torch.ones(()), torch.zeros(())
+    assert scaler.update(overflow).item() == 0.0  # backing off cures an fp16 overflow
+    assert scaler.scale.item() == 4.0
+    scaler.update(fine)
+    scaler.update(fine)
+    assert scaler.scale.item() == 8.0
+    grads = [torch.tensor([8.0, 16.0]), torch.tensor([float("inf")])]
+    assert scaler.unscale_and_check_(grads).item() == 1.0
+    assert grads[0].tolist() == [1.0, 2.0]
+    tiny = LossScaler(True, init_scale=1.0)
+    assert tiny.update(overflow).item() == 1.0  # below a scale of 1, an overflow is a fault
     restored = LossScaler(True)
     restored.load_state_dict(scaler.state_dict())
     assert restored.state_dict() == scaler.state_dict()

@@ -17,6 +17,10 @@ real images come from the rank-sharded stream of :mod:`batikfast.data.loader`. E
 Faults: a non-finite gradient skips the optimiser step of that phase (logged with phase and
 step); ``max_nan_skips`` consecutive bad steps stop the run without writing a checkpoint, so
 the last good one stays. SIGTERM and SIGINT finish the current step, save a checkpoint and exit.
+The skip is decided on the device (fused Adam's ``found_inf``, GradScaler's kernels for the
+loss scale), so a step never waits for the GPU: the host reads the skip flags every
+``adjust_interval`` steps, when the adaptive diffusion / augmentation update reads its
+statistics anyway, and before every checkpoint.
 """
 from __future__ import annotations
 
@@ -69,33 +73,52 @@ class LossScaler:
     """Dynamic loss scaling for fp16 (what GradScaler does, applied through the loss gain).
 
     The loss object runs ``backward`` itself with a ``gain``; multiplying the gain by the scale
-    and dividing the reduced gradients by it is exactly GradScaler's scale/unscale.
+    and dividing the reduced gradients by it is exactly GradScaler's scale/unscale. The scale
+    and its count of good steps live on the device and are updated there by GradScaler's own
+    kernel, so backing off after an overflow needs no host sync.
     """
 
-    def __init__(self, enabled: bool, init_scale: float = 2.0 ** 12, growth_interval: int = 1000):
+    def __init__(self, enabled: bool, init_scale: float = 2.0 ** 12, growth_interval: int = 1000,
+                 device: torch.device | str = "cpu"):
         self.enabled = enabled
-        self.scale = init_scale if enabled else 1.0
         self.growth_interval = growth_interval
-        self.good_steps = 0
+        self.scale = torch.full((), init_scale if enabled else 1.0, dtype=torch.float32,
+                                device=device)
+        self._good_steps = torch.zeros((), dtype=torch.int32, device=device)
 
-    def update(self, finite: bool) -> None:
+    def loss_gain(self, gain: float) -> float | torch.Tensor:
+        """``gain`` times the scale: a device scalar when scaling, else the plain number."""
+        return gain * self.scale if self.enabled else gain
+
+    def unscale_and_check_(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Divide ``grads`` by the scale in place; returns 1.0 (a 0-d device tensor) if any
+        element is inf or NaN, else 0.0. Grads are grouped by dtype for the fused kernel."""
+        found_inf = torch.zeros((), dtype=torch.float32, device=self.scale.device)
+        inv_scale = self.scale.reciprocal() if self.enabled else torch.ones_like(self.scale)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for group in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale)
+        return found_inf
+
+    def update(self, found_inf: torch.Tensor) -> torch.Tensor:
+        """Back off (halve) after an overflow, double after ``growth_interval`` good steps.
+        Returns 1.0 where ``found_inf`` is a fault that scaling cannot cure: always without
+        scaling, and with it once backing off has taken the scale below 1."""
         if not self.enabled:
-            return
-        if not finite:
-            self.scale /= 2
-            self.good_steps = 0
-        else:
-            self.good_steps += 1
-            if self.good_steps >= self.growth_interval:
-                self.scale *= 2
-                self.good_steps = 0
+            return found_inf
+        torch._amp_update_scale_(self.scale, self._good_steps, found_inf, 2.0, 0.5,
+                                 self.growth_interval)
+        return found_inf * (self.scale < 1.0)
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "good_steps": self.good_steps}
+        return {"scale": float(self.scale), "good_steps": int(self._good_steps)}
 
     def load_state_dict(self, state: dict) -> None:
         if self.enabled:
-            self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+            self.scale.fill_(float(state["scale"]))
+            self._good_steps.fill_(int(state["good_steps"]))
 
 
 class Trainer:
@@ -110,6 +133,8 @@ class Trainer:
         self.step = 0
         self.tick = 0
         self.nan_streak = 0
+        # (step, kimg, phase names, 0-d fault flags on the device) not yet read by the host
+        self._unreported_faults: list[tuple[int, float, list[str], list[torch.Tensor]]] = []
         self.last_checkpoint: Path | None = None
         self._setup_determinism()
         import batikfast
@@ -138,7 +163,8 @@ class Trainer:
         self.parts = build_training_objects(config, self.G, self.D, self.device, info.rank,
                                             self.log)
         self.phases = self._make_phases()
-        self.scaler = LossScaler(config["precision"] == "fp16" and self.device.type == "cuda")
+        self.scaler = LossScaler(config["precision"] == "fp16" and self.device.type == "cuda",
+                                 device=self.device)
         self.latent_gen = torch.Generator().manual_seed(config["seed"])
         self.labels = self._label_table() if c_dim else None
         # seeds 0..n-1 drawn as batikfast.generate draws them: `--seeds 0-15` redraws the grid
@@ -228,9 +254,9 @@ class Trainer:
             if interval:
                 ratio = interval / (interval + 1)
                 lr, betas = lr * ratio, tuple(b ** ratio for b in betas)
-            # Fused on GPUs: one kernel for all parameters instead of a dozen foreach launches.
-            opt = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=1e-8,
-                                   fused=self.device.type == "cuda" or None)
+            # Fused: one kernel for all parameters instead of a dozen foreach launches, and
+            # the only Adam that can skip a step on the device (found_inf).
+            opt = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=1e-8, fused=True)
             if interval:
                 phases += [Phase(name + "main", module, opt, 1), Phase(name + "reg", module, opt, interval)]
             else:
@@ -291,7 +317,9 @@ class Trainer:
     def save_checkpoint(self, final: bool = False) -> Path | None:
         """Write a checkpoint (rank 0). A failed write (full disk, say) keeps the previous one;
         training goes on and tries again at the next snapshot, unless this is the ``final``
-        checkpoint of the run (end or signal), whose failure is raised."""
+        checkpoint of the run (end or signal), whose failure is raised. A run that has diverged
+        since the last report raises TrainingDiverged here instead of saving."""
+        self.report_faults()
         state = self.state_dict()  # collective: every rank takes part
         path, error = None, None
         if self.info.is_main:
@@ -341,65 +369,81 @@ class Trainer:
     def train_step(self, loader) -> None:
         reals, real_cs = self._next_reals(loader)
         gen_z, gen_c = self._draw_latents()
-        bad_phases = []
+        names, faults = [], []
         for index, phase in enumerate(self.phases):
             if self.step % phase.interval:
                 continue
             phase.module.requires_grad_(True)
             phase.opt.zero_grad(set_to_none=True)
-            gain = phase.interval / self.rounds * self.scaler.scale
+            gain = self.scaler.loss_gain(phase.interval / self.rounds)
             for r in range(self.rounds):
                 self.parts.accumulate_gradients(
                     phase.name, real_img=reals[r], real_c=real_cs[r], gen_z=gen_z[r][index],
                     gen_c=gen_c[r][index], gain=gain)
             phase.module.requires_grad_(False)
-            if not self._reduce_and_step(phase):
-                bad_phases.append(phase.name)
-        self._after_step(bad_phases)
+            fault = self._reduce_and_step(phase)
+            if fault is not None:
+                names.append(phase.name)
+                faults.append(fault)
+        self._after_step(names, faults)
 
-    def _reduce_and_step(self, phase: Phase) -> bool:
+    def _reduce_and_step(self, phase: Phase) -> torch.Tensor | None:
+        """All-reduce, unscale and check the phase's gradients, and step its optimiser unless
+        they are not finite, all without waiting for the device. Returns the phase's fault flag
+        (a 0-d device tensor, see LossScaler.update), or None if the phase has no gradient."""
         params = [p for p in phase.module.parameters() if p.grad is not None and p.numel()]
         if not params:
-            return True
-        flat = torch.cat([p.grad.flatten() for p in params]).to(torch.float32)
-        dist_utils.all_reduce_mean_(flat, self.info)
-        if self.scaler.enabled:
-            flat /= self.scaler.scale
-        finite = bool(torch.isfinite(flat).all())  # identical on every rank after the reduce
-        self.scaler.update(finite)
-        if not finite:
-            phase.opt.zero_grad(set_to_none=True)
-            # fp16 overflow is the scaler's business, unless backing off has not cured it
-            fault = not self.scaler.enabled or self.scaler.scale < 1.0
-            if fault:
-                self.log(f"non-finite gradient in phase {phase.name} at step {self.step} "
-                         f"(kimg {self.cur_nimg / 1000:.3f}): optimiser step skipped")
-            return not fault
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-            offset += n
-        phase.opt.step()
-        return True
+            return None
+        grads = [p.grad for p in params]
+        if self.info.distributed:  # one all-reduce for the whole phase
+            flat = torch.cat([g.flatten() for g in grads]).to(torch.float32)
+            dist_utils.all_reduce_mean_(flat, self.info)
+            torch._foreach_copy_(grads, [chunk.view_as(g) for chunk, g in
+                                         zip(flat.split([g.numel() for g in grads]), grads)])
+        # identical on every rank: the gradients were reduced first
+        found_inf = self.scaler.unscale_and_check_(grads)
+        fault = self.scaler.update(found_inf)
+        phase.opt.found_inf = found_inf  # fused Adam leaves weights, moments and step alone
+        try:
+            phase.opt.step()
+        finally:
+            del phase.opt.found_inf
+        return fault
 
-    def _after_step(self, bad_phases: list[str]) -> None:
+    def _after_step(self, names: list[str], faults: list[torch.Tensor]) -> None:
         cfg = self.config
         beta = ema_beta(self.batch, self.cur_nimg, cfg["ema_kimg"], cfg["ema_rampup"])
         update_ema(self.G_ema, self.G, beta)
+        if faults:
+            self._unreported_faults.append((self.step, self.cur_nimg / 1000, names, faults))
         self.cur_nimg += self.batch
         self.step += 1
-        self.parts.adjust(self.info, self.batch, due=self.step % cfg["adjust_interval"] == 0)
-        if bad_phases:
-            self.nan_streak += 1
-            if self.nan_streak >= cfg["max_nan_skips"]:
+        due = self.step % cfg["adjust_interval"] == 0
+        self.parts.adjust(self.info, self.batch, due=due)
+        if due:
+            self.report_faults()
+
+    def report_faults(self) -> None:
+        """Read the skip flags of the steps since the last report (one host sync), log each
+        skipped phase with its step, and stop a run whose last ``max_nan_skips`` steps were all
+        skipped: TrainingDiverged, raised before any further checkpoint is written."""
+        pending, self._unreported_faults = self._unreported_faults, []
+        if not pending:
+            return
+        flags = torch.stack([f for *_, faults in pending for f in faults]).cpu().tolist()
+        flags.reverse()  # popped in order below
+        for step, kimg, names, faults in pending:
+            bad = [name for name in names if flags.pop()]
+            for name in bad:
+                self.log(f"non-finite gradient in phase {name} at step {step} "
+                         f"(kimg {kimg:.3f}): optimiser step skipped")
+            self.nan_streak = self.nan_streak + 1 if bad else 0
+            if self.nan_streak >= self.config["max_nan_skips"]:
                 kept = self.last_checkpoint or "none written yet"
                 raise TrainingDiverged(
                     f"{self.nan_streak} consecutive steps with non-finite gradients (last in "
-                    f"phases {', '.join(bad_phases)} at step {self.step - 1}); stopping without "
-                    f"saving. The last good checkpoint is intact: {kept}")
-        else:
-            self.nan_streak = 0
+                    f"phases {', '.join(bad)} at step {step}); stopping without saving. The "
+                    f"last good checkpoint is intact: {kept}")
 
     # ---- snapshots -----------------------------------------------------------------------
     @torch.no_grad()
