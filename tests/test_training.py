@@ -547,6 +547,31 @@ def test_a_micro_run_with_fp16_ada_and_r1_trains_on_the_gpu(tmp_path):
     assert "on cuda" in log and "non-finite" not in log
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_training_steps_between_reports_never_wait_for_the_gpu(tmp_path, precision):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU: a host sync only exists where there is a device to wait for")
+    from batikfast.data import make_loader
+    config = micro_config(steps=20, device="cuda", precision=precision, num_fp16_res=2,
+                          adjust_interval=4, aug="ada", ada_target=-1.0, diffusion_target=-1.0)
+    trainer = Trainer(config, tmp_path, DistInfo(device=torch.device("cuda")))
+    loader = make_loader(trainer.dataset, trainer.batch_gpu, num_workers=0)
+    for _ in range(4):  # warm up: the first steps allocate Adam state and cache kernels
+        trainer.train_step(loader)
+    # the reals' copy to the GPU is the data loader's business (pinned memory in a real run)
+    batches = [trainer._next_reals(loader) for _ in range(3)]
+    trainer._next_reals = lambda _: batches.pop(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):  # steps 4..6: none is an adjust_interval step
+            trainer.train_step(iter(()))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    trainer.report_faults()
+    assert "non-finite" not in (tmp_path / "log.txt").read_text()
+
+
 def _train_cli():
     import importlib.util
     spec = importlib.util.spec_from_file_location("batikfast_train_cli", REPO / "train.py")
