@@ -14,9 +14,9 @@
 # Steps: build tests bench networks train peer (default: all, in that order). Each step runs under its
 # own time limit and a failing step never stops the next one; the exit status is that of the
 # worst step. Everything is tee'd into $OUT/gpu_check.log as it happens, so a timeout loses
-# nothing already printed. $OUT ends up with at most 8 files:
+# nothing already printed. $OUT ends up with at most 9 files:
 #   gpu_check.log  test_logs.tar.gz  results.tar.gz (benchmarks/results/<device>-<date>/)
-#   ops.md  networks.md  train_step.md  peer_nvidia.md  summary.txt
+#   targets.md  ops.md  networks.md  train_step.md  peer_nvidia.md  summary.txt
 # Knobs (environment): GPU_CHECK_SECONDS (total, default 560), TESTS_SECONDS (default 200),
 # BENCH_SECONDS (op benchmark budget, default 180), NETWORKS_SECONDS (default 60),
 # TRAIN_SECONDS (default 90), BENCH_ARGS / NETWORKS_ARGS / TRAIN_ARGS / PEER_ARGS (extra
@@ -173,8 +173,11 @@ if want train; then
 fi
 
 if [[ -d "$RESULTS_DIR" ]]; then
+    # The three targets' verdicts from the JSON just written (GPU results only).
+    "$PYTHON" benchmarks/targets.py "$RESULTS_DIR" >/dev/null 2>>"$LOG" ||
+        log "targets.py failed (see above); the JSON is intact"
     tar -czf "$OUT/results.tar.gz" -C "$(dirname "$RESULTS_DIR")" "$(basename "$RESULTS_DIR")"
-    for name in ops.md networks.md train_step.md peer_nvidia.md; do
+    for name in targets.md ops.md networks.md train_step.md peer_nvidia.md; do
         [[ -f "$RESULTS_DIR/$name" ]] && cp "$RESULTS_DIR/$name" "$OUT/$name"
     done
 fi

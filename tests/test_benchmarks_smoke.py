@@ -263,7 +263,8 @@ def test_gpu_check_script_runs_its_steps_independently_and_collects_outputs(tmp_
     assert (out / "ops.md").read_text().startswith("# batikfast op benchmarks")
     assert (out / "results.tar.gz").stat().st_size > 0
     assert "step bench: exit 0" in (out / "gpu_check.log").read_text()
-    assert len(list(out.iterdir())) <= 8
+    assert "CPU run, not judged" in (out / "targets.md").read_text()
+    assert len(list(out.iterdir())) <= 9
 
 
 def test_double_backward_mode_times_nonlinear_ops_and_says_linear_ones_have_none(tmp_path):
@@ -376,3 +377,50 @@ def test_no_tf32_runs_fp32_convolutions_without_tf32_and_says_so(tmp_path, monke
                               "--no-ceilings", "--no-tf32", "--outdir", str(tmp_path)])
     assert payload["meta"]["tf32_cudnn"] is False
     assert "full fp32, TF32 off" in (tmp_path / "ops.md").read_text()
+
+
+def _gpu_payload(rows):
+    return dict(meta=dict(device_type="cuda", device="NVIDIA H100 80GB HBM3", torch="2.11",
+                          triton="3.6", date="2026-11-23", git_commit="abc"), results=rows)
+
+
+def test_targets_are_judged_on_gpu_results_only_and_say_met_or_missed(tmp_path, quick_run):
+    from benchmarks import targets
+    big = 128 << 20
+
+    def op_row(op, impl, share, nbytes=big, case="c"):
+        return dict(op=op, case=case, shape_set="paper256-g", batch=64, dtype="fp16",
+                    mode="fwd", impl=impl, status="ok", bytes=nbytes, frac_roofline=share,
+                    ms=1.0)
+
+    ops = _gpu_payload([
+        op_row("bias_act", "triton", 0.85), op_row("bias_act", "triton", 0.81, case="d"),
+        op_row("bias_act", "triton", 0.10, nbytes=1 << 20, case="small"),  # launch-bound
+        op_row("upfirdn2d", "cuda", 0.70),
+        dict(op_row("modulated_conv2d", "ref", None), ms=3.0),
+        dict(op_row("modulated_conv2d", "triton", None), ms=1.5),
+        dict(op_row("modulated_conv2d", "cuda", None), ms=2.5)])
+    bandwidth = {(e["op"], e.get("impl")): e for e in targets.memory_bound(ops)}
+    assert bandwidth["bias_act", "triton"]["verdict"] == "met"
+    assert bandwidth["bias_act", "triton"]["cases"] == 2  # the 1 MiB case is not judged
+    assert bandwidth["upfirdn2d", "cuda"]["verdict"] == "missed"
+    assert bandwidth["diffusion_noise", None]["verdict"].startswith("no case")
+    modconv = {e["impl"]: e for e in targets.fused_modconv(ops)}
+    assert modconv["triton"]["speedup"] == 2.0 and modconv["triton"]["verdict"] == "met"
+    assert modconv["cuda"]["verdict"] == "missed"
+
+    def step_row(backend, compiled, vs_eager, vs_compiled):
+        return dict(config=f"{backend} {compiled} mixed", backend=backend, precision="mixed",
+                    status="ok", images_per_s=100.0, speedup_vs_ref=vs_eager,
+                    speedup_vs_compiled=vs_compiled)
+
+    step = _gpu_payload([step_row("ref", "eager", 1.0, 0.5), step_row("cuda", "compiled", 1.6, 1.1),
+                         step_row("triton", "compiled", 1.6, 0.9)])
+    verdicts = {e["setup"]: e["verdict"] for e in targets.training_step(step)}
+    assert verdicts == {"cuda compiled mixed": "met", "triton compiled mixed": "missed"}
+
+    # the CPU quick run is never judged, and a folder without train_step.json says so
+    outdir, _, _ = quick_run
+    text = targets.main([str(outdir), "--out", str(tmp_path / "targets.md")])
+    assert "CPU run, not judged" in text and "| not measured |" in text
+    assert " met " not in text and "missed" not in text
