@@ -184,3 +184,32 @@ def test_a_named_gpu_is_made_the_current_one(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="names one GPU, but 2 processes.*--device cuda"):
         dist_utils.init_distributed("cuda:1")
+
+
+def test_torchrun_two_nodes_meet_through_the_c10d_rendezvous_and_train_as_one_run(tmp_path):
+    """The README's multi-node command for real: two torchrun agents (two 'nodes' on this
+    machine, one CPU process each) rendezvous over c10d; each process is LOCAL_RANK 0 of its
+    node, so global RANK must drive data sharding and writing, not LOCAL_RANK."""
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parent.parent
+    port = _free_port()
+    run = tmp_path / "run"  # shared, as a network file system would be between nodes
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+               "--rdzv-id=batikfast-two-nodes", "--max-restarts=0",
+               str(repo / "train.py"), "--outdir", str(run), "--cfg", "tiny",
+               "--resolution", "16", "--batch", "4", "--kimg", "0.008", "--tick", "0.004",
+               "--device", "cpu", "--workers", "0", "--no-compile", "--snap", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    nodes = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-3000:]
+    state = ckpt.load_checkpoint(ckpt.latest_valid_checkpoint(run))
+    assert state["progress"]["world_size"] == 2 and state["progress"]["step"] == 2
+    assert len(state["rng"]) == 2  # one RNG state per global rank
+    log = (run / "log.txt").read_text()
+    assert "batch 4 = 2 processes x 1 rounds x 2" in log
+    assert log.count("starting from scratch") == 1  # one writer: global rank 0
