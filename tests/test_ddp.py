@@ -213,3 +213,55 @@ def test_torchrun_two_nodes_meet_through_the_c10d_rendezvous_and_train_as_one_ru
     log = (run / "log.txt").read_text()
     assert "batch 4 = 2 processes x 1 rounds x 2" in log
     assert log.count("starting from scratch") == 1  # one writer: global rank 0
+
+
+def _worker_pids(agent_pid: int) -> dict[int, int]:
+    """{global rank: pid} of a torchrun agent's worker processes (Linux /proc)."""
+    workers = {}
+    for task in Path(f"/proc/{agent_pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:  # gone meanwhile
+                continue
+            for entry in environ:
+                if entry.startswith(b"RANK="):
+                    workers[int(entry[5:])] = int(pid)
+    return workers
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers "
+                    "through Linux /proc")
+def test_torchrun_restarts_the_group_after_a_killed_worker_and_the_run_resumes(tmp_path):
+    """Elastic restart: SIGKILL one of two ranks mid-run; torchrun stops the other and starts
+    both again, and with ``--resume auto`` they continue from the newest valid checkpoint to
+    the end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    repo = Path(__file__).resolve().parent.parent
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", "--max-restarts=1", str(repo / "train.py"),
+               "--outdir", str(run), "--resume", "auto", "--cfg", "tiny", "--resolution", "16",
+               "--batch", "4", "--kimg", "0.2", "--tick", "0.004", "--snap", "1",
+               "--image-snap", "1000", "--device", "cpu", "--workers", "0", "--no-compile"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    agent = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not list(run.glob("checkpoint-0000000[3-9].pt")):  # a few steps in
+            assert agent.poll() is None and time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        os.kill(_worker_pids(agent.pid)[1], signal.SIGKILL)
+        output = agent.communicate(timeout=300)[0]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == 0, output[-3000:]
+    log = (run / "log.txt").read_text()
+    assert log.count("resumed from") == 1, output[-3000:]
+    state = ckpt.load_checkpoint(ckpt.latest_valid_checkpoint(run))
+    assert state["progress"]["step"] == 50 and state["progress"]["world_size"] == 2

@@ -67,7 +67,11 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
         dev = torch.device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        kwargs = dict(backend=backend, timeout=timeout)
+        store = _store_of_this_attempt(timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world_size)
         if dev.type == "cuda":
             kwargs["device_id"] = dev
         try:
@@ -76,6 +80,20 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
             kwargs.pop("device_id", None)
             dist.init_process_group(**kwargs)
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+def _store_of_this_attempt(timeout: datetime.timedelta):
+    """Under torchrun, its store with keys scoped to this restart attempt (else None).
+
+    torchrun keeps one store across the restarts of an elastic run, and the process group's
+    keys in it are not scoped by attempt: a restarted group reads the addresses the dead group
+    published and fails to connect (gloo: "connection refused"; pytorch/pytorch#167288 for
+    NCCL). Prefixing the keys with TORCHELASTIC_RESTART_COUNT gives every attempt fresh ones."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"batikfast/attempt-{attempt}", store)
 
 
 def _named_gpu(requested: torch.device, gpus: int, world_size: int) -> int:
