@@ -265,3 +265,37 @@ def test_torchrun_restarts_the_group_after_a_killed_worker_and_the_run_resumes(t
     assert log.count("resumed from") == 1, output[-3000:]
     state = ckpt.load_checkpoint(ckpt.latest_valid_checkpoint(run))
     assert state["progress"]["step"] == 50 and state["progress"]["world_size"] == 2
+
+
+def test_sigterm_to_torchrun_makes_every_rank_save_a_checkpoint_and_stop(tmp_path):
+    """A scheduler's SIGTERM goes to torchrun, which passes it on to its workers: the ranks
+    agree to stop, write one checkpoint of the step they reached and exit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    repo = Path(__file__).resolve().parent.parent
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", str(repo / "train.py"), "--outdir", str(run), "--cfg",
+               "tiny", "--resolution", "16", "--batch", "4", "--kimg", "10", "--tick", "0.04",
+               "--snap", "1000", "--image-snap", "1000", "--device", "cpu", "--workers", "0",
+               "--no-compile"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    agent = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while "tick 0 " not in ((run / "log.txt").read_text() if (run / "log.txt").exists()
+                                else ""):
+            assert agent.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.05)
+        agent.send_signal(signal.SIGTERM)
+        output = agent.communicate(timeout=120)[0]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    log = (run / "log.txt").read_text()
+    assert "SIGTERM received" in log and "stopped by SIGTERM" in log, output[-3000:]
+    state = ckpt.load_checkpoint(ckpt.latest_valid_checkpoint(run))
+    assert state["progress"]["world_size"] == 2 and state["progress"]["step"] >= 10
