@@ -6,6 +6,7 @@ Triton compiles for CUDA; CPU tensors are accepted only under Triton's interpret
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 import torch
@@ -14,6 +15,30 @@ import torch
 def interpreting() -> bool:
     """Whether Triton's interpreter runs the kernels (read on every call: tests change it)."""
     return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _fix_interpreter_index() -> None:
+    """Triton 3.6's interpreter turns a scalar (a 1-element array) into an index with
+    ``int(array)``, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to
+    Python scalars", triton-lang/triton#9171), so ``range()`` over a runtime scalar (the K loop
+    of modulated_conv2d) fails. Later Triton squeezes first; do the same where it does not."""
+    try:
+        from triton.runtime import interpreter
+        original = interpreter._patch_lang_tensor
+        if "int(self.handle.data))" not in inspect.getsource(original):
+            return
+    except (ImportError, AttributeError, OSError, TypeError):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+if interpreting():
+    _fix_interpreter_index()
 
 
 def interpreter_tiles() -> bool:
