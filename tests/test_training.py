@@ -222,6 +222,16 @@ def test_non_finite_gradients_skip_the_step_and_repeated_ones_stop_the_run(tmp_p
     assert ckpt.latest_valid_checkpoint(tmp_path) == good
 
 
+def test_a_diverged_run_stops_at_the_next_tick_even_with_rare_adaptive_updates(tmp_path):
+    # adjust_interval 1000: the skip flags are read at each tick (every step here) instead
+    trainer, poison, _ = _poisoned_trainer(micro_config(steps=20, max_nan_skips=2,
+                                                        adjust_interval=1000), tmp_path)
+    poison["on"] = True
+    with pytest.raises(TrainingDiverged, match="2 consecutive steps"):
+        trainer.run()
+    assert trainer.step == 2
+
+
 def test_a_skipped_step_leaves_weights_and_adam_state_untouched_without_a_host_sync(tmp_path):
     # d_reg_interval 16: step 1 runs Dmain alone, so nothing else moves D
     trainer, poison, loader = _poisoned_trainer(micro_config(steps=20, d_reg_interval=16),

@@ -20,7 +20,7 @@ the last good one stays. SIGTERM and SIGINT finish the current step, save a chec
 The skip is decided on the device (fused Adam's ``found_inf``, GradScaler's kernels for the
 loss scale), so a step never waits for the GPU: the host reads the skip flags every
 ``adjust_interval`` steps, when the adaptive diffusion / augmentation update reads its
-statistics anyway, and before every checkpoint.
+statistics anyway, at every tick and before every checkpoint.
 """
 from __future__ import annotations
 
@@ -550,6 +550,7 @@ class Trainer:
                     continue
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)  # time the work, not its queueing
+                self.report_faults()  # the tick waits for the device anyway
                 self._log_tick(time.time() - tick_start, self.cur_nimg - tick_start_nimg,
                                total_nimg)
                 self.tick += 1
