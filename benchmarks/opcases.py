@@ -253,8 +253,15 @@ OPS = {
 
 
 def make_inputs(case: Case, batch: int, dtype: torch.dtype, device: torch.device,
-                mode: str) -> dict:
-    return OPS[case.op].make_inputs(case, batch, dtype, device, mode != "fwd")
+                mode: str, channels_last: bool = False) -> dict:
+    inputs = OPS[case.op].make_inputs(case, batch, dtype, device, mode != "fwd")
+    if channels_last:  # same values, NHWC memory; leaves keep requires_grad
+        for name in ("x", "noise"):
+            tensor = inputs.get(name)
+            if tensor is not None and tensor.ndim == 4:
+                inputs[name] = tensor.detach().contiguous(memory_format=torch.channels_last) \
+                    .requires_grad_(tensor.requires_grad)
+    return inputs
 
 
 def grad_tensors(case: Case, inputs: dict) -> list[torch.Tensor]:

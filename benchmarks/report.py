@@ -74,6 +74,8 @@ def markdown(payload: dict) -> str:
         "- fp32 convolutions: "
         + ("TF32 (torch's default)" if meta.get("tf32_cudnn", True) else
            "full fp32, TF32 off (as in training)"),
+        "- activations (x, noise): "
+        + ("channels-last (NHWC) memory" if meta.get("channels_last") else "NCHW (contiguous)"),
     ]
     if ceilings:
         flops = ceilings["matmul_tflops"]

@@ -82,6 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also run benchmarks/train_step.py (whole training step)")
     parser.add_argument("--no-ceilings", action="store_true",
                         help="skip measuring copy bandwidth and matmul throughput")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="4-D activations (x, noise) in channels-last memory: shows what "
+                             "each implementation's layout conversion costs (the Triton "
+                             "modulated convolution reads channels-last, the others NCHW)")
     parser.add_argument("--no-tf32", action="store_true",
                         help="fp32 convolutions without TF32 (torch.backends.cudnn.allow_tf32 "
                              "off), as the training loop runs them; every backend follows it")
@@ -221,7 +225,8 @@ class Runner:
             try:
                 if inputs is None:
                     torch.manual_seed(0)
-                    inputs = opcases.make_inputs(case, batch, dtype, self.device, mode)
+                    inputs = opcases.make_inputs(case, batch, dtype, self.device, mode,
+                                                 channels_last=self.args.channels_last)
                 outputs = self.measure(row, case, inputs, impl, mode)
             except Exception as error:  # one broken kernel must not end the whole run
                 row["status"] = _describe_error(error)
@@ -284,7 +289,7 @@ def main(argv=None) -> dict:
     meta.update(timing=timer.method, quick=args.quick,
                 compile=("off" if "compiled" not in args.backends
                          else "static shapes" if args.compile_static else "dynamic shapes"),
-                budget_s=args.budget)
+                budget_s=args.budget, channels_last=args.channels_last)
     print(f"batikfast op benchmarks on {meta['device']} ({meta['timing']}); torch {meta['torch']}, "
           f"triton {meta['triton']}, CUDA {meta['cuda']}, commit {meta['git_commit']}")
     ceilings = None

@@ -424,3 +424,21 @@ def test_targets_are_judged_on_gpu_results_only_and_say_met_or_missed(tmp_path, 
     text = targets.main([str(outdir), "--out", str(tmp_path / "targets.md")])
     assert "CPU run, not judged" in text and "| not measured |" in text
     assert " met " not in text and "missed" not in text
+
+
+def test_channels_last_option_feeds_nhwc_activations_and_says_so(tmp_path):
+    case = next(c for c in shapes.cases_for("tiny") if c.op == "modulated_conv2d")
+    inputs = opcases.make_inputs(case, 2, torch.float32, torch.device("cpu"), "fwd+bwd",
+                                 channels_last=True)
+    x = inputs["x"]
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert x.is_leaf and x.requires_grad
+    plain = opcases.make_inputs(case, 2, torch.float32, torch.device("cpu"), "fwd")
+    assert plain["x"].is_contiguous()
+    _run([str(REPO / "benchmarks" / "run.py"), "--quick", "--ops", "modulated_conv2d",
+          "--backends", "ref", "--channels-last", "--no-ceilings", "--outdir", str(tmp_path)],
+         tmp_path)
+    payload = json.loads((tmp_path / "ops.json").read_text())
+    assert payload["meta"]["channels_last"] is True
+    assert all(r["status"] == "ok" for r in payload["results"])
+    assert "channels-last (NHWC)" in (tmp_path / "ops.md").read_text()
