@@ -3,19 +3,11 @@ from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
 
-from benchmarks.textfmt import CPU_LABEL, fmt_float
+from benchmarks.textfmt import CPU_LABEL, fmt_float, fmt_pct, fmt_speedup
 
 IMPL_ORDER = ("ref", "ref+compile", "triton", "cuda")
 _COLUMNS = (("case", 18), ("dtype", 5), ("mode", 8), ("impl", 11), ("ms", 8), ("p20-p80", 15),
             ("xeager", 6), ("xcomp", 6), ("GB/s", 8), ("TFLOP/s", 8), ("%roof", 5), ("err", 7))
-
-
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
-
-
-def _speedup(value) -> str:
-    return "-" if value is None else f"{value:.2f}x"
 
 
 def _err(value) -> str:
@@ -34,9 +26,9 @@ def print_row(row: dict) -> None:
         row["case"], row["dtype"], row["mode"], row["impl"],
         fmt_float(row.get("ms")) if ok else "-",
         f"{fmt_float(row['ms_p20'])}-{fmt_float(row['ms_p80'])}" if ok else "-",
-        _speedup(row.get("speedup_vs_ref")), _speedup(row.get("speedup_vs_compiled")),
+        fmt_speedup(row.get("speedup_vs_ref")), fmt_speedup(row.get("speedup_vs_compiled")),
         fmt_float(row.get("gbps")) if ok else "-", fmt_float(row.get("tflops")),
-        _pct(row.get("frac_roofline")), _err(row.get("max_rel_err")),
+        fmt_pct(row.get("frac_roofline")), _err(row.get("max_rel_err")),
     ]
     line = " ".join(f"{str(v)[:w]:<{w}}" for v, (_, w) in zip(values, _COLUMNS))
     status = "" if ok else row.get("status", "")
@@ -130,7 +122,7 @@ def _cell(row) -> str:
     elif row.get("gbps"):
         parts.append(f"{fmt_float(row['gbps'])} GB/s")
     if row.get("frac_roofline") is not None:
-        parts.append(f"{_pct(row['frac_roofline'])} roof")
+        parts.append(f"{fmt_pct(row['frac_roofline'])} roof")
     if row.get("max_rel_err") is not None and row["max_rel_err"] > 1e-2:
         parts.append(f"**err {row['max_rel_err']:.1e}**")
     return "<br>".join(parts)
@@ -202,7 +194,7 @@ def _bandwidth_table(rows) -> list[str]:
             continue
         median = fractions[len(fractions) // 2]
         lines.append(f"| {op} | {dtype} | {mode} | {impl} | {len(fractions)} | "
-                     f"{_pct(median)} | {_pct(fractions[0])} |")
+                     f"{fmt_pct(median)} | {fmt_pct(fractions[0])} |")
     if len(lines) == 5:
         return []
     return lines + [""]

@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # `python benchmarks/targets.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import summed_times  # noqa: E402
+from benchmarks.textfmt import fmt_pct, fmt_speedup  # noqa: E402
 
 MEMORY_BOUND_OPS = ("bias_act", "upfirdn2d", "diffusion_noise")
 BANDWIDTH_SHARE = 0.80
@@ -111,14 +112,6 @@ def training_step(step: dict | None) -> list[dict]:
     return out or [dict(verdict="no batikfast setup measured")]
 
 
-def _x(value) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
-
-
 def _ms(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -136,8 +129,8 @@ def markdown(ops: dict | None, step: dict | None) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for e in memory_bound(ops):
         lines.append(f"| {e['op']} | {e.get('dtype', '-')} | {e.get('mode', '-')} | "
-                     f"{e.get('impl', '-')} | {e.get('cases', '-')} | {_pct(e.get('median'))} | "
-                     f"{_pct(e.get('minimum'))} | {e['verdict']} |")
+                     f"{e.get('impl', '-')} | {e.get('cases', '-')} | {fmt_pct(e.get('median'))} | "
+                     f"{fmt_pct(e.get('minimum'))} | {e['verdict']} |")
     lines += ["", f"## 2. Fused modulated convolution >= {MODCONV_SPEEDUP}x the eager reference "
               "(paper256 generator layers, summed)", "",
               "| batch | dtype | mode | impl | layers | ref ms | ref compiled ms | impl ms | "
@@ -146,7 +139,7 @@ def markdown(ops: dict | None, step: dict | None) -> str:
         lines.append(f"| {e.get('batch', '-')} | {e.get('dtype', '-')} | {e.get('mode', '-')} | "
                      f"{e.get('impl', '-')} | {e.get('cases', '-')} | {_ms(e.get('ref_ms'))} | "
                      f"{_ms(e.get('compiled_ms'))} | {_ms(e.get('ms'))} | "
-                     f"{_x(e.get('speedup'))} | {e['verdict']} |")
+                     f"{fmt_speedup(e.get('speedup'))} | {e['verdict']} |")
     lines += ["", f"## 3. Training step >= {STEP_SPEEDUP}x the eager reference and faster than "
               "the compiled reference", "",
               "| setup | images/s | x eager ref | x compiled ref | verdict |",
@@ -154,7 +147,7 @@ def markdown(ops: dict | None, step: dict | None) -> str:
     for e in training_step(step):
         images = e.get("images_per_s")
         lines.append(f"| {e.get('setup', '-')} | {'-' if images is None else f'{images:.1f}'} | "
-                     f"{_x(e.get('vs_eager'))} | {_x(e.get('vs_compiled'))} | {e['verdict']} |")
+                     f"{fmt_speedup(e.get('vs_eager'))} | {fmt_speedup(e.get('vs_compiled'))} | {e['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
