@@ -186,27 +186,35 @@ def test_a_named_gpu_is_made_the_current_one(monkeypatch):
         dist_utils.init_distributed("cuda:1")
 
 
-def test_torchrun_two_nodes_meet_through_the_c10d_rendezvous_and_train_as_one_run(tmp_path):
-    """The README's multi-node command for real: two torchrun agents (two 'nodes' on this
-    machine, one CPU process each) rendezvous over c10d; each process is LOCAL_RANK 0 of its
-    node, so global RANK must drive data sharding and writing, not LOCAL_RANK."""
+def _two_torchrun_nodes(outdirs, tmp_path, *options):
+    """Two torchrun agents (two 'nodes' on this machine, one CPU process each) meeting through
+    the c10d rendezvous, each writing to its own --outdir; returns their combined output."""
     import subprocess
     import sys
     repo = Path(__file__).resolve().parent.parent
     port = _free_port()
-    run = tmp_path / "run"  # shared, as a network file system would be between nodes
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-               "--rdzv-id=batikfast-two-nodes", "--max-restarts=0",
-               str(repo / "train.py"), "--outdir", str(run), "--cfg", "tiny",
-               "--resolution", "16", "--batch", "4", "--kimg", "0.008", "--tick", "0.004",
-               "--device", "cpu", "--workers", "0", "--no-compile", "--snap", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
-    nodes = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    nodes = []
+    for outdir in outdirs:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                   "--nproc-per-node=1", "--rdzv-backend=c10d",
+                   f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=batikfast-two-nodes",
+                   "--max-restarts=0", str(repo / "train.py"), "--outdir", str(outdir),
+                   "--cfg", "tiny", "--resolution", "16", "--batch", "4", "--tick", "0.004",
+                   "--device", "cpu", "--workers", "0", "--no-compile", "--snap", "1", *options]
+        nodes.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-3000:]
+    return "\n".join(outputs)
+
+
+def test_torchrun_two_nodes_meet_through_the_c10d_rendezvous_and_train_as_one_run(tmp_path):
+    """The README's multi-node command for real. Each process is LOCAL_RANK 0 of its node, so
+    global RANK must drive data sharding and writing, not LOCAL_RANK."""
+    run = tmp_path / "run"  # shared, as a network file system would be between nodes
+    _two_torchrun_nodes([run, run], tmp_path, "--kimg", "0.008")
     state = ckpt.load_checkpoint(ckpt.latest_valid_checkpoint(run))
     assert state["progress"]["world_size"] == 2 and state["progress"]["step"] == 2
     assert len(state["rng"]) == 2  # one RNG state per global rank
@@ -302,3 +310,20 @@ def test_sigterm_to_torchrun_makes_every_rank_save_a_checkpoint_and_stop(tmp_pat
     assert "SIGTERM received" in log and "stopped by SIGTERM" in log, output[-3000:]
     state = ckpt.load_checkpoint(ckpt.latest_valid_checkpoint(run))
     assert state["progress"]["world_size"] == 2 and state["progress"]["step"] >= 10
+
+
+def test_nodes_without_a_shared_run_folder_resume_together_from_the_one_checkpoint(tmp_path):
+    """Only the node of global rank 0 writes checkpoints. Resuming with folders that are not
+    shared, one node finds a checkpoint and the other none: both must continue from it (a rank
+    starting afresh would train other weights on another step count)."""
+    folders = [tmp_path / "node_a", tmp_path / "node_b"]
+    _two_torchrun_nodes(folders, tmp_path, "--kimg", "0.008")  # 2 steps
+    written = [f for f in folders if ckpt.latest_valid_checkpoint(f, warn=lambda m: None)]
+    assert len(written) == 1  # the folder of whichever node held rank 0
+    output = _two_torchrun_nodes(folders, tmp_path, "--kimg", "0.016", "--resume", "auto")
+    final = [ckpt.latest_valid_checkpoint(f, warn=lambda m: None) for f in folders]
+    states = [ckpt.load_checkpoint(p) for p in final if p is not None]
+    assert max(s["progress"]["step"] for s in states) == 4  # 2 resumed + 2 more, not 4 fresh
+    assert "every rank continues from rank" in output
+    logs = "".join((f / "log.txt").read_text() for f in folders if (f / "log.txt").exists())
+    assert logs.count("starting from scratch") == 1 and logs.count("resumed from") == 1

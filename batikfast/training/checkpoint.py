@@ -98,10 +98,18 @@ def save_checkpoint(state: dict, path) -> Path:
 
 
 def _read_verified_payload(path: Path) -> bytes:
+    return _verified_payload(read_checkpoint_file(path), path)
+
+
+def read_checkpoint_file(path) -> bytes:
+    """The file's bytes as written (header and payload), unverified."""
     try:
-        data = path.read_bytes()
+        return Path(path).read_bytes()
     except OSError as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+
+
+def _verified_payload(data: bytes, path) -> bytes:
     newline = data.find(b"\n", 0, _HEADER_LIMIT)
     header = data[:newline] if newline >= 0 else b""
     match = re.fullmatch(re.escape(MAGIC) + rb" sha256=([0-9a-f]{64}) size=(\d+)", header)
@@ -119,8 +127,12 @@ def _read_verified_payload(path: Path) -> bytes:
 
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Verify and load a checkpoint; never executes code from the file."""
-    path = Path(path)
-    payload = _read_verified_payload(path)
+    return load_checkpoint_bytes(read_checkpoint_file(path), path, map_location)
+
+
+def load_checkpoint_bytes(data: bytes, path, map_location="cpu") -> dict:
+    """:func:`load_checkpoint` of a file's bytes read elsewhere (``path`` names it in errors)."""
+    payload = _verified_payload(data, path)
     try:
         return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except Exception as error:

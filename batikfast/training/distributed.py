@@ -165,9 +165,9 @@ def all_gather_objects(obj, info: DistInfo, what: str = "gather") -> list:
     return out
 
 
-def broadcast_object(obj, info: DistInfo, what: str = "broadcast"):
+def broadcast_object(obj, info: DistInfo, what: str = "broadcast", src: int = 0):
     if not info.distributed:
         return obj
     holder = [obj]
-    _collective(dist.broadcast_object_list, holder, 0, what=what)
+    _collective(dist.broadcast_object_list, holder, src, what=what)
     return holder[0]

@@ -604,6 +604,46 @@ def train(config: dict, outdir, resume: str | None = None) -> dict:
     return progress
 
 
+def _resume_state(resume, outdir: Path, info) -> tuple[dict | None, str | None]:
+    """The checkpoint to resume from, the same on every rank: (state, its path) or (None, None).
+
+    Each rank looks on its own file system. Where they disagree (a run folder that is not
+    shared between nodes, so only rank 0's node holds checkpoints; a path that some nodes
+    lack), the rank holding the newest checkpoint sends its file to the others, which verify
+    and load it as they would from disk. A rank that started from scratch beside resumed ones
+    would train other weights on another step count."""
+    data, source, state, error = None, None, None, None
+    try:
+        if resume == "auto":
+            found = ckpt.latest_valid_checkpoint(
+                outdir, warn=print if info.is_main else (lambda m: None))
+            if found is not None:
+                data, source = ckpt.read_checkpoint_file(found), str(found)
+        elif resume:
+            data, source = ckpt.read_checkpoint_file(resume), str(resume)
+        if data is not None:
+            state = ckpt.load_checkpoint_bytes(data, source)
+    except ckpt.CheckpointError as err:  # raised below unless another rank has a checkpoint
+        data, state, error = None, None, err
+    step = None if state is None else int(state["progress"]["step"])
+    steps = dist_utils.all_gather_objects(step, info, "checkpoint agreement")
+    holders = [rank for rank, s in enumerate(steps) if s is not None]
+    if not holders:
+        if error is not None:
+            raise error
+        return None, None
+    newest = max(steps[rank] for rank in holders)
+    if all(s == newest for s in steps):
+        return state, source
+    src = min(rank for rank in holders if steps[rank] == newest)
+    data, source = dist_utils.broadcast_object(
+        (data, source) if info.rank == src else None, info, f"checkpoint from rank {src}", src)
+    if info.is_main:
+        print(f"resuming: the ranks found checkpoints at steps {steps} (None: none); every "
+              f"rank continues from rank {src}'s {source}")
+    return ckpt.load_checkpoint_bytes(data, f"{source} (from rank {src})"), source
+
+
 def _train(config: dict, outdir: Path, resume, info) -> dict:
     error = None
     if info.is_main:
@@ -615,13 +655,7 @@ def _train(config: dict, outdir: Path, resume, info) -> dict:
     if error:
         raise rundir.OutputDirError(error)
 
-    state, source = None, None
-    if resume == "auto":
-        found = ckpt.latest_valid_checkpoint(outdir, warn=print if info.is_main else (lambda m: None))
-        if found is not None:
-            state, source = ckpt.load_checkpoint(found), found
-    elif resume:
-        state, source = ckpt.load_checkpoint(resume), resume
+    state, source = _resume_state(resume, outdir, info)
     if state is not None:
         saved = state["config"]
         for key, value in config.items():
