@@ -85,6 +85,11 @@ def config_from_args(args) -> dict:
             raise ValueError("--metrics needs --metrics-features (a feature network file; "
                              "batikfast never downloads one)")
     config = make_config(args.cfg, **overrides)
+    # Under torchrun, a batch that does not split over the ranks is an error before any
+    # process group starts, not a traceback from every rank.
+    from batikfast.training.config import split_batch
+
+    split_batch(config, int(os.environ.get("WORLD_SIZE", "1")))
     if config["compile"] is None:
         config["compile"] = False if config["device"] == "cpu" else None
     if config["cudagraphs"]:

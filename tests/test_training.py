@@ -431,6 +431,16 @@ def test_command_line_options_reach_the_config(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_a_batch_that_does_not_split_over_torchruns_ranks_is_an_error_before_training(
+        tmp_path, monkeypatch, capsys):
+    cli = _train_cli()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc-per-node=2 sets
+    code = cli.main(["--outdir", str(tmp_path / "run"), "--cfg", "tiny", "--batch", "5"])
+    assert code == 2
+    assert "batch (5) must be a multiple of the number of processes (2)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_init_starts_from_another_runs_weights_matched_by_name_and_shape(tmp_path):
     donor = train(micro_config(steps=1), tmp_path / "donor")["checkpoint"]
     donor_state = _weights(donor)
