@@ -327,3 +327,59 @@ def test_nodes_without_a_shared_run_folder_resume_together_from_the_one_checkpoi
     assert "every rank continues from rank" in output
     logs = "".join((f / "log.txt").read_text() for f in folders if (f / "log.txt").exists())
     assert logs.count("starting from scratch") == 1 and logs.count("resumed from") == 1
+
+
+def test_nodes_restart_together_after_a_killed_worker_with_unshared_rendezvous_stores(tmp_path):
+    """Two torchrun nodes under --max-restarts=1 and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (what
+    the README asks of multi-node elastic runs): SIGKILL one node's worker mid-run; both nodes
+    restart their workers, which resume from the newest checkpoint and finish."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    repo = Path(__file__).resolve().parent.parent
+    run, port = tmp_path / "run", _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo),
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+               "--rdzv-id=batikfast-elastic", "--max-restarts=1", str(repo / "train.py"),
+               "--outdir", str(run), "--resume", "auto", "--cfg", "tiny", "--resolution", "16",
+               "--batch", "4", "--kimg", "0.2", "--tick", "0.004", "--snap", "1",
+               "--image-snap", "1000", "--device", "cpu", "--workers", "0", "--no-compile"]
+    agents = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    try:
+        deadline = time.time() + 180
+        while not any(int(p.stem.split("-")[1]) >= 3 for p in run.glob("checkpoint-*.pt")):
+            assert all(a.poll() is None for a in agents) and time.time() < deadline
+            time.sleep(0.05)
+        workers = {}
+        for agent in agents:
+            workers.update(_worker_pids(agent.pid))
+        os.kill(workers[1], signal.SIGKILL)
+        outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    for agent, output in zip(agents, outputs):
+        assert agent.returncode == 0, output[-3000:]
+    assert (run / "log.txt").read_text().count("resumed from") == 1
+    state = ckpt.load_checkpoint(ckpt.latest_valid_checkpoint(run))
+    assert state["progress"]["step"] == 50 and state["progress"]["world_size"] == 2
+
+
+def test_multi_node_elastic_runs_on_the_shared_store_are_warned_with_the_fix(monkeypatch):
+    from batikfast.training import distributed as dist_utils
+    torchrun = dict(GROUP_WORLD_SIZE="2", TORCHELASTIC_MAX_RESTARTS="3",
+                    TORCHELASTIC_USE_AGENT_STORE="True")
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in dist_utils.elastic_restart_warning()
+    for harmless in (dict(GROUP_WORLD_SIZE="1"), dict(TORCHELASTIC_MAX_RESTARTS="0"),
+                     dict(TORCHELASTIC_USE_AGENT_STORE="False")):
+        with monkeypatch.context() as m:
+            for name, value in harmless.items():
+                m.setenv(name, value)
+            assert dist_utils.elastic_restart_warning() is None, harmless

@@ -83,17 +83,34 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
 
 
 def _store_of_this_attempt(timeout: datetime.timedelta):
-    """Under torchrun, its store with keys scoped to this restart attempt (else None).
+    """Under a one-node torchrun, its store with keys scoped to this restart attempt (else None).
 
-    torchrun keeps one store across the restarts of an elastic run, and the process group's
-    keys in it are not scoped by attempt: a restarted group reads the addresses the dead group
-    published and fails to connect (gloo: "connection refused"; pytorch/pytorch#167288 for
-    NCCL). Prefixing the keys with TORCHELASTIC_RESTART_COUNT gives every attempt fresh ones."""
+    torchrun keeps one store across the restarts of an elastic run (unless
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), and the process group's keys in it are not scoped by
+    attempt: a restarted group reads the addresses the dead group published and fails to
+    connect (gloo: "connection refused"; pytorch/pytorch#167288 for NCCL). Prefixing the keys
+    with TORCHELASTIC_RESTART_COUNT gives every attempt fresh ones."""
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None:
+    shared_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    # One node only: each node's agent counts its own restarts (one restarted for another
+    # node's failure does not count it), so across nodes the counts disagree. Multi-node
+    # elastic runs take TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead (README).
+    if attempt is None or not shared_agent_store or os.environ.get("GROUP_WORLD_SIZE") != "1":
         return None
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     return dist.PrefixStore(f"batikfast/attempt-{attempt}", store)
+
+
+def elastic_restart_warning() -> str | None:
+    """Why an elastic restart of this multi-node torchrun would fail to reconnect, or None."""
+    if (os.environ.get("GROUP_WORLD_SIZE", "1") != "1"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        return ("torchrun --max-restarts on several nodes with torchrun's shared store: a "
+                "restarted group would read the dead group's addresses and fail to connect "
+                "(pytorch/pytorch#167288). Start torchrun with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node.")
+    return None
 
 
 def _named_gpu(requested: torch.device, gpus: int, world_size: int) -> int:

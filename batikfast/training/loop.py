@@ -668,6 +668,9 @@ def _train(config: dict, outdir: Path, resume, info) -> dict:
     trainer = Trainer(config, outdir, info)
     if info.is_main:
         rundir.save_config(outdir, config)
+    warning = dist_utils.elastic_restart_warning()
+    if warning:
+        trainer.log(f"warning: {warning}")
     if state is None:
         trainer.log("starting from scratch" + (" (no valid checkpoint in the output folder)"
                                                 if resume == "auto" else ""))
