@@ -186,22 +186,37 @@ def test_a_named_gpu_is_made_the_current_one(monkeypatch):
         dist_utils.init_distributed("cuda:1")
 
 
+def _rendezvous_host():
+    """(endpoint, store): a c10d rendezvous store served by this test process. Two torchrun
+    agents on one machine would otherwise host it in whichever starts first, which may exit
+    before the other has left the rendezvous (the other then fails on a closed connection
+    after its workers succeeded: a race of torchrun's, not of the run's)."""
+    port = _free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True,
+                                       wait_for_workers=False)
+    return f"127.0.0.1:{port}", store
+
+
+def _torchrun_node_command(endpoint, *arguments):
+    import sys
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-conf=is_host=0",
+            "--rdzv-id=batikfast-two-nodes", *arguments]
+
+
 def _two_torchrun_nodes(outdirs, tmp_path, *options):
     """Two torchrun agents (two 'nodes' on this machine, one CPU process each) meeting through
     the c10d rendezvous, each writing to its own --outdir; returns their combined output."""
     import subprocess
-    import sys
     repo = Path(__file__).resolve().parent.parent
-    port = _free_port()
+    endpoint, _store = _rendezvous_host()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
     nodes = []
     for outdir in outdirs:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
-                   "--nproc-per-node=1", "--rdzv-backend=c10d",
-                   f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=batikfast-two-nodes",
-                   "--max-restarts=0", str(repo / "train.py"), "--outdir", str(outdir),
-                   "--cfg", "tiny", "--resolution", "16", "--batch", "4", "--tick", "0.004",
-                   "--device", "cpu", "--workers", "0", "--no-compile", "--snap", "1", *options]
+        command = _torchrun_node_command(
+            endpoint, "--max-restarts=0", str(repo / "train.py"), "--outdir", str(outdir),
+            "--cfg", "tiny", "--resolution", "16", "--batch", "4", "--tick", "0.004",
+            "--device", "cpu", "--workers", "0", "--no-compile", "--snap", "1", *options)
         nodes.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
@@ -335,18 +350,17 @@ def test_nodes_restart_together_after_a_killed_worker_with_unshared_rendezvous_s
     restart their workers, which resume from the newest checkpoint and finish."""
     import signal
     import subprocess
-    import sys
     import time
     repo = Path(__file__).resolve().parent.parent
-    run, port = tmp_path / "run", _free_port()
+    run = tmp_path / "run"
+    endpoint, _store = _rendezvous_host()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo),
                TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-               "--rdzv-id=batikfast-elastic", "--max-restarts=1", str(repo / "train.py"),
-               "--outdir", str(run), "--resume", "auto", "--cfg", "tiny", "--resolution", "16",
-               "--batch", "4", "--kimg", "0.2", "--tick", "0.004", "--snap", "1",
-               "--image-snap", "1000", "--device", "cpu", "--workers", "0", "--no-compile"]
+    command = _torchrun_node_command(
+        endpoint, "--max-restarts=1", str(repo / "train.py"), "--outdir", str(run), "--resume",
+        "auto", "--cfg", "tiny", "--resolution", "16", "--batch", "4", "--kimg", "0.2", "--tick",
+        "0.004", "--snap", "1", "--image-snap", "1000", "--device", "cpu", "--workers", "0",
+        "--no-compile")
     agents = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     try:
