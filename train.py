@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> dict:
-    from batikfast.training.config import make_config
+    from batikfast.training.config import make_config, split_batch
 
     overrides = {k: v for k, v in vars(args).items()
                  if k not in ("outdir", "cfg", "resume", "metrics")}
@@ -87,8 +87,6 @@ def config_from_args(args) -> dict:
     config = make_config(args.cfg, **overrides)
     # Under torchrun, a batch that does not split over the ranks is an error before any
     # process group starts, not a traceback from every rank.
-    from batikfast.training.config import split_batch
-
     split_batch(config, int(os.environ.get("WORLD_SIZE", "1")))
     if config["compile"] is None:
         config["compile"] = False if config["device"] == "cpu" else None

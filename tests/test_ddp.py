@@ -186,6 +186,42 @@ def test_a_named_gpu_is_made_the_current_one(monkeypatch):
         dist_utils.init_distributed("cuda:1")
 
 
+def _tiny_cpu_run(outdir, *options):
+    """train.py and its arguments for a 16x16 run of batch 4 on the CPU."""
+    repo = Path(__file__).resolve().parent.parent
+    return [str(repo / "train.py"), "--outdir", str(outdir), "--cfg", "tiny", "--resolution",
+            "16", "--batch", "4", "--device", "cpu", "--workers", "0", "--no-compile", *options]
+
+
+def _start(command, tmp_path, **env):
+    """A torchrun agent, one thread per rank, printing into a pipe."""
+    import subprocess
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo), **env)
+    return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_until(ready, agents, what):
+    """Poll ``ready()`` while every agent runs, for up to three minutes."""
+    import time
+    deadline = time.time() + 180
+    while not ready():
+        assert all(a.poll() is None for a in agents) and time.time() < deadline, what
+        time.sleep(0.05)
+
+
+def _checkpoint_past(run, step):
+    """Whether ``run`` holds a checkpoint beyond ``step`` (older ones are pruned as it goes)."""
+    return any(int(p.stem.split("-")[1]) >= step for p in run.glob("checkpoint-*.pt"))
+
+
+def _standalone_torchrun(*arguments):
+    import sys
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            *arguments]
+
+
 def _rendezvous_host():
     """(endpoint, store): a c10d rendezvous store served by this test process. Two torchrun
     agents on one machine would otherwise host it in whichever starts first, which may exit
@@ -207,18 +243,9 @@ def _torchrun_node_command(endpoint, *arguments):
 def _two_torchrun_nodes(outdirs, tmp_path, *options):
     """Two torchrun agents (two 'nodes' on this machine, one CPU process each) meeting through
     the c10d rendezvous, each writing to its own --outdir; returns their combined output."""
-    import subprocess
-    repo = Path(__file__).resolve().parent.parent
     endpoint, _store = _rendezvous_host()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
-    nodes = []
-    for outdir in outdirs:
-        command = _torchrun_node_command(
-            endpoint, "--max-restarts=0", str(repo / "train.py"), "--outdir", str(outdir),
-            "--cfg", "tiny", "--resolution", "16", "--batch", "4", "--tick", "0.004",
-            "--device", "cpu", "--workers", "0", "--no-compile", "--snap", "1", *options)
-        nodes.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+    nodes = [_start(_torchrun_node_command(endpoint, "--max-restarts=0", *_tiny_cpu_run(
+        outdir, "--tick", "0.004", "--snap", "1", *options)), tmp_path) for outdir in outdirs]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-3000:]
@@ -260,27 +287,12 @@ def test_torchrun_restarts_the_group_after_a_killed_worker_and_the_run_resumes(t
     both again, and with ``--resume auto`` they continue from the newest valid checkpoint to
     the end."""
     import signal
-    import subprocess
-    import sys
-    import time
-    repo = Path(__file__).resolve().parent.parent
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node=2", "--max-restarts=1", str(repo / "train.py"),
-               "--outdir", str(run), "--resume", "auto", "--cfg", "tiny", "--resolution", "16",
-               "--batch", "4", "--kimg", "0.2", "--tick", "0.004", "--snap", "1",
-               "--image-snap", "1000", "--device", "cpu", "--workers", "0", "--no-compile"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
-    agent = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    agent = _start(_standalone_torchrun("--max-restarts=1", *_tiny_cpu_run(
+        run, "--resume", "auto", "--kimg", "0.2", "--tick", "0.004", "--snap", "1",
+        "--image-snap", "1000")), tmp_path)
     try:
-        deadline = time.time() + 180
-        def steps_saved():  # checkpoint-<step>.pt; older ones are pruned as it goes
-            return [int(p.stem.split("-")[1]) for p in run.glob("checkpoint-*.pt")]
-
-        while not any(step >= 3 for step in steps_saved()):  # a few steps in
-            assert agent.poll() is None and time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
+        _wait_until(lambda: _checkpoint_past(run, 3), [agent], "no checkpoint appeared")
         os.kill(_worker_pids(agent.pid)[1], signal.SIGKILL)
         output = agent.communicate(timeout=300)[0]
     finally:
@@ -297,25 +309,14 @@ def test_sigterm_to_torchrun_makes_every_rank_save_a_checkpoint_and_stop(tmp_pat
     """A scheduler's SIGTERM goes to torchrun, which passes it on to its workers: the ranks
     agree to stop, write one checkpoint of the step they reached and exit."""
     import signal
-    import subprocess
-    import sys
-    import time
-    repo = Path(__file__).resolve().parent.parent
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node=2", str(repo / "train.py"), "--outdir", str(run), "--cfg",
-               "tiny", "--resolution", "16", "--batch", "4", "--kimg", "10", "--tick", "0.04",
-               "--snap", "1000", "--image-snap", "1000", "--device", "cpu", "--workers", "0",
-               "--no-compile"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
-    agent = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    agent = _start(_standalone_torchrun(*_tiny_cpu_run(
+        run, "--kimg", "10", "--tick", "0.04", "--snap", "1000", "--image-snap", "1000")),
+        tmp_path)
+    log_file = run / "log.txt"
     try:
-        deadline = time.time() + 180
-        while "tick 0 " not in ((run / "log.txt").read_text() if (run / "log.txt").exists()
-                                else ""):
-            assert agent.poll() is None and time.time() < deadline, "training did not start"
-            time.sleep(0.05)
+        _wait_until(lambda: log_file.exists() and "tick 0 " in log_file.read_text(), [agent],
+                    "training did not start")
         agent.send_signal(signal.SIGTERM)
         output = agent.communicate(timeout=120)[0]
     finally:
@@ -349,25 +350,15 @@ def test_nodes_restart_together_after_a_killed_worker_with_unshared_rendezvous_s
     the README asks of multi-node elastic runs): SIGKILL one node's worker mid-run; both nodes
     restart their workers, which resume from the newest checkpoint and finish."""
     import signal
-    import subprocess
-    import time
-    repo = Path(__file__).resolve().parent.parent
     run = tmp_path / "run"
     endpoint, _store = _rendezvous_host()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo),
-               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    command = _torchrun_node_command(
-        endpoint, "--max-restarts=1", str(repo / "train.py"), "--outdir", str(run), "--resume",
-        "auto", "--cfg", "tiny", "--resolution", "16", "--batch", "4", "--kimg", "0.2", "--tick",
-        "0.004", "--snap", "1", "--image-snap", "1000", "--device", "cpu", "--workers", "0",
-        "--no-compile")
-    agents = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    command = _torchrun_node_command(endpoint, "--max-restarts=1", *_tiny_cpu_run(
+        run, "--resume", "auto", "--kimg", "0.2", "--tick", "0.004", "--snap", "1",
+        "--image-snap", "1000"))
+    agents = [_start(command, tmp_path, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+              for _ in range(2)]
     try:
-        deadline = time.time() + 180
-        while not any(int(p.stem.split("-")[1]) >= 3 for p in run.glob("checkpoint-*.pt")):
-            assert all(a.poll() is None for a in agents) and time.time() < deadline
-            time.sleep(0.05)
+        _wait_until(lambda: _checkpoint_past(run, 3), agents, "no checkpoint appeared")
         workers = {}
         for agent in agents:
             workers.update(_worker_pids(agent.pid))

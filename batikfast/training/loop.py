@@ -94,7 +94,7 @@ class LossScaler:
         """Divide ``grads`` by the scale in place; returns 1.0 (a 0-d device tensor) if any
         element is inf or NaN, else 0.0. Grads are grouped by dtype for the fused kernel."""
         found_inf = torch.zeros((), dtype=torch.float32, device=self.scale.device)
-        inv_scale = self.scale.reciprocal() if self.enabled else torch.ones_like(self.scale)
+        inv_scale = self.scale.reciprocal()  # 1 when scaling is off
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for g in grads:
             by_dtype.setdefault(g.dtype, []).append(g)
@@ -430,10 +430,9 @@ class Trainer:
         pending, self._unreported_faults = self._unreported_faults, []
         if not pending:
             return
-        flags = torch.stack([f for *_, faults in pending for f in faults]).cpu().tolist()
-        flags.reverse()  # popped in order below
-        for step, kimg, names, faults in pending:
-            bad = [name for name in names if flags.pop()]
+        flags = iter(torch.stack([f for *_, faults in pending for f in faults]).tolist())
+        for step, kimg, names, _ in pending:
+            bad = [name for name in names if next(flags)]
             for name in bad:
                 self.log(f"non-finite gradient in phase {name} at step {step} "
                          f"(kimg {kimg:.3f}): optimiser step skipped")
