@@ -8,8 +8,9 @@ The output folder holds training_options.json, log.txt, stats.jsonl (and TensorB
 tensorboard is installed), reals.png, fakes*.png grids from the EMA generator, and atomically
 written, checksummed checkpoints (checkpoint-<step>.pt). ``--resume auto`` continues from the
 newest valid checkpoint in --outdir (a fresh start when there is none); the run's saved
-configuration is kept, except for options that do not change the model or the maths (kimg, snap,
-workers, compile, backend, ...). Defaults follow the batik paper (--cfg paper256).
+configuration is kept, except for options given on the command line that do not change the model
+or the maths (kimg, snap, workers, compile, backend, ...). Defaults follow the batik paper
+(--cfg paper256).
 """
 from __future__ import annotations
 
@@ -100,6 +101,16 @@ def config_from_args(args) -> dict:
     return config
 
 
+def given_options(args) -> set[str]:
+    """The training options set on the command line: on ``--resume`` only these run-time
+    options replace the checkpoint's (the preset's defaults are not the run's)."""
+    given = {k for k, v in vars(args).items()
+             if v is not None and k not in ("outdir", "cfg", "resume")}
+    if "device" in given:
+        given.add("compile")  # its default follows the device
+    return given
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -113,7 +124,7 @@ def main(argv=None) -> int:
     from batikfast.data import DatasetError
 
     try:
-        train(config, args.outdir, resume=args.resume)
+        train(config, args.outdir, resume=args.resume, given=given_options(args))
     except (OutputDirError, DatasetError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

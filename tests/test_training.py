@@ -441,6 +441,23 @@ def test_a_batch_that_does_not_split_over_torchruns_ranks_is_an_error_before_tra
     assert not (tmp_path / "run").exists()
 
 
+def test_resume_keeps_the_runs_own_run_time_options_unless_given_on_the_command_line(tmp_path):
+    cli = _train_cli()
+    run = tmp_path / "run"
+    common = ["--outdir", str(run), "--resolution", "16", "--workers", "0", "--device", "cpu"]
+    # batch 12 in rounds of 4: the tiny preset's batch_gpu (8) does not divide it
+    assert cli.main([*common, "--cfg", "tiny", "--batch", "12", "--batch-gpu", "4",
+                     "--kimg", "0.012", "--tick", "0.012", "--snap", "7"]) == 0
+    # resumed as the README says, without --cfg: paper256's defaults are not this run's
+    assert cli.main([*common, "--resume", "auto", "--kimg", "0.024"]) == 0
+    options = json.loads((run / "training_options.json").read_text())
+    assert (options["batch"], options["batch_gpu"]) == (12, 4)
+    assert (options["tick_kimg"], options["snap"], options["kimg"]) == (0.012, 7, 0.024)
+    assert _weights(ckpt.latest_valid_checkpoint(run))["progress"]["step"] == 2
+    log = (run / "log.txt").read_text()
+    assert "resumed from" in log and "keeping the checkpoint's" not in log
+
+
 def test_init_starts_from_another_runs_weights_matched_by_name_and_shape(tmp_path):
     donor = train(micro_config(steps=1), tmp_path / "donor")["checkpoint"]
     donor_state = _weights(donor)

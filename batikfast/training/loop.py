@@ -591,11 +591,17 @@ class Trainer:
                              "Resources/gpu_mem_gib": mem, **stats}, self.cur_nimg)
 
 
-def train(config: dict, outdir, resume: str | None = None) -> dict:
-    """Run training (single process, or one rank under torchrun); returns the final progress."""
+def train(config: dict, outdir, resume: str | None = None, given=None) -> dict:
+    """Run training (single process, or one rank under torchrun); returns the final progress.
+
+    On resume the checkpoint's configuration is kept, except for the run-time options
+    (``RUNTIME_KEYS``): those of ``config`` replace the saved ones, all of them when ``given``
+    is None, else only those named in ``given`` (the options set on the command line), so
+    that a preset's defaults do not replace the run's own values (its kimg, or a batch_gpu
+    chosen for its batch)."""
     info = dist_utils.init_distributed(config["device"], config["ddp_timeout_s"])
     try:
-        progress = _train(config, Path(outdir), resume, info)
+        progress = _train(config, Path(outdir), resume, info, given)
     except BaseException:
         dist_utils.shutdown()
         raise
@@ -643,7 +649,7 @@ def _resume_state(resume, outdir: Path, info) -> tuple[dict | None, str | None]:
     return ckpt.load_checkpoint_bytes(data, f"{source} (from rank {src})"), source
 
 
-def _train(config: dict, outdir: Path, resume, info) -> dict:
+def _train(config: dict, outdir: Path, resume, info, given=None) -> dict:
     error = None
     if info.is_main:
         try:
@@ -658,9 +664,13 @@ def _train(config: dict, outdir: Path, resume, info) -> dict:
     if state is not None:
         saved = state["config"]
         for key, value in config.items():
+            # stop_after_steps belongs to one invocation: a saved one would end the resumed run
+            chosen = given is None or key in given or key == "stop_after_steps"
             if key in RUNTIME_KEYS:
-                saved[key] = value
-            elif key in saved and saved[key] != value and info.is_main and key != "cfg":
+                if chosen or key not in saved:
+                    saved[key] = value
+            elif (chosen and key in saved and saved[key] != value and info.is_main
+                  and key != "cfg"):
                 print(f"resuming: keeping the checkpoint's {key}={saved[key]!r} "
                       f"(not {value!r}); only run-time options change on resume")
         config = saved
