@@ -261,6 +261,50 @@ def test_make_dataset_tool_writes_a_zip_the_dataset_reads(tmp_path):
     assert not list(dest.parent.glob(".*tmp*"))
 
 
+def _make_dataset_tool():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_dataset", REPO / "tools" / "make_dataset.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def _sideways_portrait(path):
+    """A portrait photo as cameras store it: pixels landscape, EXIF orientation 6 (rotate 90
+    degrees clockwise to view), white on the stored left, which is the viewed top."""
+    stored = np.zeros((20, 30, 3), np.uint8)
+    stored[:, :15] = 255
+    img = Image.fromarray(stored)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(path, exif=exif)
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
+    _sideways_portrait(tmp_path / "photos" / "portrait.jpg")
+    upright = ImageFolderDataset(tmp_path / "photos", resolution=8)[0][0]
+    assert upright[:, :4].min() > 200 and upright[:, 4:].max() < 50  # white on top
+    dest = tmp_path / "d.zip"
+    _make_dataset_tool().make_dataset(tmp_path / "photos", dest, resolution=8, log=lambda m: None)
+    stored = ImageFolderDataset(dest)[0][0]
+    assert stored[:, :4].min() > 200 and stored[:, 4:].max() < 50
+
+
+def test_make_dataset_tool_skips_images_outside_class_folders_when_labelling_by_folder(tmp_path):
+    photos = tmp_path / "photos"
+    _png(photos / "kawung" / "a.png", colour=10)
+    _png(photos / "parang" / "b.png", colour=20)
+    _png(photos / "loose.png", colour=30)  # no folder, so no class: not the first class
+    messages = []
+    count = _make_dataset_tool().make_dataset(photos, tmp_path / "d.zip", resolution=16,
+                                              labels_from_folders=True, log=messages.append)
+    assert count == 2 and any("loose.png" in m and "no label" in m for m in messages)
+    ds = ImageFolderDataset(tmp_path / "d.zip", use_labels=True)
+    assert [int(ds[i][0][0, 0, 0]) for i in range(2)] == [10, 20]
+    np.testing.assert_array_equal(ds.label_table(), [[1, 0], [0, 1]])
+
+
 def test_make_dataset_tool_fails_clearly_on_an_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     result = subprocess.run(

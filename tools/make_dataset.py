@@ -2,11 +2,13 @@
 
     python tools/make_dataset.py --source photos/ --dest batik256.zip --resolution 256
 
-Every readable image (searched recursively) is converted to RGB (alpha over white), centre-cropped
-to a square, resized with Lanczos and written as ``00000/img00000000.png``. Files that cannot be
-decoded, and images smaller than ``--min-size``, are skipped with a message naming them. A
-``dataset.json`` with labels is written when ``--labels-from-folders`` is given (one class per
-top-level subfolder), in the format of NVIDIA's dataset tool. The archive is written to a temporary
+Every readable image (searched recursively) is turned upright by its EXIF orientation, converted to
+RGB (alpha over white), centre-cropped to a square, resized with Lanczos and written as
+``00000/img00000000.png``. Files that cannot be decoded, and images smaller than ``--min-size``,
+are skipped with a message naming them. A ``dataset.json`` with labels is written when
+``--labels-from-folders`` is given (one class per top-level subfolder; images directly in
+``--source`` belong to no class and are skipped, naming them), in the format of NVIDIA's dataset
+tool. The archive is written to a temporary
 file and renamed, so an interrupted run never leaves a half-written dataset behind.
 """
 from __future__ import annotations
@@ -47,6 +49,9 @@ def make_dataset(source, dest, resolution: int = 256, min_size: int = 8,
             for path in files:
                 if max_images is not None and count >= max_images:
                     break
+                if labels_from_folders and len(path.relative_to(source).parts) == 1:
+                    log(f"skipping {path}: not in a class subfolder, so it has no label")
+                    continue
                 try:
                     with Image.open(path) as img:
                         img.load()
@@ -64,7 +69,7 @@ def make_dataset(source, dest, resolution: int = 256, min_size: int = 8,
                 archive.writestr(name, buffer.getvalue())
                 if labels_from_folders:
                     parts = path.relative_to(source).parts
-                    labels.append([name, classes.index(parts[0]) if len(parts) > 1 else 0])
+                    labels.append([name, classes.index(parts[0])])
                 count += 1
             if count == 0:
                 raise ValueError(f"no usable images in {str(source)!r}: every file was skipped")

@@ -11,7 +11,8 @@ Bad files never crash deep inside a loader worker without a name:
   warning naming them;
 * images whose pixels turn out to be truncated or corrupt are skipped when first read, with a
   warning naming them, and the next good image is returned in their place;
-* grayscale, palette and RGBA images are converted (alpha composited over white);
+* grayscale, palette and RGBA images are converted (alpha composited over white), and photos
+  are turned upright by their EXIF orientation;
 * images of another size are centre-cropped and resized, or rejected with an error naming the
   file when ``resize=False``; images smaller than ``min_size`` are skipped with a warning;
 * an empty folder or archive, or a file that is not a zip archive, is a ``ValueError``.
@@ -26,8 +27,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
+_EXIF_ORIENTATION = 0x0112
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
@@ -79,6 +81,10 @@ class Dataset:
 
 
 def _to_rgb(img: Image.Image, channels: int) -> Image.Image:
+    """``img`` upright (its EXIF orientation applied, as a viewer shows it) in RGB or L."""
+    if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        # cameras store portrait shots sideways and say so in EXIF
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: PIL's convert would clip at 255 instead of rescaling
         wide = np.asarray(img, dtype=np.int64)
