@@ -122,10 +122,11 @@ def main(argv=None) -> int:
     from batikfast.training.rundir import OutputDirError
     from batikfast.training.checkpoint import CheckpointError
     from batikfast.data import DatasetError
+    from batikfast.metrics import FeatureNetworkError
 
     try:
         train(config, args.outdir, resume=args.resume, given=given_options(args))
-    except (OutputDirError, DatasetError, CheckpointError) as error:
+    except (OutputDirError, DatasetError, CheckpointError, FeatureNetworkError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:

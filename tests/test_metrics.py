@@ -205,3 +205,20 @@ def test_metrics_command_line_on_a_checkpoint(tmp_path, capsys):
                  "--num-real", "8", "--metrics", "fid,kid", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result.keys() == {"fid", "kid"} and result["fid"] > 0
+
+
+def test_metrics_command_line_says_what_is_wrong_before_extracting_features(tmp_path, capsys):
+    from batikfast.metrics.compute import main
+
+    features = _saved_small_net(tmp_path)
+    missing = str(tmp_path / "none.pt")
+    assert main(["--ckpt", missing, "--features", str(features), "--metrics", "fid,bogus"]) == 2
+    assert "--metrics must be a comma list" in capsys.readouterr().err
+    assert main(["--ckpt", missing, "--features", str(features), "--num-gen", "3"]) == 2
+    assert "precision/recall (k=3)" in capsys.readouterr().err
+    assert main(["--ckpt", missing, "--features", str(features)]) == 2
+    assert "none.pt" in capsys.readouterr().err
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"\x00" * 64)
+    assert main(["--ckpt", str(damaged), "--features", str(features)]) == 2
+    assert "damaged.pt" in capsys.readouterr().err

@@ -458,6 +458,28 @@ def test_resume_keeps_the_runs_own_run_time_options_unless_given_on_the_command_
     assert "resumed from" in log and "keeping the checkpoint's" not in log
 
 
+def test_bad_metrics_options_stop_the_run_before_training_not_at_its_first_checkpoint(
+        tmp_path, capsys):
+    cli = _train_cli()
+    common = ["--cfg", "tiny", "--resolution", "16", "--workers", "0", "--device", "cpu",
+              "--kimg", "0.016"]
+    features = tmp_path / "features.pt"
+    assert cli.main(["--outdir", str(tmp_path / "a"), *common, "--metrics", "fid,is",
+                     "--metrics-features", str(features)]) == 2
+    assert "metrics must be among ('fid', 'kid', 'pr'), got ['is']" in capsys.readouterr().err
+    assert cli.main(["--outdir", str(tmp_path / "b"), *common, "--metrics", "fid",
+                     "--metrics-features", str(features)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    torch.save({"arch": "resnet"}, features)
+    assert cli.main(["--outdir", str(tmp_path / "c"), *common, "--metrics", "fid",
+                     "--metrics-features", str(features)]) == 2
+    assert "expected 'batikfast.SmallFeatureNet'" in capsys.readouterr().err
+    assert "tick 0" not in (tmp_path / "c" / "log.txt").read_text()
+    assert not ckpt.list_checkpoints(tmp_path / "c")
+    with pytest.raises(ValueError, match="metrics_num above 3"):
+        micro_config(metrics=["pr"], metrics_num=3, metrics_features=str(features))
+
+
 def test_init_starts_from_another_runs_weights_matched_by_name_and_shape(tmp_path):
     donor = train(micro_config(steps=1), tmp_path / "donor")["checkpoint"]
     donor_state = _weights(donor)

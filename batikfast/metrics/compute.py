@@ -17,6 +17,7 @@ from batikfast.metrics.stats import (feature_stats, frechet_distance, kernel_inc
                                      precision_recall)
 
 METRICS = ("fid", "kid", "pr")
+PR_K = 3  # neighbours of precision / recall: each set needs more samples than this
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,7 @@ def generator_features(G, extractor: FeatureExtractor, num: int, batch: int = 64
 
 
 def metrics_from_features(real: np.ndarray, fake: np.ndarray, metrics=METRICS,
-                          kid_subsets: int = 100, pr_k: int = 3) -> dict[str, float]:
+                          kid_subsets: int = 100, pr_k: int = PR_K) -> dict[str, float]:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"metrics must be among {METRICS}, got {unknown}")
@@ -95,7 +96,7 @@ def compute_metrics(G, dataset, extractor: FeatureExtractor, metrics=METRICS,
 
 def main(argv=None) -> int:
     from batikfast.data import open_dataset
-    from batikfast.training.checkpoint import load_generator
+    from batikfast.training.checkpoint import CheckpointError, load_generator
 
     parser = argparse.ArgumentParser(description="FID / KID / precision-recall of a checkpoint")
     parser.add_argument("--ckpt", required=True, help="batikfast checkpoint")
@@ -110,14 +111,26 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    G, config = load_generator(args.ckpt, device=args.device)
-    dataset = open_dataset(args.data or config.get("data", "builtin"),
-                           resolution=G.img_resolution, use_labels=bool(G.c_dim),
-                           seed=config.get("data_seed", 0), size=config.get("data_size", 20000))
-    extractor = load_feature_network(args.features, args.device)
-    result = compute_metrics(G, dataset, extractor, tuple(args.metrics.split(",")),
-                             args.num_gen, args.num_real, args.batch, args.trunc,
-                             device=args.device)
+    metrics = tuple(m for m in args.metrics.split(",") if m)
+    try:
+        # everything that can be wrong is found before the (long) feature extraction
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown or not metrics:
+            raise ValueError(f"--metrics must be a comma list of {METRICS}, got {args.metrics!r}")
+        counts = [n for n in (args.num_gen, args.num_real) if n is not None]
+        if "pr" in metrics and min(counts) <= PR_K:
+            raise ValueError(f"precision/recall (k={PR_K}) needs --num-gen and --num-real "
+                             f"above {PR_K}")
+        G, config = load_generator(args.ckpt, device=args.device)
+        dataset = open_dataset(args.data or config.get("data", "builtin"),
+                               resolution=G.img_resolution, use_labels=bool(G.c_dim),
+                               seed=config.get("data_seed", 0), size=config.get("data_size", 20000))
+        extractor = load_feature_network(args.features, args.device)
+    except (ValueError, OSError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result = compute_metrics(G, dataset, extractor, metrics, args.num_gen, args.num_real,
+                             args.batch, args.trunc, device=args.device)
     print(json.dumps(result))
     return 0
 

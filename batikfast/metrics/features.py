@@ -25,6 +25,10 @@ import torch.nn.functional as F
 SMALL_ARCH = "batikfast.SmallFeatureNet"
 
 
+class FeatureNetworkError(ValueError):
+    """The feature network file cannot be used; the message says why."""
+
+
 class SmallFeatureNet(nn.Module):
     """Convolutions with ReLU and 2x average pooling, then a global average: features ``[N, C]``."""
 

@@ -91,6 +91,18 @@ def validate_config(config: dict) -> None:
     if config.get("cudagraphs") and config["compile"] is False:
         raise ValueError("cudagraphs=True needs compile (CUDA graphs are torch.compile's mode "
                          "'reduce-overhead'), got compile=False")
+    if config["metrics"]:
+        from batikfast.metrics.compute import METRICS, PR_K
+
+        unknown = [m for m in config["metrics"] if m not in METRICS]
+        if unknown:
+            raise ValueError(f"metrics must be among {METRICS}, got {unknown}")
+        if "pr" in config["metrics"] and config["metrics_num"] <= PR_K:
+            raise ValueError(f"precision/recall (k={PR_K}) needs metrics_num above {PR_K}, got "
+                             f"{config['metrics_num']}")
+        if not config["metrics_features"]:
+            raise ValueError("metrics need metrics_features (a feature network file; "
+                             "batikfast never downloads one)")
     if config["batch"] % config["batch_gpu"]:
         raise ValueError(f"batch ({config['batch']}) must be a multiple of batch_gpu "
                          f"({config['batch_gpu']})")

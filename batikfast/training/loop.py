@@ -160,6 +160,7 @@ class Trainer:
         self._broadcast_networks()
         self._seed(config["seed"] * info.world_size + info.rank)
         self._check_space_for_checkpoints()
+        self._extractor, self._real_cache = self._load_feature_network(), {}
         self.parts = build_training_objects(config, self.G, self.D, self.device, info.rank,
                                             self.log)
         self.phases = self._make_phases()
@@ -204,6 +205,24 @@ class Trainer:
         error = dist_utils.broadcast_object(error, self.info, "output folder check")
         if error:  # every rank stops, none waits for the others
             raise rundir.OutputDirError(error)
+
+    def _load_feature_network(self):
+        """The metrics' feature network (rank 0), loaded before training: a bad file stops the
+        run now rather than at its first checkpoint."""
+        if not self.config["metrics"]:
+            return None
+        from batikfast.metrics import FeatureNetworkError, load_feature_network
+
+        extractor, error = None, None
+        if self.info.is_main:
+            try:
+                extractor = load_feature_network(self.config["metrics_features"], self.device)
+            except (OSError, ValueError, RuntimeError) as err:
+                error = f"metrics_features: {err}"
+        error = dist_utils.broadcast_object(error, self.info, "feature network check")
+        if error:  # every rank stops, none waits for the others
+            raise FeatureNetworkError(error)
+        return extractor
 
     def _init_from(self, path: str) -> None:
         """Start from the weights of a batikfast checkpoint or an NVIDIA StyleGAN2-ADA /
@@ -469,11 +488,8 @@ class Trainer:
         if not cfg["metrics"] or not self.info.is_main:
             dist_utils.barrier(self.info, "metrics barrier")
             return
-        from batikfast.metrics import compute_metrics, load_feature_network
+        from batikfast.metrics import compute_metrics
 
-        if not hasattr(self, "_extractor"):
-            self._extractor = load_feature_network(cfg["metrics_features"], self.device)
-            self._real_cache = {}
         result = compute_metrics(self.G_ema, self.dataset, self._extractor, tuple(cfg["metrics"]),
                                  num_gen=cfg["metrics_num"], num_real=cfg["metrics_num"],
                                  batch=self.batch_gpu, device=self.device,
