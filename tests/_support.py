@@ -3,8 +3,10 @@ kernel tests (compiling for an NVIDIA GPU without one)."""
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,18 @@ from batikfast import backends
 HAS_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
 FAST_IMPLS = ["triton", "cuda"]
+
+# Tests that say "fresh" draw new inputs on every run, from a seed chosen once per session;
+# BATIKFAST_TEST_SEED=<seed> replays a run (their failure messages name the seed).
+SESSION_SEED = int(os.environ.get("BATIKFAST_TEST_SEED") or
+                   int.from_bytes(os.urandom(4), "little"))
+REPLAY = f"replay with BATIKFAST_TEST_SEED={SESSION_SEED}"
+
+
+def fresh_generator(*salt):
+    """A CPU generator seeded from this session's seed and ``salt`` (say, the test's
+    parameters), so each case draws its own inputs, different on every run."""
+    return torch.Generator().manual_seed(zlib.crc32(repr((SESSION_SEED,) + salt).encode()))
 
 
 def require(impl, op, dtype=torch.float32):
@@ -86,3 +100,42 @@ def modconv_layer_reference(x, weight, in_scale, out_scale, noise, bias, act, al
     if clamp is not None:
         y = y.clamp(-clamp, clamp)
     return y, scale
+
+
+# The documented diffusion-noise stream (Philox4x32-10, Box-Muller), written out in numpy:
+# shared by the Triton and CUDA kernel tests.
+_M0, _M1, _W0, _W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+_MASK = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counters, seed):
+    """Philox4x32-10 on uint64 numpy arrays of 32-bit words: counter (lo, hi, 0, 0), key = seed."""
+    c = [counters & _MASK, counters >> np.uint64(32), np.zeros_like(counters), np.zeros_like(counters)]
+    return philox_rounds(c, np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32))
+
+
+def philox_rounds(c, k0, k1):
+    """The ten Philox4x32 rounds on the counter words ``c`` with key (k0, k1)."""
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + np.uint64(_W0)) & _MASK, (k1 + np.uint64(_W1)) & _MASK
+        p0, p1 = np.uint64(_M0) * c[0], np.uint64(_M1) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _MASK, (p0 >> np.uint64(32)) ^ c[3] ^ k1,
+             p0 & _MASK]
+    return c
+
+
+def documented_eps(seed, offset, numel):
+    """float64 normals of positions offset .. offset+numel-1 (the documented stream)."""
+    pos = np.arange(offset, offset + numel, dtype=np.uint64)
+    words = philox4x32_10(pos // np.uint64(4), seed)
+    # (k + 0.5) / 2**24 rounded to float32, as both kernels compute it.
+    uniform = [((w >> np.uint64(8)).astype(np.float32) + np.float32(0.5)).astype(np.float64) / 2.0**24
+               for w in words]
+    radius = [np.sqrt(-2.0 * np.log(uniform[0])), np.sqrt(-2.0 * np.log(uniform[2]))]
+    angle = [2.0 * np.pi * uniform[1], 2.0 * np.pi * uniform[3]]
+    # Positions 4c .. 4c+3: (r_a cos a, r_b cos b, r_a sin a, r_b sin b).
+    normals = [radius[0] * np.cos(angle[0]), radius[1] * np.cos(angle[1]),
+               radius[0] * np.sin(angle[0]), radius[1] * np.sin(angle[1])]
+    lane = (pos % np.uint64(4)).astype(np.int64)
+    return torch.from_numpy(np.choose(lane, normals))

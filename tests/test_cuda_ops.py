@@ -6,12 +6,12 @@ fp32 arithmetic and the final rounding to the output dtype.
 """
 import zlib
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from batikfast import _cuda
+from tests._support import documented_eps
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -273,52 +273,6 @@ def test_upfirdn2d_rejects_an_empty_output_and_a_non_float32_filter():
 
 # ---- diffusion_noise -------------------------------------------------------------------------
 
-_M0, _M1, _W0, _W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
-_MASK = np.uint64(0xFFFFFFFF)
-
-
-def _philox4x32_10(counters, seed):
-    """Philox4x32-10 on uint64 numpy arrays of 32-bit words: counter (lo, hi, 0, 0), key = seed."""
-    c = [counters & _MASK, counters >> np.uint64(32), np.zeros_like(counters), np.zeros_like(counters)]
-    return _philox_rounds(c, np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32))
-
-
-def _philox_rounds(c, k0, k1):
-    """The ten Philox4x32 rounds on the counter words ``c`` with key (k0, k1)."""
-    for r in range(10):
-        if r:
-            k0, k1 = (k0 + np.uint64(_W0)) & _MASK, (k1 + np.uint64(_W1)) & _MASK
-        p0, p1 = np.uint64(_M0) * c[0], np.uint64(_M1) * c[2]
-        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _MASK, (p0 >> np.uint64(32)) ^ c[3] ^ k1,
-             p0 & _MASK]
-    return c
-
-
-def test_reference_philox_reproduces_the_published_known_answers():
-    # Random123's known-answer vectors for philox4x32_10 (counter 0 key 0; all ones).
-    zero = _philox4x32_10(np.array([0], dtype=np.uint64), 0)
-    assert [int(w[0]) for w in zero] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
-    ones = np.array([0xFFFFFFFF], dtype=np.uint64)
-    c = _philox_rounds([ones] * 4, np.uint64(0xFFFFFFFF), np.uint64(0xFFFFFFFF))
-    assert [int(w[0]) for w in c] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
-
-
-def _expected_eps(seed, offset, numel):
-    """float64 normals of positions offset .. offset+numel-1 (the documented stream)."""
-    pos = np.arange(offset, offset + numel, dtype=np.uint64)
-    words = _philox4x32_10(pos // np.uint64(4), seed)
-    # (k + 0.5) / 2**24 rounded to float32, as the kernel (and the Triton kernel) computes it.
-    uniform = [((w >> np.uint64(8)).astype(np.float32) + np.float32(0.5)).astype(np.float64) / 2.0**24
-               for w in words]
-    radius = [np.sqrt(-2.0 * np.log(uniform[0])), np.sqrt(-2.0 * np.log(uniform[2]))]
-    angle = [2.0 * np.pi * uniform[1], 2.0 * np.pi * uniform[3]]
-    # Positions 4c .. 4c+3: (r_a cos a, r_b cos b, r_a sin a, r_b sin b), the Triton kernel's order.
-    normals = [radius[0] * np.cos(angle[0]), radius[1] * np.cos(angle[1]),
-               radius[0] * np.sin(angle[0]), radius[1] * np.sin(angle[1])]
-    lane = (pos % np.uint64(4)).astype(np.int64)
-    return torch.from_numpy(np.choose(lane, normals))
-
-
 def _scales(n, gen):
     return (torch.rand(n, generator=gen) + 0.1).cuda(), (torch.rand(n, generator=gen) + 0.1).cuda()
 
@@ -336,7 +290,7 @@ def test_diffusion_noise_draws_the_documented_philox_normals(shape, seed, offset
         x = _randn(shape, dtype, gen, contiguous=contiguous)
         x_scale, noise_scale = _scales(shape[0], gen)
         y = _cuda.diffusion_noise_forward(x, x_scale, noise_scale, None, seed, offset)
-        eps = _expected_eps(seed, offset, x.numel()).reshape(shape)
+        eps = documented_eps(seed, offset, x.numel()).reshape(shape)
         truth = _per_sample(x_scale, x) * x.double().cpu() + _per_sample(noise_scale, x) * eps
         assert y.shape == x.shape and y.dtype == dtype
         _close(y, truth, dtype, scale=8.0, what=f"contiguous={contiguous}")
@@ -428,7 +382,7 @@ def test_bias_act_and_diffusion_noise_index_past_two_billion_elements():
     del y
     ones = torch.ones(ROWS, device="cuda")
     y = _cuda.diffusion_noise_forward(x, ones, ones, None, 9, 0)
-    eps = _expected_eps(9, (ROWS - 1) * COLS, COLS)
+    eps = documented_eps(9, (ROWS - 1) * COLS, COLS)
     _close(y[-1], -1.0 + eps, torch.float16, scale=8.0, what="last row of noise")
 
 
