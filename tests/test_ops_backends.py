@@ -6,11 +6,13 @@ a small multiple of the reference op's own error in the same low precision (plus
 to the output). On a machine without a GPU the Triton kernels run in the interpreter
 (TRITON_INTERPRET=1, set by conftest.py) and the CUDA tests skip, saying so.
 """
+import contextlib
+
 import pytest
 import torch
 
 from batikfast import backends, ops
-from tests._support import DEVICE, FAST_IMPLS as FAST, HAS_GPU, require
+from tests._support import DEVICE, FAST_IMPLS as FAST, HAS_GPU, REPLAY, fresh_generator, require
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # The convolution kernels multiply fp32 on tensor cores in TF32 (10-bit mantissa), as cuDNN
@@ -48,16 +50,27 @@ def dtype(request):
     return request.param
 
 
-def run_three_ways(fn, impl, inputs, dtype, upstream_seed=99, second_order=True):
-    """fn under impl, the reference in the same dtypes, and the reference in float64."""
+def run_three_ways(fn, impl, inputs, dtype, upstream_seed=99, second_order=True,
+                   upstream=None):
+    """fn under impl, the reference in the same dtypes, and the reference in float64.
+
+    ``upstream``: None for a fixed contiguous gradient of the output; else a function
+    ``(shape, dtype) -> (leaf, gradient)`` making the gradient (any layout) from a leaf that
+    requires grad, so that the second derivatives include the one with respect to the upstream
+    gradient (how R1's penalty reaches the layers after the one being differentiated)."""
     results = {}
     for name, run_impl, to_double in (("fast", impl, False), ("ref", "ref", False),
                                       ("truth", "ref", True)):
         leaves = [_fresh_leaf(t, to_double) for t in inputs]
         diff_leaves = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
         out = fn(*leaves, impl=run_impl)
-        upstream = rand(*out.shape, seed=upstream_seed, dtype=out.dtype)
-        first = torch.autograd.grad(out, diff_leaves, upstream, create_graph=second_order)
+        if upstream is None:
+            grad_out = rand(*out.shape, seed=upstream_seed, dtype=out.dtype)
+        else:
+            upstream_leaf, grad_out = upstream(out.shape, out.dtype)
+            diff_leaves = diff_leaves + [upstream_leaf]
+        first = torch.autograd.grad(out, diff_leaves[:len(diff_leaves) - (upstream is not None)],
+                                    grad_out, create_graph=second_order)
         second = None
         if second_order:
             weights = [rand(*g.shape, seed=upstream_seed + 1 + k, dtype=g.dtype)
@@ -77,18 +90,50 @@ def _fresh_leaf(t, to_double):
     return value.requires_grad_(t.requires_grad)
 
 
+def upstream_gradient(layout, seed, dtype):
+    """An ``upstream`` for run_three_ways: the output's gradient, rounded to ``dtype``, laid
+    out as a backward kernel may receive it: contiguous, strided (a view with a gap after every
+    element) or broadcast (all strides 0: what ``out.sum()`` hands the backward)."""
+    def make(shape, out_dtype):
+        if layout == "broadcast":
+            leaf = rand(1, seed=seed, dtype=dtype).reshape(()).to(out_dtype)
+            leaf.requires_grad_(True)
+            return leaf, leaf.expand(shape)
+        if layout == "strided":
+            leaf = rand(*shape[:-1], 2 * shape[-1], seed=seed, dtype=dtype).to(out_dtype)
+            leaf.requires_grad_(True)
+            return leaf, leaf[..., ::2]
+        leaf = rand(*shape, seed=seed, dtype=dtype).to(out_dtype).requires_grad_(True)
+        return leaf, leaf
+    return make
+
+
+def fresh_seed(*salt):
+    """A seed for ``rand`` that changes every run (see tests/_support.py)."""
+    return fresh_generator(*salt).initial_seed() % 2 ** 31
+
+
+def strided(t):
+    """The same values as a view with a gap after every element of the last axis."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
 def check_three_ways(results, names, tf32=False):
     fast, ref, truth = results["fast"], results["ref"], results["truth"]
     assert_matches_truth(fast[0], ref[0], truth[0], what="forward", tf32=tf32)
     for name, a, b, c in zip(names, fast[1], ref[1], truth[1]):
         assert_matches_truth(a, b, c, what=f"d/d{name}", tf32=tf32)
     if fast[2] is not None:
-        for name, a, b, c in zip(names, fast[2], ref[2], truth[2]):
+        second_names = names + ["the upstream gradient"] * (len(truth[2]) - len(names))
+        for name, a, b, c in zip(second_names, fast[2], ref[2], truth[2]):
             if c is None:
                 continue
             a = torch.zeros_like(c) if a is None else a
             b = torch.zeros_like(c) if b is None else b
             assert_matches_truth(a, b, c, what=f"second derivative wrt {name}", tf32=tf32)
+        assert any(c is not None for c in truth[2]), "no second derivative was compared"
 
 
 def gap_midpoint(values, dtype, from_quantile):
@@ -117,7 +162,9 @@ def test_bias_act_kernels_match_the_reference_to_second_order(impl, act, dtype):
     def fn(x, b, impl):
         return ops.bias_act(x, b, act=act, clamp=1.5, impl=impl)
 
-    check_three_ways(run_three_ways(fn, impl, [x, b], dtype), ["x", "b"])
+    results = run_three_ways(fn, impl, [x, b], dtype,
+                             upstream=upstream_gradient("contiguous", 99, dtype))
+    check_three_ways(results, ["x", "b"])
 
 
 @pytest.mark.parametrize("impl", FAST)
@@ -177,7 +224,9 @@ def test_upfirdn2d_kernels_match_the_reference_to_second_order(impl, up, down, p
         return ops.upfirdn2d(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter,
                              gain=2.0, impl=impl)
 
-    check_three_ways(run_three_ways(fn, impl, [x], dtype), ["x"])
+    results = run_three_ways(fn, impl, [x], dtype,
+                             upstream=upstream_gradient("contiguous", 99, dtype))
+    check_three_ways(results, ["x"])
 
 
 @pytest.mark.parametrize("impl", FAST)
@@ -247,6 +296,27 @@ def test_modulated_conv2d_kernels_match_the_reference_to_second_order(
                      tf32=True)
 
 
+@pytest.mark.parametrize("impl", FAST)
+def test_modulated_conv2d_style_and_weight_gradients_stay_accurate_under_large_noise_and_bias(
+        impl, dtype):
+    """The demodulation's gradient needs each output's convolution before noise and bias. Read
+    back off a 16-bit output, where noise + bias outweigh it, that loses the convolution's low
+    bits (the styles' gradient came out 10x less accurate than the reference's)."""
+    require(impl, "modulated_conv2d", dtype)
+    x = rand(2, 6, 4, 5, seed=50, dtype=dtype).requires_grad_(True)
+    weight = rand(3, 6, 3, 3, seed=51).requires_grad_(True)
+    styles = (rand(2, 6, seed=52) + 1).requires_grad_(True)
+    noise = rand(2, 1, 4, 5, seed=53, scale=8)
+    bias = rand(3, seed=54, scale=8)
+
+    def fn(x, weight, styles, impl):
+        return ops.modulated_conv2d(x, weight, styles, noise=noise, padding=1, impl=impl,
+                                    bias=bias, gain=1.4)
+
+    results = run_three_ways(fn, impl, [x, weight, styles], dtype, second_order=False)
+    check_three_ways(results, ["x", "weight", "styles"], tf32=True)
+
+
 @pytest.mark.parametrize("up", [1, 2])
 @pytest.mark.parametrize("impl", FAST)
 def test_fp32_modulated_conv2d_is_fp32_accurate_when_tf32_is_off_for_convolutions(
@@ -300,7 +370,9 @@ def test_diffusion_noise_kernels_match_the_reference_with_given_noise(impl, dtyp
     def fn(x, noise, impl):
         return ops.diffusion_noise(x, t, sab, s1mab, noise_std=0.5, noise=noise, impl=impl)
 
-    check_three_ways(run_three_ways(fn, impl, [x, noise], dtype), ["x", "noise"])
+    results = run_three_ways(fn, impl, [x, noise], dtype,
+                             upstream=upstream_gradient("contiguous", 99, dtype))
+    check_three_ways(results, ["x", "noise"])
 
 
 @pytest.mark.parametrize("impl", FAST)
@@ -329,6 +401,119 @@ def test_diffusion_noise_gradient_ignores_the_drawn_noise(impl):
     t = torch.tensor([1, 4, 9, 20], device=DEVICE)
     (grad,) = torch.autograd.grad(ops.diffusion_noise(x, t, sab, s1mab, seed=3, impl=impl).sum(), x)
     torch.testing.assert_close(grad, sab[t].reshape(4, 1, 1, 1).expand_as(x))
+
+
+# ----------------------------------------------------------------------------- fresh inputs, any layout
+
+# Inputs drawn afresh every run, non-contiguous, with the output's gradient strided or
+# broadcast, to second order including the derivative with respect to that gradient. Smooth
+# activations only and no clamp: fresh values cannot be kept clear of kinks (the tests above
+# place them, on fixed inputs).
+LAYOUTS = ["strided", "broadcast"]
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("act", ["swish", "tanh"])
+def test_bias_act_kernels_match_on_fresh_strided_inputs_with_any_upstream_layout(
+        impl, act, layout, dtype):
+    require(impl, "bias_act", dtype)
+    seed = fresh_seed("bias_act", act, layout, str(dtype))
+    x = strided(rand(5, 3, 7, seed=seed, dtype=dtype, scale=2)).transpose(0, 2)
+    b = strided(rand(3, seed=seed + 1, dtype=dtype))
+    x.requires_grad_(True), b.requires_grad_(True)
+
+    def fn(x, b, impl):
+        return ops.bias_act(x, b, act=act, gain=1.3, impl=impl)
+
+    results = run_three_ways(fn, impl, [x, b], dtype, upstream_seed=seed + 2,
+                             upstream=upstream_gradient(layout, seed + 3, dtype))
+    with _replay_note():
+        check_three_ways(results, ["x", "b"])
+
+
+FRESH_UPFIRDN_CASES = [  # (up, down, padding, taps, upstream layout)
+    (2, 1, [2, 1, 1, 2], [1, 3, 3, 1], "strided"),
+    ([1, 2], 2, [1, 0, 2, -1], "2d", "broadcast"),
+]
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("up,down,padding,taps,layout", FRESH_UPFIRDN_CASES)
+def test_upfirdn2d_kernels_match_on_fresh_strided_inputs_with_any_upstream_layout(
+        impl, up, down, padding, taps, layout, dtype):
+    require(impl, "upfirdn2d", dtype)
+    seed = fresh_seed("upfirdn2d", up, down, layout, str(dtype))
+    if taps == "2d":
+        f = rand(3, 4, seed=seed).float()
+    else:
+        f = ops.setup_filter(taps, device=DEVICE, separable=True)
+    x = strided(rand(2, 5, 3, 6, seed=seed + 1, dtype=dtype)).transpose(1, 3)
+    x.requires_grad_(True)
+
+    def fn(x, impl):
+        return ops.upfirdn2d(x, f, up=up, down=down, padding=padding, gain=1.5, impl=impl)
+
+    results = run_three_ways(fn, impl, [x], dtype, upstream_seed=seed + 2,
+                             upstream=upstream_gradient(layout, seed + 3, dtype))
+    with _replay_note():
+        check_three_ways(results, ["x"])
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_modulated_conv2d_kernels_match_on_fresh_strided_inputs_with_any_upstream_layout(
+        impl, layout, dtype):
+    """The single-pass kernel's path: 3x3, stride 1, demodulated, noise, bias, gain."""
+    require(impl, "modulated_conv2d", dtype)
+    seed = fresh_seed("modulated_conv2d", layout, str(dtype))
+    x = strided(rand(2, 6, 5, 4, seed=seed, dtype=dtype)).transpose(2, 3)
+    weight = strided(rand(6, 3, 3, 3, seed=seed + 1)).transpose(0, 1)
+    styles = strided(rand(2, 6, seed=seed + 2) + 1)
+    noise = strided(rand(2, 1, 4, 5, seed=seed + 3))
+    bias = strided(rand(3, seed=seed + 4))
+    for t in (x, weight, styles, noise, bias):
+        t.requires_grad_(True)
+
+    def fn(x, weight, styles, noise, bias, impl):
+        return ops.modulated_conv2d(x, weight, styles, noise=noise, padding=1, impl=impl,
+                                    bias=bias, gain=1.4)
+
+    results = run_three_ways(fn, impl, [x, weight, styles, noise, bias], dtype,
+                             upstream_seed=seed + 5,
+                             upstream=upstream_gradient(layout, seed + 6, dtype))
+    with _replay_note():
+        check_three_ways(results, ["x", "weight", "styles", "noise", "bias"], tf32=True)
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_diffusion_noise_kernels_match_on_fresh_strided_inputs_with_any_upstream_layout(
+        impl, layout, dtype):
+    require(impl, "diffusion_noise", dtype)
+    seed = fresh_seed("diffusion_noise", layout, str(dtype))
+    sab, s1mab = schedule()
+    x = strided(rand(3, 5, 2, 7, seed=seed, dtype=dtype)).transpose(1, 3)
+    noise = strided(rand(3, 7, 2, 5, seed=seed + 1, dtype=dtype))
+    t = torch.randint(0, 21, (3,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    x.requires_grad_(True), noise.requires_grad_(True)
+
+    def fn(x, noise, impl):
+        return ops.diffusion_noise(x, t, sab, s1mab, noise_std=0.7, noise=noise, impl=impl)
+
+    results = run_three_ways(fn, impl, [x, noise], dtype, upstream_seed=seed + 2,
+                             upstream=upstream_gradient(layout, seed + 3, dtype))
+    with _replay_note():
+        check_three_ways(results, ["x", "noise"])
+
+
+@contextlib.contextmanager
+def _replay_note():
+    """A failure on fresh inputs says how to replay them."""
+    try:
+        yield
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n({REPLAY})") from None
 
 
 # ----------------------------------------------------------------------------- registration

@@ -252,8 +252,14 @@ def _modulated_conv2d_backward(ctx, dy):
         d_weight = torch.nn.grad.conv2d_weight(scaled_x, weight.shape, d_conv.to(x.dtype),
                                                padding=padding).to(weight.dtype)
     if out_scale is not None and need[3]:
-        conv = _pre_activation(y, act, alpha, gain, noise, bias)
-        d_out_scale = (d_pre * conv).sum(dim=[2, 3]) / out_scale
+        if x.dtype == torch.float32:
+            conv = _pre_activation(y, act, alpha, gain, noise, bias) / out_scale[:, :, None, None]
+        else:
+            # Read back off a 16-bit output, the convolution keeps only the bits that noise and
+            # bias leave it: convolve again (one more convolution, 16-bit layers only).
+            conv = _modulated_conv2d_fast_op(x, weight, in_scale, None, None, None, "linear",
+                                             0.0, 1.0, -1.0, padding, impl).float()
+        d_out_scale = (d_pre * conv).sum(dim=[2, 3])
     if noise is not None and need[4]:
         d_noise = d_pre.sum(dim=1, keepdim=True).to(noise.dtype)
     if bias is not None and need[5]:
