@@ -87,8 +87,10 @@ def config_from_args(args) -> dict:
                              "batikfast never downloads one)")
     config = make_config(args.cfg, **overrides)
     # Under torchrun, a batch that does not split over the ranks is an error before any
-    # process group starts, not a traceback from every rank.
-    split_batch(config, int(os.environ.get("WORLD_SIZE", "1")))
+    # process group starts, not a traceback from every rank. A resumed run keeps its
+    # checkpoint's batch: that one is checked once the checkpoint is read.
+    if not args.resume:
+        split_batch(config, int(os.environ.get("WORLD_SIZE", "1")))
     if config["compile"] is None:
         config["compile"] = False if config["device"] == "cpu" else None
     if config["cudagraphs"]:
@@ -123,10 +125,12 @@ def main(argv=None) -> int:
     from batikfast.training.checkpoint import CheckpointError
     from batikfast.data import DatasetError
     from batikfast.metrics import FeatureNetworkError
+    from batikfast.training.config import ConfigError
 
     try:
         train(config, args.outdir, resume=args.resume, given=given_options(args))
-    except (OutputDirError, DatasetError, CheckpointError, FeatureNetworkError) as error:
+    except (OutputDirError, DatasetError, CheckpointError, FeatureNetworkError,
+            ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:

@@ -458,6 +458,27 @@ def test_resume_keeps_the_runs_own_run_time_options_unless_given_on_the_command_
     assert "resumed from" in log and "keeping the checkpoint's" not in log
 
 
+def test_resuming_on_another_number_of_processes_checks_the_checkpoints_batch(tmp_path,
+                                                                            monkeypatch):
+    from batikfast.training import loop
+    from batikfast.training.config import ConfigError
+    run = tmp_path / "run"
+    train(micro_config(steps=1, batch=12, batch_gpu=4), run)
+    cli = _train_cli()
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    # the command line's batch (the preset's 8) is not the run's (12, which splits over 3)
+    cli.config_from_args(cli.build_parser().parse_args(
+        ["--outdir", str(run), "--cfg", "tiny", "--resume", "auto"]))
+    # five ranks cannot share the run's batch: one clear error, not a traceback from inside
+    # the trainer (the collectives of one rank stand in for five)
+    monkeypatch.setattr(loop.dist_utils, "all_gather_objects", lambda obj, info, what="":
+                        [obj] * info.world_size)
+    monkeypatch.setattr(loop.dist_utils, "broadcast_object", lambda obj, *args: obj)
+    with pytest.raises(ConfigError, match=r"cannot resume .*checkpoint-00000001.pt on 5 "
+                       r"processes: batch \(12\) must be a multiple of the number of processes"):
+        loop._train(micro_config(steps=2), run, "auto", DistInfo(world_size=5))
+
+
 def test_bad_metrics_options_stop_the_run_before_training_not_at_its_first_checkpoint(
         tmp_path, capsys):
     cli = _train_cli()

@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import copy
 
+class ConfigError(ValueError):
+    """A training option, or a combination of them, that cannot work; the message says which."""
+
+
 PRESETS: dict[str, dict] = {
     "paper256": dict(
         resolution=256, z_dim=512, w_dim=512, map_layers=8, channel_base=16384, channel_max=512,
@@ -55,7 +59,7 @@ CHOICES = dict(cfg=tuple(PRESETS), loss=("stylegan2", "wgan"), aug=("no", "ada",
 def make_config(cfg: str = "paper256", **overrides) -> dict:
     """The preset ``cfg`` with the defaults, then ``overrides`` (None values are ignored)."""
     if cfg not in PRESETS:
-        raise ValueError(f"cfg must be one of {tuple(PRESETS)}, got {cfg!r}")
+        raise ConfigError(f"cfg must be one of {tuple(PRESETS)}, got {cfg!r}")
     config = dict(DEFAULTS)
     config.update(copy.deepcopy(PRESETS[cfg]))
     config["cfg"] = cfg
@@ -63,7 +67,7 @@ def make_config(cfg: str = "paper256", **overrides) -> dict:
         if value is None:
             continue
         if key not in config:
-            raise ValueError(f"unknown training option {key!r}")
+            raise ConfigError(f"unknown training option {key!r}")
         config[key] = value
     if overrides.get("batch") is not None and overrides.get("batch_gpu") is None:
         # the preset's per-GPU batch, shrunk to the largest divisor of the new batch
@@ -77,34 +81,34 @@ def make_config(cfg: str = "paper256", **overrides) -> dict:
 def validate_config(config: dict) -> None:
     for key, allowed in CHOICES.items():
         if config[key] not in allowed:
-            raise ValueError(f"{key} must be one of {allowed}, got {config[key]!r}")
+            raise ConfigError(f"{key} must be one of {allowed}, got {config[key]!r}")
     res = config["resolution"]
     if res < 4 or res & (res - 1):
-        raise ValueError(f"resolution must be a power of two >= 4, got {res}")
+        raise ConfigError(f"resolution must be a power of two >= 4, got {res}")
     for key in ("batch", "batch_gpu"):
         if int(config[key]) != config[key] or config[key] < 1:
-            raise ValueError(f"{key} must be a positive integer, got {config[key]!r}")
+            raise ConfigError(f"{key} must be a positive integer, got {config[key]!r}")
     if config["kimg"] <= 0:
-        raise ValueError(f"kimg must be positive, got {config['kimg']}")
+        raise ConfigError(f"kimg must be positive, got {config['kimg']}")
     if config.get("cudagraphs") not in (None, False, True):
-        raise ValueError(f"cudagraphs must be True or False, got {config['cudagraphs']!r}")
+        raise ConfigError(f"cudagraphs must be True or False, got {config['cudagraphs']!r}")
     if config.get("cudagraphs") and config["compile"] is False:
-        raise ValueError("cudagraphs=True needs compile (CUDA graphs are torch.compile's mode "
+        raise ConfigError("cudagraphs=True needs compile (CUDA graphs are torch.compile's mode "
                          "'reduce-overhead'), got compile=False")
     if config["metrics"]:
         from batikfast.metrics.compute import METRICS, PR_K
 
         unknown = [m for m in config["metrics"] if m not in METRICS]
         if unknown:
-            raise ValueError(f"metrics must be among {METRICS}, got {unknown}")
+            raise ConfigError(f"metrics must be among {METRICS}, got {unknown}")
         if "pr" in config["metrics"] and config["metrics_num"] <= PR_K:
-            raise ValueError(f"precision/recall (k={PR_K}) needs metrics_num above {PR_K}, got "
+            raise ConfigError(f"precision/recall (k={PR_K}) needs metrics_num above {PR_K}, got "
                              f"{config['metrics_num']}")
         if not config["metrics_features"]:
-            raise ValueError("metrics need metrics_features (a feature network file; "
+            raise ConfigError("metrics need metrics_features (a feature network file; "
                              "batikfast never downloads one)")
     if config["batch"] % config["batch_gpu"]:
-        raise ValueError(f"batch ({config['batch']}) must be a multiple of batch_gpu "
+        raise ConfigError(f"batch ({config['batch']}) must be a multiple of batch_gpu "
                          f"({config['batch_gpu']})")
 
 
@@ -112,16 +116,16 @@ def split_batch(config: dict, world_size: int) -> tuple[int, int]:
     """(per-GPU batch per round, rounds of gradient accumulation) for ``world_size`` ranks."""
     batch, batch_gpu = config["batch"], config["batch_gpu"]
     if batch % world_size:
-        raise ValueError(f"batch ({batch}) must be a multiple of the number of processes "
+        raise ConfigError(f"batch ({batch}) must be a multiple of the number of processes "
                          f"({world_size})")
     per_rank = batch // world_size
     batch_gpu = min(batch_gpu, per_rank)
     if per_rank % batch_gpu:
-        raise ValueError(f"the per-process batch ({per_rank} = batch {batch} / {world_size} "
+        raise ConfigError(f"the per-process batch ({per_rank} = batch {batch} / {world_size} "
                          f"processes) must be a multiple of batch_gpu ({batch_gpu})")
     group = config["mbstd_group"]
     if group and batch_gpu % min(group, batch_gpu):
-        raise ValueError(f"batch_gpu ({batch_gpu}) must be a multiple of the minibatch-std group "
+        raise ConfigError(f"batch_gpu ({batch_gpu}) must be a multiple of the minibatch-std group "
                          f"size ({group})")
     return batch_gpu, per_rank // batch_gpu
 

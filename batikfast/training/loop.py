@@ -41,7 +41,7 @@ from batikfast.metrics.compute import to_uint8
 from batikfast.training import checkpoint as ckpt
 from batikfast.training import distributed as dist_utils
 from batikfast.training import rundir
-from batikfast.training.config import network_kwargs, split_batch
+from batikfast.training.config import ConfigError, network_kwargs, split_batch
 from batikfast.training.ema import ema_beta, update_ema
 from batikfast.training.model import build_networks, build_training_objects
 
@@ -690,6 +690,11 @@ def _train(config: dict, outdir: Path, resume, info, given=None) -> dict:
                 print(f"resuming: keeping the checkpoint's {key}={saved[key]!r} "
                       f"(not {value!r}); only run-time options change on resume")
         config = saved
+        try:  # the checkpoint's batch on this number of processes
+            split_batch(config, info.world_size)
+        except ConfigError as error:
+            raise ConfigError(f"cannot resume {source} on {info.world_size} processes: "
+                              f"{error}") from error
     trainer = Trainer(config, outdir, info)
     if info.is_main:
         rundir.save_config(outdir, config)
