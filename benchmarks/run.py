@@ -102,7 +102,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.backends = [b for b in args.backends if b != "compiled"]
     if any(b < 1 for b in args.batch):
         parser.error(f"--batch must be >= 1, got {args.batch}")
+    if not any(selected(case, args) for shape_set in args.shapes
+               for case in shapes.cases_for(shape_set)):
+        # an empty run would still overwrite the results folder's ops.json
+        parser.error(f"no case of the shape sets {args.shapes} matches --ops {args.ops} "
+                     f"--cases {args.cases}")
     return args
+
+
+def selected(case, args) -> bool:
+    """Whether ``case`` is among the ops and name patterns asked for."""
+    if args.ops is not None and case.op not in args.ops:
+        return False
+    return args.cases is None or any(fnmatch.fnmatchcase(case.name, pattern)
+                                     for pattern in args.cases)
 
 
 def _raise_compile_limits() -> None:
@@ -192,11 +205,7 @@ class Runner:
             for dtype_name in self.args.dtype:
                 for shape_set in self.args.shapes:
                     for case in shapes.cases_for(shape_set):
-                        if self.args.ops is not None and case.op not in self.args.ops:
-                            continue
-                        if self.args.cases is not None and not any(
-                                fnmatch.fnmatchcase(case.name, pattern)
-                                for pattern in self.args.cases):
+                        if not selected(case, self.args):
                             continue
                         for mode in self.args.modes:
                             self.run_case(case, batch, dtype_name, mode)

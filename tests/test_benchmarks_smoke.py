@@ -442,3 +442,13 @@ def test_channels_last_option_feeds_nhwc_activations_and_says_so(tmp_path):
     assert payload["meta"]["channels_last"] is True
     assert all(r["status"] == "ok" for r in payload["results"])
     assert "channels-last (NHWC)" in (tmp_path / "ops.md").read_text()
+
+
+def test_a_selection_that_names_no_case_is_an_error_that_writes_nothing(tmp_path, capsys):
+    from benchmarks import run
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--cases", "G.b265.*", "--outdir", str(tmp_path / "out")])
+    assert "no case of the shape sets ['tiny'] matches" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # an earlier run's ops.json would stay intact
+    args = run.parse_args(["--quick", "--ops", "upfirdn2d", "--cases", "tiny.*"])
+    assert args.cases == ["tiny.*"]
