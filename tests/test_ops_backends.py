@@ -516,6 +516,42 @@ def _replay_note():
         raise AssertionError(f"{error}\n({REPLAY})") from None
 
 
+# ----------------------------------------------------------------------------- refusals
+
+def _op_calls(dtype):
+    """One call per op on CPU tensors of ``dtype``: op name -> call(impl)."""
+    x = torch.zeros(2, 3, 5, 4, dtype=dtype)
+    sab, s1mab = (s.cpu() for s in schedule())
+    f = ops.setup_filter([1, 3, 3, 1])
+    return {
+        "bias_act": lambda impl: ops.bias_act(x, torch.zeros(3, dtype=dtype), impl=impl),
+        "upfirdn2d": lambda impl: ops.upsample2d(x, f, impl=impl),
+        "modulated_conv2d": lambda impl: ops.modulated_conv2d(
+            x, torch.ones(4, 3, 3, 3, dtype=dtype), torch.ones(2, 3, dtype=dtype), padding=1,
+            impl=impl),
+        "diffusion_noise": lambda impl: ops.diffusion_noise(x, torch.tensor([1, 2]), sab, s1mab,
+                                                            seed=1, impl=impl),
+    }
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("op_name", sorted(OP_FILES))
+def test_fast_ops_asked_by_name_refuse_what_they_cannot_run_saying_why(impl, op_name,
+                                                                       monkeypatch):
+    """float64, and CPU tensors (Triton without its interpreter; CUDA always): one clear error
+    naming the op, the reason and the way out, never a kernel failure."""
+    with pytest.raises(backends.BackendUnavailableError,
+                       match=rf"{op_name}: implementation '{impl}' cannot run") as refused:
+        _op_calls(torch.float64)[op_name](impl)
+    # The CUDA backend names the CPU tensors first (these are); Triton names the dtype first.
+    assert ("float32, float16 and bfloat16" if impl == "triton" else "needs CUDA tensors") \
+        in str(refused.value)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    expected = "TRITON_INTERPRET=1" if impl == "triton" else "needs CUDA tensors"
+    with pytest.raises(backends.BackendUnavailableError, match=expected):
+        _op_calls(torch.float32)[op_name](impl)
+
+
 # ----------------------------------------------------------------------------- registration
 
 def _custom_op_samples():
