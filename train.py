@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> dict:
     from batikfast.training.config import make_config, split_batch
+    from batikfast.training.distributed import check_device
 
     overrides = {k: v for k, v in vars(args).items()
                  if k not in ("outdir", "cfg", "resume", "metrics")}
@@ -86,6 +87,7 @@ def config_from_args(args) -> dict:
             raise ValueError("--metrics needs --metrics-features (a feature network file; "
                              "batikfast never downloads one)")
     config = make_config(args.cfg, **overrides)
+    check_device(config["device"])  # a GPU asked for where there is none: one line, not a traceback
     # Under torchrun, a batch that does not split over the ranks is an error before any
     # process group starts, not a traceback from every rank. A resumed run keeps its
     # checkpoint's batch: that one is checked once the checkpoint is read.

@@ -10,6 +10,8 @@ NVIDIA's generate.py draws it), so images can be regenerated one at a time.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +39,13 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def check_truncation(psi: float) -> None:
+    """Any finite psi is meaningful (0 gives the average image, below 0 or above 1
+    extrapolates away from it, as NVIDIA's generator allows); nan or inf make every pixel nan."""
+    if not math.isfinite(psi):
+        raise ValueError(f"--trunc must be a finite number, got {psi}")
+
+
 def latents(seeds, z_dim: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.random.RandomState(s % 2**32).randn(z_dim)
                                       for s in seeds])).float()
@@ -48,8 +57,13 @@ def generate_images(G, seeds, truncation_psi: float = 1.0, class_idx: int | None
     """uint8 images ``[len(seeds), C, H, W]``."""
     from batikfast.metrics.compute import to_uint8
 
+    check_truncation(truncation_psi)
     if G.c_dim and class_idx is None:
         raise ValueError(f"this generator is conditional ({G.c_dim} classes): pass --class")
+    if not G.c_dim and class_idx is not None:
+        # it would be ignored: the images would not be of the class asked for
+        raise ValueError(f"--class {class_idx} was given but this generator is unconditional "
+                         "(trained without labels): leave --class out")
     z = latents(seeds, G.z_dim)
     c = torch.zeros([len(seeds), G.c_dim])
     if G.c_dim:
@@ -66,44 +80,92 @@ def generate_images(G, seeds, truncation_psi: float = 1.0, class_idx: int | None
 
 def main(argv=None) -> int:
     from batikfast.training.checkpoint import CheckpointError, load_generator
-    from batikfast.training.rundir import save_image_grid
+    from batikfast.training.distributed import check_device
 
     parser = argparse.ArgumentParser(description="Generate images from a batikfast checkpoint")
     parser.add_argument("--ckpt", required=True, help="checkpoint file (checkpoint-*.pt)")
     parser.add_argument("--seeds", default="0-15", help="e.g. 0-63 or 1,5,9")
-    parser.add_argument("--trunc", type=float, default=1.0, help="truncation psi")
-    parser.add_argument("--class", dest="class_idx", type=int, default=None)
+    parser.add_argument("--trunc", type=float, default=1.0,
+                        help="truncation psi: 1 none, 0 the average image (any finite number)")
+    parser.add_argument("--class", dest="class_idx", type=int, default=None,
+                        help="class index (conditional generators only, where it is required)")
     parser.add_argument("--noise-mode", default="const", choices=["const", "random", "none"])
     parser.add_argument("--out", default=None, help="write one grid PNG here")
     parser.add_argument("--outdir", default=None, help="write one PNG per seed here")
     parser.add_argument("--columns", type=int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto",
+                        help="auto (the GPU when there is one) | cpu | cuda | cuda:N")
     args = parser.parse_args(argv)
     if not args.out and not args.outdir:
         args.out = "grid.png"
     try:
-        seeds = parse_seeds(args.seeds)
-        G, _ = load_generator(args.ckpt, device=args.device)
+        seeds = _check_args(args)
+        device = check_device(args.device)
+        _make_output_folders(args)
+        G, _ = load_generator(args.ckpt, device=device)
         images = generate_images(G, seeds, args.trunc, args.class_idx, args.noise_mode,
-                                 device=args.device)
+                                 device=device)
+        _write_images(args, seeds, images)
     except (ValueError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _check_args(args) -> list[int]:
+    """The seeds; every option that can be checked without the checkpoint, checked."""
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as error:
+        message = str(error) if "--seeds" in str(error) else f"--seeds {args.seeds!r}: {error}"
+        raise ValueError(message) from None
+    check_truncation(args.trunc)
+    if args.class_idx is not None and args.class_idx < 0:
+        raise ValueError(f"--class must be a class index (0 or more), got {args.class_idx}")
+    if args.columns is not None and args.columns < 1:
+        raise ValueError(f"--columns must be at least 1, got {args.columns}")
+    return seeds
+
+
+def _make_output_folders(args) -> None:
+    """Before generating: an output that cannot be written is found before the work is done."""
+    for option, folder in (("--out", args.out and Path(args.out).parent),
+                           ("--outdir", args.outdir and Path(args.outdir))):
+        if not folder:
+            continue
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{option}: {str(folder)!r} is a file, not a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"cannot create the folder of {option} {str(folder)!r}: "
+                             f"{error.strerror or error}") from None
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"{option}: the folder {str(folder)!r} is not writable")
+
+
+def _write_images(args, seeds, images) -> None:
+    from PIL import Image
+
+    from batikfast.training.rundir import save_image_grid
+
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        save_image_grid(images, args.out, args.columns)
+        try:
+            save_image_grid(images, args.out, args.columns)
+        except OSError as error:
+            raise ValueError(f"cannot write --out {args.out!r}: {error.strerror or error}") from None
         print(f"wrote a grid of {len(seeds)} images to {args.out}")
     if args.outdir:
-        from PIL import Image
-
         folder = Path(args.outdir)
-        folder.mkdir(parents=True, exist_ok=True)
         for seed, image in zip(seeds, images.numpy()):
             array = image.transpose(1, 2, 0)
-            Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(
-                folder / f"seed{seed:04d}.png")
+            path = folder / f"seed{seed:04d}.png"
+            try:
+                Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+            except OSError as error:
+                raise ValueError(f"cannot write {str(path)!r} in --outdir: "
+                                 f"{error.strerror or error}") from None
         print(f"wrote {len(seeds)} images to {folder}")
-    return 0
 
 
 if __name__ == "__main__":

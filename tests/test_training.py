@@ -690,6 +690,24 @@ def test_cudagraphs_is_opt_in_and_refused_at_startup_without_a_gpu_or_compile(
         build_training_objects(options, G, D, "cpu")
 
 
+def test_a_device_this_machine_lacks_is_a_one_line_error_before_training(tmp_path, monkeypatch,
+                                                                         capsys):
+    cli = _train_cli()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, reason in (("cuda", "no GPU is visible"), ("cuda:1", "no GPU is visible"),
+                           ("tpu", "must be auto, cpu, cuda or cuda:N")):
+        assert cli.main(["--outdir", str(tmp_path / "run"), "--cfg", "tiny",
+                         "--device", device]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --device") and reason in err and "\n" not in err, err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.main(["--outdir", str(tmp_path / "run"), "--cfg", "tiny",
+                     "--device", "cuda:1"]) == 2
+    assert "--device cuda:1 was asked for but 1 GPU(s) are visible" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_training_step_benchmark_has_a_cudagraphs_variant_skipped_without_a_gpu(monkeypatch):
     from benchmarks import train_step
     args = train_step.parse_args([])

@@ -36,6 +36,28 @@ class RankFailure(RuntimeError):
     """Another rank stopped answering: this rank gives up instead of hanging."""
 
 
+def check_device(device: str) -> str:
+    """``--device`` (``auto``, ``cpu``, ``cuda`` or ``cuda:N``) resolved for this machine, or a
+    ValueError naming it: the commands report it in one line at startup instead of a traceback
+    from torch's CUDA initialisation. Touches no GPU (``is_available`` does not initialise CUDA)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        requested = torch.device(device)
+    except (RuntimeError, TypeError):
+        requested = None
+    if requested is None or requested.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if requested.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} was asked for but no GPU is visible "
+                             "(use --device cpu)")
+        gpus = torch.cuda.device_count()
+        if requested.index is not None and requested.index >= gpus:
+            raise ValueError(f"--device {device} was asked for but {gpus} GPU(s) are visible")
+    return device
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     """Join the torchrun process group if there is one; pick this rank's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

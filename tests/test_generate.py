@@ -1,0 +1,136 @@
+"""``python -m batikfast.generate``: its options are checked before any work, each bad one a
+one-line error naming it (exit code 2), never a traceback nor a silently ignored option.
+
+Runs in-process on a freshly built 16x16 generator (no training), on the CPU.
+"""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from batikfast.generate import generate_images, main
+from batikfast.training.checkpoint import load_generator, save_checkpoint
+from batikfast.training.config import make_config, network_kwargs
+from batikfast.training.model import build_generator
+
+CLASSES = 3
+
+
+def _checkpoint(path, c_dim):
+    config = make_config("tiny", resolution=16, z_dim=8, w_dim=8, channel_base=128,
+                         channel_max=8)
+    G_kwargs, _ = network_kwargs(config, c_dim=c_dim)
+    torch.manual_seed(0)
+    G = build_generator(G_kwargs)
+    return save_checkpoint({"config": dict(config, G_kwargs=G_kwargs),
+                            "G_ema": G.state_dict()}, path)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoints")
+    return {"unconditional": _checkpoint(folder / "uncond.pt", 0),
+            "conditional": _checkpoint(folder / "cond.pt", CLASSES)}
+
+
+def _generate(capsys, *argv):
+    """(exit code, stderr) of the command, run on the CPU unless argv names a device."""
+    device = [] if "--device" in argv else ["--device", "cpu"]
+    code = main([*argv, *device])
+    return code, capsys.readouterr().err
+
+
+def _one_line_error(err, *words):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], (word, err)
+
+
+def test_a_gpu_device_on_a_machine_without_one_is_a_one_line_error(checkpoints, tmp_path,
+                                                                   capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "grid.png"
+    for device in ("cuda", "cuda:0"):
+        code, err = _generate(capsys, "--ckpt", str(checkpoints["unconditional"]),
+                              "--out", str(out), "--device", device)
+        assert code == 2
+        _one_line_error(err, f"--device {device}", "no GPU")
+    code, err = _generate(capsys, "--ckpt", str(checkpoints["unconditional"]), "--out", str(out),
+                          "--device", "gpu")
+    assert code == 2
+    _one_line_error(err, "--device", "'gpu'")
+    assert not out.exists()
+    # auto is the CPU here
+    assert _generate(capsys, "--ckpt", str(checkpoints["unconditional"]), "--out", str(out),
+                     "--device", "auto")[0] == 0
+    assert out.exists()
+
+
+def test_class_is_refused_for_an_unconditional_generator_and_range_checked_for_a_conditional(
+        checkpoints, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code, err = _generate(capsys, "--ckpt", str(checkpoints["unconditional"]), "--class", "1",
+                          "--out", str(out))
+    assert code == 2
+    _one_line_error(err, "--class 1", "unconditional")
+    for bad in ("-1", str(CLASSES)):
+        code, err = _generate(capsys, "--ckpt", str(checkpoints["conditional"]), "--class", bad,
+                              "--out", str(out))
+        assert code == 2
+        _one_line_error(err, "--class", bad)
+    code, err = _generate(capsys, "--ckpt", str(checkpoints["conditional"]), "--out", str(out))
+    assert code == 2
+    _one_line_error(err, "--class", "conditional")
+    assert not out.exists()
+    assert _generate(capsys, "--ckpt", str(checkpoints["conditional"]), "--class",
+                     str(CLASSES - 1), "--out", str(out))[0] == 0
+    assert out.exists()
+
+
+def test_truncation_psi_must_be_finite_and_may_extrapolate(checkpoints, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    for bad in ("nan", "inf", "-inf"):
+        code, err = _generate(capsys, "--ckpt", str(checkpoints["unconditional"]),
+                              f"--trunc={bad}", "--out", str(out))
+        assert code == 2
+        _one_line_error(err, "--trunc", "finite")
+    assert not out.exists()
+    G, _ = load_generator(checkpoints["unconditional"])
+    with pytest.raises(ValueError, match="--trunc must be a finite number, got nan"):
+        generate_images(G, [0], truncation_psi=float("nan"))
+    # psi 0 is the average image for every seed; below 0 or above 1 extrapolates (NVIDIA allows it)
+    mean = generate_images(G, [0, 1], truncation_psi=0.0)
+    assert torch.equal(mean[0], mean[1])
+    for psi in (-0.7, 1.5):
+        images = generate_images(G, [0, 1], truncation_psi=psi)
+        assert not torch.equal(images[0], images[1])
+    assert _generate(capsys, "--ckpt", str(checkpoints["unconditional"]), "--trunc", "-0.7",
+                     "--out", str(out))[0] == 0
+
+
+def test_bad_seeds_columns_and_outputs_are_one_line_errors(checkpoints, tmp_path, capsys):
+    ckpt = str(checkpoints["unconditional"])
+    code, err = _generate(capsys, "--ckpt", ckpt, "--seeds", "a-b", "--out",
+                          str(tmp_path / "g.png"))
+    assert code == 2
+    _one_line_error(err, "--seeds 'a-b'")
+    code, err = _generate(capsys, "--ckpt", ckpt, "--columns", "0", "--out",
+                          str(tmp_path / "g.png"))
+    assert code == 2
+    _one_line_error(err, "--columns")
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    code, err = _generate(capsys, "--ckpt", ckpt, "--out", str(a_file / "g.png"))
+    assert code == 2
+    _one_line_error(err, "--out", "not a folder")
+    code, err = _generate(capsys, "--ckpt", ckpt, "--outdir", str(a_file))
+    assert code == 2
+    _one_line_error(err, "--outdir", "not a folder")
+    # a grid and one image per seed, in folders created for them
+    grid, folder = tmp_path / "new" / "grid.png", tmp_path / "seeds"
+    assert _generate(capsys, "--ckpt", ckpt, "--seeds", "2,4", "--out", str(grid), "--outdir",
+                     str(folder), "--columns", "1")[0] == 0
+    assert Image.open(grid).size == (16, 2 * 16)
+    seed4 = np.asarray(Image.open(folder / "seed0004.png"))
+    assert np.array_equal(seed4, np.asarray(Image.open(grid))[16:])
