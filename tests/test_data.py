@@ -79,8 +79,61 @@ def test_sixteen_bit_and_cmyk_images_are_rescaled_and_converted(tmp_path):
     Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "a16.png")
     Image.new("CMYK", (8, 8), (0, 0, 0, 0)).save(tmp_path / "b.jpg")
     ds = ImageFolderDataset(tmp_path)
-    assert (ds[0][0] == 127).all() and ds[0][0].shape == (3, 8, 8)  # not clipped to 255
+    assert (ds[0][0] == 128).all() and ds[0][0].shape == (3, 8, 8)  # not clipped to 255
     assert ds[1][0].shape == (3, 8, 8) and ds[1][0].min() > 240
+
+
+EIGHT_BIT_RAMP = np.rint(np.linspace(0, 255, 64)).reshape(8, 8)
+
+
+def _ramp(dtype, peak):
+    """An 8x8 greyscale image whose values are those of EIGHT_BIT_RAMP times ``peak / 255``."""
+    return (EIGHT_BIT_RAMP * (peak / 255)).astype(dtype)
+
+
+def test_wide_greyscale_images_map_their_full_range_onto_eight_bits(tmp_path):
+    """16-bit (I;16), 32-bit integer (I) and float (F) images: each value v of the mode's range
+    [0, peak] becomes round(v * 255 / peak), where peak is 65535, 65535 (255 when no value
+    exceeds it: 8-bit data stored wide) and 1."""
+    sixteen, floats = _ramp(np.uint16, 65535), _ramp(np.float32, 1.0)
+    Image.fromarray(sixteen).save(tmp_path / "a_i16.tif")
+    Image.fromarray(sixteen).save(tmp_path / "b_i16.png")
+    Image.fromarray(sixteen.astype(np.int32)).save(tmp_path / "c_i32.tif")
+    Image.fromarray(_ramp(np.int32, 255)).save(tmp_path / "d_i32_8bit_values.tif")
+    Image.fromarray(floats).save(tmp_path / "e_float.tif")
+    modes = [Image.open(tmp_path / n).mode for n in sorted(p.name for p in tmp_path.iterdir())]
+    assert modes == ["I;16", "I;16", "I", "I", "F"]
+    ds = ImageFolderDataset(tmp_path)
+    for index in range(5):
+        image = ds[index][0]
+        assert image.shape == (3, 8, 8), index
+        np.testing.assert_array_equal(image[0], EIGHT_BIT_RAMP, err_msg=str(index))
+        assert (image[0] == image[2]).all()
+    stored = tmp_path.parent / "d.zip"
+    _make_dataset_tool().make_dataset(tmp_path, stored, resolution=8, log=lambda m: None)
+    for index, (image, _) in enumerate(ImageFolderDataset(stored)):
+        np.testing.assert_array_equal(image[0], EIGHT_BIT_RAMP, err_msg=str(index))
+
+
+@pytest.mark.parametrize("values", [(0.0, 255.0), (-1.0, 1.0), (0.0, float("nan")),
+                                    (0.0, float("inf"))])
+def test_float_images_outside_zero_to_one_are_skipped_naming_the_file(tmp_path, values):
+    """The scale of a float image is not stored in the file: [0, 1] is read, anything else is
+    refused rather than clipped to a washed-out or black image, in the loader and the tool."""
+    folder = tmp_path / "photos"
+    _png(folder / "a_good.png", size=(8, 8), colour=60)
+    bad = np.full((8, 8), values[0], np.float32)
+    bad[0, 0] = values[1]
+    Image.fromarray(bad).save(folder / "b_float.tif")
+    ds = ImageFolderDataset(folder)
+    with pytest.warns(RuntimeWarning, match=r"b_float.tif.*float pixels span .*outside \[0, 1\]"):
+        image = ds[1][0]
+    assert (image == 60).all()  # the next readable image in its place
+    messages = []
+    count = _make_dataset_tool().make_dataset(folder, tmp_path / "d.zip", resolution=8,
+                                              log=messages.append)
+    assert count == 1
+    assert any("b_float.tif" in m and "outside [0, 1]" in m for m in messages), messages
 
 
 def test_images_of_another_size_are_centre_cropped_and_resized(tmp_path):
@@ -313,6 +366,26 @@ def test_make_dataset_tool_fails_clearly_on_an_empty_folder(tmp_path):
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no images" in result.stderr
     assert not (tmp_path / "x.zip").exists()
+
+
+def test_make_dataset_tool_refuses_a_resolution_the_networks_cannot_train(tmp_path, capsys):
+    """Training needs a power of two >= 4 (the networks double from 4x4): the tool says so
+    before reading anything, not training after the archive is written."""
+    _png(tmp_path / "photos" / "a.png")
+    tool = _make_dataset_tool()
+    for resolution in ("100", "2", "0", "-8"):
+        assert tool.main(["--source", str(tmp_path / "photos"), "--dest",
+                          str(tmp_path / "d.zip"), f"--resolution={resolution}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"error: --resolution must be a power of two >= 4 (4, 8, ..., 256, 512, "
+                       f"...), as the networks need, got {resolution}"), err
+    assert tool.main(["--source", str(tmp_path / "photos"), "--dest", str(tmp_path / "d.zip"),
+                      "--max-images", "0"]) == 2
+    assert "--max-images must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "d.zip").exists()
+    assert tool.main(["--source", str(tmp_path / "photos"), "--dest", str(tmp_path / "d.zip"),
+                      "--resolution", "8"]) == 0
+    assert ImageFolderDataset(tmp_path / "d.zip").resolution == 8
 
 
 def test_loader_workers_read_a_zip_in_their_own_processes(tmp_path):

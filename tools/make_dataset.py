@@ -3,13 +3,14 @@
     python tools/make_dataset.py --source photos/ --dest batik256.zip --resolution 256
 
 Every readable image (searched recursively) is turned upright by its EXIF orientation, converted to
-RGB (alpha over white), centre-cropped to a square, resized with Lanczos and written as
-``00000/img00000000.png``. Files that cannot be decoded, and images smaller than ``--min-size``,
-are skipped with a message naming them. A ``dataset.json`` with labels is written when
-``--labels-from-folders`` is given (one class per top-level subfolder; images directly in
-``--source`` belong to no class and are skipped, naming them), in the format of NVIDIA's dataset
-tool. The archive is written to a temporary
-file and renamed, so an interrupted run never leaves a half-written dataset behind.
+RGB (alpha over white; 16-bit and float greyscale rescaled, float from [0, 1]), centre-cropped to
+a square, resized with Lanczos and written as ``00000/img00000000.png``. Files that cannot be
+decoded, float images with values outside [0, 1], and images smaller than ``--min-size``, are
+skipped with a message naming them. ``--resolution`` is a power of two, as training needs. A
+``dataset.json`` with labels is written when ``--labels-from-folders`` is given (one class per
+top-level subfolder; images directly in ``--source`` belong to no class and are skipped, naming
+them), in the format of NVIDIA's dataset tool. The archive is written to a temporary file and
+renamed, so an interrupted run never leaves a half-written dataset behind.
 """
 from __future__ import annotations
 
@@ -24,7 +25,19 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from batikfast.data.dataset import IMAGE_EXTENSIONS, _centre_crop_resize, _to_rgb  # noqa: E402
+from batikfast.data.dataset import (IMAGE_EXTENSIONS, PixelRangeError,  # noqa: E402
+                                     _centre_crop_resize, _to_rgb)
+
+
+def check_options(resolution: int, max_images: int | None) -> None:
+    # The networks build the image from 4x4 upwards, doubling it block by block, so training
+    # accepts only these sizes (batikfast.training.config.validate_config): any other archive
+    # would be resized again at every read.
+    if resolution < 4 or resolution & (resolution - 1):
+        raise ValueError(f"--resolution must be a power of two >= 4 (4, 8, ..., 256, 512, ...), "
+                         f"as the networks need, got {resolution}")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"--max-images must be at least 1, got {max_images}")
 
 
 def make_dataset(source, dest, resolution: int = 256, min_size: int = 8,
@@ -32,10 +45,9 @@ def make_dataset(source, dest, resolution: int = 256, min_size: int = 8,
                  log=print) -> int:
     """Write the archive; returns the number of images stored."""
     source, dest = Path(source), Path(dest)
+    check_options(resolution, max_images)
     if not source.is_dir():
         raise ValueError(f"--source {str(source)!r} is not a folder")
-    if resolution < 1:
-        raise ValueError(f"--resolution must be positive, got {resolution}")
     files = sorted(p for p in source.rglob("*")
                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
@@ -56,6 +68,9 @@ def make_dataset(source, dest, resolution: int = 256, min_size: int = 8,
                     with Image.open(path) as img:
                         img.load()
                         img = _to_rgb(img, 3)
+                except PixelRangeError as error:
+                    log(f"skipping {path}: {error}")
+                    continue
                 except Exception as error:
                     log(f"skipping {path}: cannot decode it ({error})")
                     continue
@@ -91,7 +106,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--dest", required=True, help="output .zip archive")
-    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--resolution", type=int, default=256,
+                        help="side of the square images, a power of two (default 256)")
     parser.add_argument("--min-size", type=int, default=8, help="skip images smaller than this")
     parser.add_argument("--labels-from-folders", action="store_true",
                         help="one class label per top-level subfolder")

@@ -12,7 +12,9 @@ Bad files never crash deep inside a loader worker without a name:
 * images whose pixels turn out to be truncated or corrupt are skipped when first read, with a
   warning naming them, and the next good image is returned in their place;
 * grayscale, palette and RGBA images are converted (alpha composited over white), and photos
-  are turned upright by their EXIF orientation;
+  are turned upright by their EXIF orientation; 16-bit and 32-bit greyscale images are rescaled
+  to 8 bits (float images from [0, 1]), and those whose values lie outside their mode's range
+  are skipped when first read, with a warning naming them;
 * images of another size are centre-cropped and resized, or rejected with an error naming the
   file when ``resize=False``; images smaller than ``min_size`` are skipped with a warning;
 * an empty folder or archive, or a file that is not a zip archive, is a ``ValueError``.
@@ -35,6 +37,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", "
 
 class DatasetError(ValueError):
     """The dataset cannot be used; the message names the file and what is wrong."""
+
+
+class PixelRangeError(ValueError):
+    """An image whose pixel values lie outside the range its mode implies (say, a float image
+    beyond [0, 1]): the file is skipped, naming it, rather than trained on at a guessed scale."""
 
 
 class Dataset:
@@ -85,16 +92,38 @@ def _to_rgb(img: Image.Image, channels: int) -> Image.Image:
     if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
         # cameras store portrait shots sideways and say so in EXIF
         img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: PIL's convert would clip at 255 instead of rescaling
-        wide = np.asarray(img, dtype=np.int64)
-        peak = 65535 if img.mode.startswith("I;16") or wide.max() > 255 else 255
-        img = Image.fromarray(np.clip(wide * 255 // peak, 0, 255).astype(np.uint8), "L")
+    if img.mode == "F" or img.mode.startswith("I"):
+        # PIL's convert would clip these at 255 instead of rescaling: [0, 1] floats turn black
+        img = Image.fromarray(_wide_to_8bit(np.asarray(img), img.mode), "L")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         ground = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(ground, rgba)
     return img.convert("L" if channels == 1 else "RGB")
+
+
+def _wide_to_8bit(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Greyscale pixels of a 16-bit (``I;16*``), 32-bit integer (``I``) or 32-bit float (``F``)
+    image as uint8, each value ``v`` of a range ``[0, peak]`` becoming ``round(v * 255 / peak)``.
+
+    The range is a convention these files do not record: 16-bit images span [0, 65535]; ``I``
+    images too (what 16-bit PNGs and TIFFs open as in older Pillow), unless no value exceeds 255
+    (8-bit data stored wide); float images span [0, 1], as scientific and HDR tools write them.
+    Values outside that range are refused, not clipped: a float image stored in [0, 255] or
+    [-1, 1] would otherwise train as a washed-out or half-black image, without a word."""
+    if mode == "F":
+        peak = 1.0
+    elif mode.startswith("I;16") or pixels.max(initial=0) > 255:
+        peak = 65535
+    else:
+        peak = 255
+    lowest, highest = pixels.min(initial=0), pixels.max(initial=0)
+    if not (np.isfinite(lowest) and np.isfinite(highest)) or lowest < 0 or highest > peak:
+        kind = "float" if mode == "F" else f"{mode} integer"
+        raise PixelRangeError(
+            f"its {kind} pixels span [{lowest:g}, {highest:g}], outside [0, {peak:g}], the "
+            f"range batikfast reads {kind} images in; convert it to 8 or 16 bits")
+    return np.rint(pixels.astype(np.float64) * (255 / peak)).astype(np.uint8)
 
 
 def _centre_crop_resize(img: Image.Image, resolution: int) -> Image.Image:
@@ -293,9 +322,10 @@ class ImageFolderDataset(Dataset):
                 raise
             except Exception as error:
                 self._bad.add(index)
-                warnings.warn(f"skipping {self._describe(self._names[index])}: cannot decode it "
-                              f"({error}); using the next image instead", RuntimeWarning,
-                              stacklevel=3)
+                reason = (error if isinstance(error, PixelRangeError)
+                          else f"cannot decode it ({error})")
+                warnings.warn(f"skipping {self._describe(self._names[index])}: {reason}; using the "
+                              "next image instead", RuntimeWarning, stacklevel=3)
                 continue
             return image, self.get_label(index)
         raise DatasetError(f"no image in {self.path!r} could be decoded")
