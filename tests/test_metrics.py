@@ -222,3 +222,22 @@ def test_metrics_command_line_says_what_is_wrong_before_extracting_features(tmp_
     damaged.write_bytes(b"\x00" * 64)
     assert main(["--ckpt", str(damaged), "--features", str(features)]) == 2
     assert "damaged.pt" in capsys.readouterr().err
+
+
+def test_metrics_command_line_checks_device_truncation_counts_and_batch_first(
+        tmp_path, capsys, monkeypatch):
+    from batikfast.metrics.compute import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    missing = str(tmp_path / "none.pt")  # each option is refused before the checkpoint is read
+    for options, message in (
+            (["--device", "cuda"], "--device cuda was asked for but no GPU is visible (use "
+                                   "--device cpu)"),
+            (["--device", "gpu0"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu0'"),
+            (["--trunc", "nan"], "--trunc must be a finite number, got nan"),
+            (["--metrics", "fid", "--num-gen", "1"], "--num-gen must be at least 2, got 1"),
+            (["--metrics", "kid", "--num-real", "0"], "--num-real must be at least 2, got 0"),
+            (["--batch", "0"], "--batch must be at least 1, got 0")):
+        assert main(["--ckpt", missing, "--features", missing, *options]) == 2, options
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {message}", err

@@ -96,7 +96,9 @@ def compute_metrics(G, dataset, extractor: FeatureExtractor, metrics=METRICS,
 
 def main(argv=None) -> int:
     from batikfast.data import open_dataset
+    from batikfast.generate import check_truncation
     from batikfast.training.checkpoint import CheckpointError, load_generator
+    from batikfast.training.distributed import check_device
 
     parser = argparse.ArgumentParser(description="FID / KID / precision-recall of a checkpoint")
     parser.add_argument("--ckpt", required=True, help="batikfast checkpoint")
@@ -109,7 +111,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-real", type=int, default=None)
     parser.add_argument("--trunc", type=float, default=1.0)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto",
+                        help="auto (the GPU when there is one) | cpu | cuda | cuda:N")
     args = parser.parse_args(argv)
     metrics = tuple(m for m in args.metrics.split(",") if m)
     try:
@@ -117,10 +120,18 @@ def main(argv=None) -> int:
         unknown = [m for m in metrics if m not in METRICS]
         if unknown or not metrics:
             raise ValueError(f"--metrics must be a comma list of {METRICS}, got {args.metrics!r}")
+        for option, count in (("--num-gen", args.num_gen), ("--num-real", args.num_real)):
+            # FID's covariances and KID's subsets need two samples at least
+            if count is not None and count < 2:
+                raise ValueError(f"{option} must be at least 2, got {count}")
         counts = [n for n in (args.num_gen, args.num_real) if n is not None]
         if "pr" in metrics and min(counts) <= PR_K:
             raise ValueError(f"precision/recall (k={PR_K}) needs --num-gen and --num-real "
                              f"above {PR_K}")
+        if args.batch < 1:
+            raise ValueError(f"--batch must be at least 1, got {args.batch}")
+        check_truncation(args.trunc)
+        args.device = check_device(args.device)
         G, config = load_generator(args.ckpt, device=args.device)
         dataset = open_dataset(args.data or config.get("data", "builtin"),
                                resolution=G.img_resolution, use_labels=bool(G.c_dim),
