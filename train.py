@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (one process)")
     p.add_argument("--metrics", default=None, help="comma list of fid,kid,pr at each checkpoint")
     p.add_argument("--metrics-features", default=None, help="feature network file for --metrics")
+    p.add_argument("--metrics-num", type=int, default=None, help="images generated (and real "
+                   "images read, at most the dataset's) per evaluation (default 10000)")
     p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     return p
 

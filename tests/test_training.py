@@ -501,6 +501,19 @@ def test_bad_metrics_options_stop_the_run_before_training_not_at_its_first_check
         micro_config(metrics=["pr"], metrics_num=3, metrics_features=str(features))
 
 
+def test_metrics_num_sets_the_images_per_evaluation(tmp_path, capsys):
+    """The default (10000 generated images) takes minutes per checkpoint on a CPU."""
+    cli = _train_cli()
+    common = ["--outdir", str(tmp_path / "run"), "--cfg", "tiny", "--metrics", "fid",
+              "--metrics-features", str(tmp_path / "features.pt"), "--device", "cpu"]
+    config = cli.config_from_args(cli.build_parser().parse_args([*common, "--metrics-num", "64"]))
+    assert config["metrics_num"] == 64
+    assert cli.main([*common, "--metrics-num", "1"]) == 2
+    assert "error: metrics_num (--metrics-num) must be an integer of at least 2, got 1" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_init_starts_from_another_runs_weights_matched_by_name_and_shape(tmp_path):
     donor = train(micro_config(steps=1), tmp_path / "donor")["checkpoint"]
     donor_state = _weights(donor)

@@ -101,6 +101,10 @@ def validate_config(config: dict) -> None:
         unknown = [m for m in config["metrics"] if m not in METRICS]
         if unknown:
             raise ConfigError(f"metrics must be among {METRICS}, got {unknown}")
+        if int(config["metrics_num"]) != config["metrics_num"] or config["metrics_num"] < 2:
+            # FID's covariances and KID's subsets need two samples at least
+            raise ConfigError(f"metrics_num (--metrics-num) must be an integer of at least 2, "
+                              f"got {config['metrics_num']!r}")
         if "pr" in config["metrics"] and config["metrics_num"] <= PR_K:
             raise ConfigError(f"precision/recall (k={PR_K}) needs metrics_num above {PR_K}, got "
                              f"{config['metrics_num']}")
