@@ -404,6 +404,24 @@ def test_loader_workers_read_a_zip_in_their_own_processes(tmp_path):
     assert images.shape == (4, 3, 8, 8) and images[:, 0, 0, 0].tolist() == expected
 
 
+def test_several_loader_workers_read_a_zip_opened_before_they_fork(tmp_path):
+    """Forked workers inherit an open zip handle; sharing its file offset, concurrent reads
+    returned other members' bytes, and the images were skipped and replaced by neighbours."""
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in range(24):
+            buffer = io.BytesIO()
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), np.uint8)
+                            ).save(buffer, "png")
+            z.writestr(f"img{i:02d}.png", buffer.getvalue())
+    ds = ImageFolderDataset(archive)
+    ds[0]  # opens the zip in this process, as training does (the reals grid) before forking
+    expected = make_loader(ds, batch_gpu=4, num_workers=0)
+    loader = make_loader(ds, batch_gpu=4, num_workers=2)
+    for _ in range(18):  # three epochs
+        assert torch.equal(next(loader)[0], next(expected)[0])
+
+
 def test_label_tables_come_without_decoding_images(tmp_path, monkeypatch):
     ds = BuiltinBatikDataset(resolution=8, size=6, use_labels=True)
     monkeypatch.setattr(ds, "_load_item", lambda i: (_ for _ in ()).throw(AssertionError("decoded")))

@@ -165,7 +165,7 @@ class ImageFolderDataset(Dataset):
         self.num_channels = channels
         self.resize = resize
         self.min_size = int(min_size)
-        self._zipfile = None
+        self._zipfile, self._zipfile_pid = None, None
         self._type = self._detect_type(self.path)
         self.name = Path(self.path).stem
         names = sorted(n for n in self._all_names() if n.lower().endswith(IMAGE_EXTENSIONS))
@@ -211,8 +211,12 @@ class ImageFolderDataset(Dataset):
         return "zip"
 
     def _get_zipfile(self) -> zipfile.ZipFile:
-        if self._zipfile is None:
+        # One handle per process: forked loader workers inherit the parent's open handle, whose
+        # file offset they would share, so concurrent reads seek under each other and return
+        # another member's bytes ("Bad magic number", "Bad CRC-32").
+        if self._zipfile is None or self._zipfile_pid != os.getpid():
             self._zipfile = zipfile.ZipFile(self.path)
+            self._zipfile_pid = os.getpid()
         return self._zipfile
 
     def _all_names(self) -> list[str]:
