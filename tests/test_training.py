@@ -7,18 +7,22 @@ bit-exact comparisons (resume, deterministic runs, generate redrawing a training
 the CPU only. The GPU test at the end says so in its name and skips without one.
 """
 import copy
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from batikfast.data import DatasetError
 from batikfast.training import checkpoint as ckpt
 from batikfast.training.config import make_config, split_batch
 from batikfast.training.distributed import DistInfo
@@ -620,6 +624,26 @@ def test_training_on_a_zip_made_by_the_dataset_tool(tmp_path):
     assert result["step"] == 2
     options = json.loads((tmp_path / "run" / "training_options.json").read_text())
     assert options["data"].endswith("batik.zip")
+
+
+def test_an_archive_of_smaller_images_than_the_run_is_refused_and_a_larger_one_logged(tmp_path):
+    """Training a 16x16 archive at 32x32 (a 128 archive under the default paper256, say) would
+    upscale every image: an error naming the --resolution that fits. Larger images are
+    downscaled, and the log says so."""
+    archive = tmp_path / "d16.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in range(4):
+            buffer = io.BytesIO()
+            Image.new("RGB", (16, 16), (i * 60, 0, 0)).save(buffer, "png")
+            z.writestr(f"{i}.png", buffer.getvalue())
+    with pytest.raises(DatasetError, match=r"are 16x16 but the run trains at 32x32 .*upscale "
+                                           r"every image: pass --resolution 16"):
+        Trainer(micro_config(data=str(archive), resolution=32), tmp_path / "up", DistInfo())
+    Trainer(micro_config(data=str(archive), resolution=8), tmp_path / "down", DistInfo())
+    assert "images are 16x16, resized to 8x8 at every read" in (
+        tmp_path / "down" / "log.txt").read_text()
+    Trainer(micro_config(data=str(archive), resolution=16), tmp_path / "same", DistInfo())
+    assert "resized" not in (tmp_path / "same" / "log.txt").read_text()
 
 
 def test_a_micro_run_with_fp16_ada_and_r1_trains_on_the_gpu(tmp_path):

@@ -185,6 +185,9 @@ class ImageFolderDataset(Dataset):
                     "(--resolution) to centre-crop and resize every image")
             resolution = w
         self.resolution = int(resolution)
+        # the side of every stored image when all are the same square (None otherwise)
+        side = sizes[0][0]
+        self.stored_resolution = side if all(size == (side, side) for size in sizes) else None
         if not resize:
             for name, (w, h) in zip(names, sizes):
                 if (w, h) != (self.resolution, self.resolution):

@@ -150,6 +150,7 @@ class Trainer:
         if self.dataset.resolution != config["resolution"]:
             raise DatasetError(f"the dataset is {self.dataset.resolution}x{self.dataset.resolution} "
                              f"but --cfg {config['cfg']} trains at {config['resolution']}")
+        self._check_stored_resolution()
         c_dim = self.dataset.label_dim
         self.G_kwargs, self.D_kwargs = network_kwargs(config, c_dim, self.dataset.num_channels)
         config["G_kwargs"], config["D_kwargs"] = self.G_kwargs, self.D_kwargs
@@ -175,6 +176,24 @@ class Trainer:
         self.grid_c = self._grid_labels()
 
     # ---- setup ---------------------------------------------------------------------------
+    def _check_stored_resolution(self) -> None:
+        """An archive of smaller images would be upscaled at every read, which no run wants
+        (a 128x128 archive trained by the default paper256 preset, say): an error saying which
+        --resolution fits. Larger images are resized down, and the log says so once."""
+        stored = getattr(self.dataset, "stored_resolution", None)
+        resolution = self.config["resolution"]
+        if stored is None or stored == resolution:
+            return
+        if stored < resolution:
+            fits = 1 << (stored.bit_length() - 1)  # the largest power of two <= stored
+            raise DatasetError(
+                f"the images of {self.config['data']!r} are {stored}x{stored} but the run trains "
+                f"at {resolution}x{resolution} (--resolution, --cfg {self.config['cfg']}), which "
+                f"would upscale every image: pass --resolution {fits}")
+        self.log(f"the dataset's images are {stored}x{stored}, resized to {resolution}x"
+                 f"{resolution} at every read (tools/make_dataset.py --resolution {resolution} "
+                 "stores them at that size once)")
+
     def log(self, message: str) -> None:
         self.logger.print(message)
 
