@@ -233,6 +233,16 @@ def test_missing_labels_are_a_clear_error(tmp_path):
         ImageFolderDataset(tmp_path, use_labels=True)
 
 
+def test_conditioning_on_an_archive_made_without_labels_says_how_to_make_one(tmp_path):
+    _png(tmp_path / "photos" / "a.png")
+    _make_dataset_tool().make_dataset(tmp_path / "photos", tmp_path / "d.zip", resolution=16,
+                                      log=lambda m: None)
+    with pytest.raises(DatasetError, match=r"use_labels=True \(--cond\) but dataset.json in .* "
+                                           r"has no labels: make the dataset with "
+                                           r"tools/make_dataset.py --labels-from-folders"):
+        ImageFolderDataset(tmp_path / "d.zip", use_labels=True)
+
+
 def test_builtin_batik_is_deterministic_per_index_and_varied():
     ds = BuiltinBatikDataset(resolution=32, size=100, seed=7, use_labels=True)
     a, label = ds[5]

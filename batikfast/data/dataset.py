@@ -32,6 +32,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 _EXIF_ORIENTATION = 0x0112
+_LABELS_HINT = (": make the dataset with tools/make_dataset.py --labels-from-folders (one class "
+                "per subfolder)")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
@@ -280,12 +282,15 @@ class ImageFolderDataset(Dataset):
         try:
             meta = json.loads(self._read_bytes("dataset.json"))
         except (FileNotFoundError, KeyError) as error:
-            raise DatasetError(f"use_labels=True but {self.path!r} has no dataset.json") from error
+            raise DatasetError(f"use_labels=True (--cond) but {self.path!r} has no dataset.json"
+                               f"{_LABELS_HINT}") from error
         except json.JSONDecodeError as error:
             raise DatasetError(f"dataset.json in {self.path!r} is not valid JSON: {error}") from error
         table = meta.get("labels")
         if table is None:
-            raise DatasetError(f"dataset.json in {self.path!r} has no 'labels' entry")
+            # what the dataset tool writes without --labels-from-folders
+            raise DatasetError(f"use_labels=True (--cond) but dataset.json in {self.path!r} has "
+                               f"no labels{_LABELS_HINT}")
         table = {str(k).replace("\\", "/"): v for k, v in table}
         missing = [n for n in names if n not in table]
         if missing:
