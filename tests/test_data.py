@@ -398,6 +398,20 @@ def test_make_dataset_tool_refuses_a_resolution_the_networks_cannot_train(tmp_pa
     assert ImageFolderDataset(tmp_path / "d.zip").resolution == 8
 
 
+def test_make_dataset_tool_says_when_dest_cannot_be_written_before_converting(tmp_path,
+                                                                              capsys):
+    _png(tmp_path / "photos" / "a.png")
+    (tmp_path / "a_file").write_text("")
+    tool = _make_dataset_tool()
+    for dest, message in ((tmp_path / "photos", "is a folder: name the .zip archive"),
+                          (tmp_path / "a_file" / "d.zip", "is a file, not a folder")):
+        assert tool.main(["--source", str(tmp_path / "photos"), "--dest", str(dest),
+                          "--resolution", "8"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --dest {str(dest)!r}") and message in err, err
+        assert "\n" not in err
+
+
 def test_loader_workers_read_a_zip_in_their_own_processes(tmp_path):
     archive = tmp_path / "d.zip"
     with zipfile.ZipFile(archive, "w") as z:

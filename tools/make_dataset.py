@@ -53,52 +53,75 @@ def make_dataset(source, dest, resolution: int = 256, min_size: int = 8,
     if not files:
         raise ValueError(f"no images in {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     classes = sorted({p.relative_to(source).parts[0] for p in files if len(p.relative_to(source).parts) > 1})
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    _make_dest_folder(dest)
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    labels, count = [], 0
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-            for path in files:
-                if max_images is not None and count >= max_images:
-                    break
-                if labels_from_folders and len(path.relative_to(source).parts) == 1:
-                    log(f"skipping {path}: not in a class subfolder, so it has no label")
-                    continue
-                try:
-                    with Image.open(path) as img:
-                        img.load()
-                        img = _to_rgb(img, 3)
-                except PixelRangeError as error:
-                    log(f"skipping {path}: {error}")
-                    continue
-                except Exception as error:
-                    log(f"skipping {path}: cannot decode it ({error})")
-                    continue
-                if min(img.size) < min_size:
-                    log(f"skipping {path}: {img.size[0]}x{img.size[1]} is smaller than {min_size} pixels")
-                    continue
-                img = _centre_crop_resize(img, resolution)
-                name = f"{count // 1000:05d}/img{count:08d}.png"
-                buffer = io.BytesIO()
-                img.save(buffer, format="png", compress_level=1)
-                archive.writestr(name, buffer.getvalue())
-                if labels_from_folders:
-                    parts = path.relative_to(source).parts
-                    labels.append([name, classes.index(parts[0])])
-                count += 1
-            if count == 0:
-                raise ValueError(f"no usable images in {str(source)!r}: every file was skipped")
-            meta = {"labels": labels if labels_from_folders else None}
-            if labels_from_folders:
-                meta["classes"] = classes
-            archive.writestr("dataset.json", json.dumps(meta))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, dest)
+        count = _write_archive(tmp, dest, source, files, classes, resolution, min_size,
+                               labels_from_folders, max_images, log)
+    except OSError as error:
+        raise ValueError(f"cannot write --dest {str(dest)!r}: {error.strerror or error}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
     log(f"wrote {count} images of {resolution}x{resolution} to {dest}")
+    return count
+
+
+def _make_dest_folder(dest: Path) -> None:
+    """Before any image is converted: a --dest that cannot be written is found at once."""
+    if dest.is_dir():
+        raise ValueError(f"--dest {str(dest)!r} is a folder: name the .zip archive to write")
+    if dest.parent.exists() and not dest.parent.is_dir():
+        raise ValueError(f"--dest {str(dest)!r}: {str(dest.parent)!r} is a file, not a folder")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--dest {str(dest)!r}: cannot create its folder "
+                         f"({error.strerror or error})") from None
+
+
+def _write_archive(tmp: Path, dest: Path, source: Path, files, classes, resolution, min_size,
+                   labels_from_folders, max_images, log) -> int:
+    """Convert ``files`` into the zip ``tmp``, then rename it to ``dest``; the image count."""
+    labels, count = [], 0
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+        for path in files:
+            if max_images is not None and count >= max_images:
+                break
+            if labels_from_folders and len(path.relative_to(source).parts) == 1:
+                log(f"skipping {path}: not in a class subfolder, so it has no label")
+                continue
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    img = _to_rgb(img, 3)
+            except PixelRangeError as error:
+                log(f"skipping {path}: {error}")
+                continue
+            except Exception as error:
+                log(f"skipping {path}: cannot decode it ({error})")
+                continue
+            if min(img.size) < min_size:
+                log(f"skipping {path}: {img.size[0]}x{img.size[1]} is smaller than {min_size} pixels")
+                continue
+            img = _centre_crop_resize(img, resolution)
+            name = f"{count // 1000:05d}/img{count:08d}.png"
+            buffer = io.BytesIO()
+            img.save(buffer, format="png", compress_level=1)
+            archive.writestr(name, buffer.getvalue())
+            if labels_from_folders:
+                parts = path.relative_to(source).parts
+                labels.append([name, classes.index(parts[0])])
+            count += 1
+        if count == 0:
+            raise ValueError(f"no usable images in {str(source)!r}: every file was skipped")
+        meta = {"labels": labels if labels_from_folders else None}
+        if labels_from_folders:
+            meta["classes"] = classes
+        archive.writestr("dataset.json", json.dumps(meta))
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, dest)
     return count
 
 
