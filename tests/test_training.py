@@ -360,6 +360,27 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     assert ckpt.latest_valid_checkpoint(outdir) is not None
 
 
+def test_the_stop_signal_handler_only_records_the_signal_and_writes_nothing():
+    """A handler runs between any two bytecodes of the main thread, also inside the log file's
+    write: logging from it raised "reentrant call inside BufferedWriter" once. The loop
+    announces the stop after the step instead."""
+    class Run:
+        stop_signal = None
+
+        def log(self, message):
+            raise AssertionError(f"the signal handler logged {message!r}")
+
+    run = Run()
+    previous = Trainer._install_signal_handlers(run)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the handler runs at the next bytecode boundary
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert run.stop_signal == "SIGTERM"
+
+
 def test_tiny_cli_run_then_generate_a_grid(tmp_path):
     outdir = tmp_path / "demo"
     result = subprocess.run(_cli(outdir, "--kimg", "0.008"), env=_env(), capture_output=True,

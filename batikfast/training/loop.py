@@ -534,8 +534,10 @@ class Trainer:
             if self.stop_signal is not None:  # a second signal: stop now
                 signal.signal(signum, previous.get(signum, signal.SIG_DFL))
                 raise KeyboardInterrupt(name)
+            # Only the flag: a handler runs between any two bytecodes of the main thread, also
+            # inside the log file's write, and logging from here would re-enter that writer
+            # ("reentrant call inside BufferedWriter", seen). The loop announces the stop.
             self.stop_signal = name
-            self.log(f"{name} received: finishing this step and saving a checkpoint")
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -573,9 +575,14 @@ class Trainer:
         start_time = time.time()
         stop_after = cfg.get("stop_after_steps")
         done = self.cur_nimg >= total_nimg
+        stop_announced = False
         try:
             while not done:
                 self.train_step(loader)
+                if self.stop_signal is not None and not stop_announced:
+                    self.log(f"{self.stop_signal} received: finishing this step and saving a "
+                             "checkpoint")
+                    stop_announced = True
                 done = self.cur_nimg >= total_nimg or (stop_after is not None
                                                         and self.step >= stop_after)
                 stopping = self._stop_agreed()
