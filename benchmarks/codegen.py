@@ -355,7 +355,7 @@ def markdown(result: dict) -> str:
         spills = row["spill_store_bytes"] + row["spill_load_bytes"]
         calls = "; ".join(row["calls"][:3]) + (f" (+{len(row['calls']) - 3})"
                                                 if len(row["calls"]) > 3 else "")
-        notes = " / ".join(row["ptxas_notes"]) or "-"
+        notes = " / ".join(_short_note(note) for note in row["ptxas_notes"]) or "-"
         lines.append(
             f"| {row['arch']} | {row['kernel']} | {tiles} | {row['num_warps']} | "
             f"{row['num_stages']} | {row['registers']} | {spills} ({row['local_accesses_in_loops']}) | "
@@ -376,6 +376,14 @@ def markdown(result: dict) -> str:
                          f"{max(r['stack_bytes'] for r in rows)} | "
                          f"{sum(r['local_bytes'] > 0 for r in rows)} |")
     return "\n".join(lines) + "\n"
+
+
+def _short_note(note: str) -> str:
+    """A ptxas note for a table cell: its code and gist (the JSON keeps the whole text)."""
+    code = re.match(r"\((C\d+)\)", note)
+    if code and "serialized" in note:
+        return f"{code.group(1)}: wgmma serialised"
+    return note if len(note) <= 60 else note[:57] + "..."
 
 
 # --------------------------------------------------------------------------- command line
