@@ -1,5 +1,6 @@
 """Shared by the cross-backend tests (where they run, skipping with a reason) and the Triton
 kernel tests (compiling for an NVIDIA GPU without one)."""
+import io
 import os
 import subprocess
 import sys
@@ -35,6 +36,13 @@ def require(impl, op, dtype=torch.float32):
     reason = backends.unavailable_reason(impl, DEVICE, dtype)
     if reason is not None:
         pytest.skip(f"{impl} cannot run on {DEVICE.type} here: {reason}")
+
+
+def png_bytes(image) -> bytes:
+    """A PIL image encoded as PNG, for the archives the data tests write."""
+    buffer = io.BytesIO()
+    image.save(buffer, "png")
+    return buffer.getvalue()
 
 
 # Compiling for a real GPU target catches what the interpreter lets through (types, layouts,

@@ -1,5 +1,4 @@
 """Datasets: folders, zips, labels, x-flips, bad files, the procedural batik set, the sampler."""
-import io
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from PIL import Image
 
 from batikfast.data import (MOTIFS, BuiltinBatikDataset, DatasetError, ImageFolderDataset,
                             InfiniteSampler, make_loader, open_dataset)
+from tests._support import png_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,9 +51,8 @@ def test_zip_dataset_reads_labels_from_dataset_json(tmp_path):
     archive = tmp_path / "d.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for i, cls in enumerate([2, 0, 1]):
-            buffer = io.BytesIO()
-            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(buffer, "png")
-            z.writestr(f"00000/img{i:08d}.png", buffer.getvalue())
+            image = Image.new("RGB", (8, 8), (i * 40, 0, 0))
+            z.writestr(f"00000/img{i:08d}.png", png_bytes(image))
         z.writestr("dataset.json", json.dumps(
             {"labels": [[f"00000/img{i:08d}.png", c] for i, c in enumerate([2, 0, 1])]}))
     ds = ImageFolderDataset(archive, use_labels=True)
@@ -175,9 +174,7 @@ def test_missing_path_and_non_zip_file_are_clear_errors(tmp_path):
 def test_junk_entries_in_a_zip_are_skipped_with_a_warning_naming_them(tmp_path):
     archive = tmp_path / "d.zip"
     with zipfile.ZipFile(archive, "w") as z:
-        buffer = io.BytesIO()
-        Image.new("RGB", (8, 8)).save(buffer, "png")
-        z.writestr("good.png", buffer.getvalue())
+        z.writestr("good.png", png_bytes(Image.new("RGB", (8, 8))))
         z.writestr("junk.png", b"\x89PNG but really garbage")
     with pytest.warns(RuntimeWarning, match="junk.png"):
         ds = ImageFolderDataset(archive)
@@ -416,9 +413,7 @@ def test_loader_workers_read_a_zip_in_their_own_processes(tmp_path):
     archive = tmp_path / "d.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for i in range(5):
-            buffer = io.BytesIO()
-            Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(buffer, "png")
-            z.writestr(f"img{i}.png", buffer.getvalue())
+            z.writestr(f"img{i}.png", png_bytes(Image.new("RGB", (8, 8), (i * 50, 0, 0))))
     ds = ImageFolderDataset(archive)
     ds[0]  # opens the zip in this process; workers must reopen their own handle
     loader = make_loader(ds, batch_gpu=4, num_workers=1)
@@ -434,10 +429,8 @@ def test_several_loader_workers_read_a_zip_opened_before_they_fork(tmp_path):
     archive = tmp_path / "d.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for i in range(24):
-            buffer = io.BytesIO()
-            Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), np.uint8)
-                            ).save(buffer, "png")
-            z.writestr(f"img{i:02d}.png", buffer.getvalue())
+            pixels = np.random.default_rng(i).integers(0, 256, (32, 32, 3), np.uint8)
+            z.writestr(f"img{i:02d}.png", png_bytes(Image.fromarray(pixels)))
     ds = ImageFolderDataset(archive)
     ds[0]  # opens the zip in this process, as training does (the reals grid) before forking
     expected = make_loader(ds, batch_gpu=4, num_workers=0)

@@ -7,7 +7,6 @@ bit-exact comparisons (resume, deterministic runs, generate redrawing a training
 the CPU only. The GPU test at the end says so in its name and skips without one.
 """
 import copy
-import io
 import json
 import os
 import signal
@@ -28,6 +27,7 @@ from batikfast.training.config import make_config, split_batch
 from batikfast.training.distributed import DistInfo
 from batikfast.training.loop import Trainer, TrainingDiverged, train
 from batikfast.training.rundir import OutputDirError
+from tests._support import png_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 4
@@ -654,9 +654,7 @@ def test_an_archive_of_smaller_images_than_the_run_is_refused_and_a_larger_one_l
     archive = tmp_path / "d16.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for i in range(4):
-            buffer = io.BytesIO()
-            Image.new("RGB", (16, 16), (i * 60, 0, 0)).save(buffer, "png")
-            z.writestr(f"{i}.png", buffer.getvalue())
+            z.writestr(f"{i}.png", png_bytes(Image.new("RGB", (16, 16), (i * 60, 0, 0))))
     with pytest.raises(DatasetError, match=r"are 16x16 but the run trains at 32x32 .*upscale "
                                            r"every image: pass --resolution 16"):
         Trainer(micro_config(data=str(archive), resolution=32), tmp_path / "up", DistInfo())
