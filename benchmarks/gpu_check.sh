@@ -11,15 +11,16 @@
 #   bash benchmarks/gpu_check.sh build tests bench    then    bash benchmarks/gpu_check.sh networks train peer
 # Carry .peer (git-ignored, NVIDIA's checkout) to the machine for the peer step.
 #
-# Steps: build tests bench networks train peer (default: all, in that order). Each step runs under its
+# Steps: build tests bench networks train peer (default: all, in that order), and the opt-in
+# codegen (the Triton kernels compiled for sm_90 and read by benchmarks/codegen.py; CPU only). Each step runs under its
 # own time limit and a failing step never stops the next one; the exit status is that of the
 # worst step. Everything is tee'd into $OUT/gpu_check.log as it happens, so a timeout loses
-# nothing already printed. $OUT ends up with at most 9 files:
+# nothing already printed. $OUT ends up with at most 10 files:
 #   gpu_check.log  test_logs.tar.gz  results.tar.gz (benchmarks/results/<device>-<date>/)
-#   targets.md  ops.md  networks.md  train_step.md  peer_nvidia.md  summary.txt
+#   targets.md  ops.md  networks.md  train_step.md  peer_nvidia.md  codegen.md  summary.txt
 # Knobs (environment): GPU_CHECK_SECONDS (total, default 560), TESTS_SECONDS (default 200),
 # BENCH_SECONDS (op benchmark budget, default 180), NETWORKS_SECONDS (default 60),
-# TRAIN_SECONDS (default 90), BENCH_ARGS / NETWORKS_ARGS / TRAIN_ARGS / PEER_ARGS (extra
+# TRAIN_SECONDS (default 90), CODEGEN_SECONDS (default 240), BENCH_ARGS / NETWORKS_ARGS / TRAIN_ARGS / PEER_ARGS (extra
 # arguments), NVIDIA_PATH (default: .peer/stylegan3
 # or .peer/stylegan2-ada-pytorch), RESULTS_DIR (default benchmarks/results/<device>-<date>),
 # PYTHON (default python3).
@@ -175,12 +176,21 @@ if want train; then
         --precision mixed fp32 --cycles 2 --outdir "$RESULTS_DIR" ${TRAIN_ARGS:-}
 fi
 
+if want codegen; then
+    # Opt-in (not a default step; no GPU needed): what this machine's Triton compiles the
+    # generator's kernels to for sm_90, beside the committed report from CI's Triton.
+    # shellcheck disable=SC2086
+    run_step codegen "$(allot "${CODEGEN_SECONDS:-240}" 20)" "$PYTHON" benchmarks/codegen.py \
+        --arch 90 --shapes paper256-g --batch 16 --dtype fp16 --modes fwd+bwd \
+        --outdir "$RESULTS_DIR" ${CODEGEN_ARGS:-}
+fi
+
 if [[ -d "$RESULTS_DIR" ]]; then
     # The three targets' verdicts from the JSON just written (GPU results only).
     "$PYTHON" benchmarks/targets.py "$RESULTS_DIR" >/dev/null 2>>"$LOG" ||
         log "targets.py failed (see above); the JSON is intact"
     tar -czf "$OUT/results.tar.gz" -C "$(dirname "$RESULTS_DIR")" "$(basename "$RESULTS_DIR")"
-    for name in targets.md ops.md networks.md train_step.md peer_nvidia.md; do
+    for name in targets.md ops.md networks.md train_step.md peer_nvidia.md codegen.md; do
         [[ -f "$RESULTS_DIR/$name" ]] && cp "$RESULTS_DIR/$name" "$OUT/$name"
     done
 fi
