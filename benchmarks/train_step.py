@@ -246,6 +246,11 @@ def run(args, device, rows: list | None = None) -> list[dict]:
         elif compile_mode == "cudagraphs" and device.type != "cuda":
             row["status"] = f"skipped: CUDA graphs need a GPU, not {device.type}"
         else:
+            if backend == "triton" and device.type == "cpu":
+                # Said before, not after: interpreted, each step takes minutes, not milliseconds.
+                print(f"  {row['config']}: Triton runs interpreted on the CPU, minutes per step "
+                      "(a correctness mode, not a timing; --budget skips the setups after it)",
+                      flush=True)
             _measure_with_retries(args, device, backend, compile_mode, precision, row)
         _print_row(row)
     _add_speedups(rows)

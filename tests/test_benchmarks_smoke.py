@@ -212,6 +212,20 @@ def test_train_step_records_why_when_the_training_loop_is_missing(monkeypatch):
     assert rows and all(r["status"] == "unavailable: no loop here" for r in rows)
 
 
+def test_train_step_says_before_an_interpreted_triton_setup_that_it_takes_minutes(
+        monkeypatch, capsys):
+    import torch
+    from benchmarks import train_step
+    measured = []
+    monkeypatch.setattr(train_step, "_measure_with_retries", lambda args, device, backend, *rest:
+                        measured.append((backend, capsys.readouterr().out)))
+    train_step.run(train_step.parse_args(["--quick", "--backends", "ref", "triton"]),
+                   torch.device("cpu"))
+    said_before = dict(measured)
+    assert "interpreted on the CPU, minutes per step" in said_before["triton"]
+    assert "interpreted" not in said_before["ref"]
+
+
 def _gpu_like_payload():
     rows = []
     for impl, ms in (("ref", 2.0), ("ref+compile", 1.5), ("triton", 1.0), ("cuda", 0.8)):
