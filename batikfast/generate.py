@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -129,6 +128,8 @@ def _check_args(args) -> list[int]:
 
 def _make_output_folders(args) -> None:
     """Before generating: an output that cannot be written is found before the work is done."""
+    from batikfast.training.rundir import OutputDirError, check_output_dir
+
     for option, folder in (("--out", args.out and Path(args.out).parent),
                            ("--outdir", args.outdir and Path(args.outdir))):
         if not folder:
@@ -136,12 +137,9 @@ def _make_output_folders(args) -> None:
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"{option}: {str(folder)!r} is a file, not a folder")
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ValueError(f"cannot create the folder of {option} {str(folder)!r}: "
-                             f"{error.strerror or error}") from None
-        if not os.access(folder, os.W_OK):
-            raise ValueError(f"{option}: the folder {str(folder)!r} is not writable")
+            check_output_dir(folder, option=option)
+        except OutputDirError as error:
+            raise ValueError(str(error)) from None
 
 
 def _write_images(args, seeds, images) -> None:

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import dataclasses
 import fnmatch
+import itertools
 import json
 import os
 import re
@@ -48,7 +49,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from benchmarks import opcases, shapes  # noqa: E402
+from benchmarks import common, opcases, shapes  # noqa: E402
 from benchmarks.common import DTYPES  # noqa: E402
 
 
@@ -58,13 +59,12 @@ class Arch:
     capability: int
     gpu_name: str          # ptxas's --gpu-name for the code Triton emits
     shared_limit: int      # opt-in shared memory per block, bytes
-    multiprocessors: int   # of the reference GPU, for the launcher's tile choice
-    example: str
+    multiprocessors: int   # of the reference GPU (H100 SXM, A100), for the launcher's tiles
 
 
 ARCHS = {
-    90: Arch(90, "sm_90a", 227 * 1024, 132, "H100 SXM"),
-    80: Arch(80, "sm_80", 163 * 1024, 108, "A100"),
+    90: Arch(90, "sm_90a", 227 * 1024, 132),
+    80: Arch(80, "sm_80", 163 * 1024, 108),
 }
 OPS = ("bias_act", "upfirdn2d", "modulated_conv2d", "diffusion_noise")
 
@@ -166,6 +166,12 @@ _GLOBAL_ACCESS = re.compile(r"^\s*(?:@%p\d+\s+)?(ld|st)\.global[\w.]*?(?:\.v(\d)
                             re.MULTILINE)
 
 
+def _cuda_tool(name: str) -> str:
+    """A CUDA binary tool (ptxas, cuobjdump) from the set Triton ships with."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    return str(Path(get_ptxas(90).path).with_name(name))
+
+
 def ptxas_report(ptx: str, arch: Arch) -> dict:
     """ptxas -v on Triton's PTX with the flags Triton compiles it with."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -230,12 +236,10 @@ def local_accesses_in_loops(sass: str) -> int:
 
 
 def disassemble(cubin: bytes) -> str:
-    from triton.backends.nvidia.compiler import get_ptxas
-    cuobjdump = Path(get_ptxas(90).path).with_name("cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        return subprocess.run([str(cuobjdump), "-sass", str(path)], capture_output=True,
+        return subprocess.run([_cuda_tool("cuobjdump"), "-sass", str(path)], capture_output=True,
                               text=True, check=True).stdout
 
 
@@ -265,26 +269,20 @@ def _plain(value):
 def triton_codegen(cases, batches, dtypes, modes, archs) -> list[dict]:
     """One row per distinct compiled kernel, with the calls that launch it."""
     rows: dict[tuple, dict] = {}
-    for arch in archs:
-        for case in cases:
-            for batch in batches:
-                for dtype_name in dtypes:
-                    for mode in modes:
-                        call = f"{case.name} b{batch} {dtype_name} {mode}"
-                        try:
-                            launches = launches_of_case(case, batch, DTYPES[dtype_name], mode,
-                                                        arch)
-                        except opcases.NotApplicable:
-                            continue
-                        for launch in launches:
-                            key = (arch.capability, launch.compiled.hash)
-                            if key not in rows:
-                                rows[key] = describe_launch(launch, arch)
-                                rows[key]["calls"] = []
-                            if call not in rows[key]["calls"]:
-                                rows[key]["calls"].append(call)
-                        print(f"sm_{arch.capability} {call}: {len(launches)} launch(es)",
-                              flush=True)
+    for arch, case, batch, dtype_name, mode in itertools.product(archs, cases, batches, dtypes,
+                                                                  modes):
+        call = f"{case.name} b{batch} {dtype_name} {mode}"
+        try:
+            launches = launches_of_case(case, batch, DTYPES[dtype_name], mode, arch)
+        except opcases.NotApplicable:
+            continue
+        for launch in launches:
+            key = (arch.capability, launch.compiled.hash)
+            if key not in rows:
+                rows[key] = dict(describe_launch(launch, arch), calls=[])
+            if call not in rows[key]["calls"]:
+                rows[key]["calls"].append(call)
+        print(f"sm_{arch.capability} {call}: {len(launches)} launch(es)", flush=True)
     return list(rows.values())
 
 
@@ -294,10 +292,8 @@ def cuda_extension_resources() -> list[dict] | str:
         from batikfast import _C
     except ImportError as error:
         return f"the CUDA extension is not built ({error})"
-    from triton.backends.nvidia.compiler import get_ptxas
-    cuobjdump = Path(get_ptxas(90).path).with_name("cuobjdump")
-    result = subprocess.run([str(cuobjdump), "-res-usage", _C.__file__], capture_output=True,
-                            text=True)
+    result = subprocess.run([_cuda_tool("cuobjdump"), "-res-usage", _C.__file__],
+                            capture_output=True, text=True)
     if result.returncode != 0:
         return f"cuobjdump failed: {result.stderr.strip()}"
     return parse_resource_usage(result.stdout)
@@ -315,25 +311,28 @@ def parse_resource_usage(text: str) -> list[dict]:
             function = line.strip()[len("Function "):].rstrip(":")
         elif (match := _RESOURCE_LINE.search(line)) and function:
             registers, stack, shared, local = map(int, match.groups())
-            rows.append(dict(kernel=_demangle(function), arch=arch, registers=registers,
+            rows.append(dict(kernel=function, arch=arch, registers=registers,
                              stack_bytes=stack, shared_bytes=shared, local_bytes=local))
             function = None
+    for row, name in zip(rows, _demangle([row["kernel"] for row in rows])):
+        row["kernel"] = name
     return rows
 
 
-def _demangle(name: str) -> str:
+def _demangle(names: list[str]) -> list[str]:
+    """C++ names as written in the source, in one c++filt call (the mangled ones without it)."""
     try:
-        return subprocess.run(["c++filt", name], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True,
+                             text=True, check=True).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
-        return name
+        return names
+    return out if len(out) == len(names) else names
 
 
 def environment() -> dict:
     import triton
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).resolve().parent.parent).stdout.strip()
-    return dict(torch=torch.__version__, triton=triton.__version__, commit=commit or None,
+    return dict(torch=torch.__version__, triton=triton.__version__,
+                commit=common._git("rev-parse", "--short", "HEAD"),
                 note="static: compiled without running; no timing")
 
 

@@ -63,16 +63,15 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    requested = torch.device(device)
+    try:
+        requested = torch.device(check_device(device))
+    except ValueError as error:  # the commands check first; direct callers get a RuntimeError
+        raise RuntimeError(str(error)) from None
     if requested.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device} was asked for but no GPU is visible")
         gpus = torch.cuda.device_count()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if requested.index is not None:
-            index = _named_gpu(requested, gpus, world_size)
+            index = _named_gpu(requested, world_size)
         elif world_size > 1 and local_world > gpus:
             # NCCL refuses two ranks on one GPU, and only after every rank has started.
             raise RuntimeError(
@@ -86,7 +85,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
         torch.cuda.set_device(index)
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
-        dev = torch.device(device)
+        dev = requested
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -135,14 +134,12 @@ def elastic_restart_warning() -> str | None:
     return None
 
 
-def _named_gpu(requested: torch.device, gpus: int, world_size: int) -> int:
-    """The index of ``--device cuda:N``, checked: one process only, and a GPU that exists."""
+def _named_gpu(requested: torch.device, world_size: int) -> int:
+    """The index of ``--device cuda:N`` (a GPU that exists: check_device), for one process only."""
     if world_size > 1:
         raise RuntimeError(
             f"--device {requested} names one GPU, but {world_size} processes run and each needs "
             "its own: pass --device cuda (each rank then takes the GPU of its LOCAL_RANK)")
-    if requested.index >= gpus:
-        raise RuntimeError(f"--device {requested} was asked for but {gpus} GPU(s) are visible")
     return requested.index
 
 

@@ -22,13 +22,14 @@ class OutputDirError(RuntimeError):
     """The output folder cannot be used; the message says why."""
 
 
-def check_output_dir(outdir, need_bytes: int = 0) -> Path:
-    """Create ``outdir`` if needed and prove it is writable and has ``need_bytes`` free."""
+def check_output_dir(outdir, need_bytes: int = 0, option: str = "--outdir") -> Path:
+    """Create ``outdir`` if needed and prove it is writable and has ``need_bytes`` free; errors
+    name it as the command-line ``option`` that gave it."""
     path = Path(outdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise OutputDirError(f"--outdir {str(path)!r} cannot be created: {error}") from error
+        raise OutputDirError(f"{option} {str(path)!r} cannot be created: {error}") from error
     probe = path / f".write-test-{os.getpid()}"
     try:
         with open(probe, "wb") as handle:
@@ -36,7 +37,7 @@ def check_output_dir(outdir, need_bytes: int = 0) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as error:
-        raise OutputDirError(f"--outdir {str(path)!r} is not writable: {error}") from error
+        raise OutputDirError(f"{option} {str(path)!r} is not writable: {error}") from error
     finally:
         try:
             probe.unlink()
@@ -45,7 +46,7 @@ def check_output_dir(outdir, need_bytes: int = 0) -> Path:
     free = shutil.disk_usage(path).free
     if free < need_bytes:
         raise OutputDirError(
-            f"--outdir {str(path)!r} has {free / 2**20:.0f} MiB free but checkpoints need about "
+            f"{option} {str(path)!r} has {free / 2**20:.0f} MiB free but checkpoints need about "
             f"{need_bytes / 2**20:.0f} MiB; free some space or choose another folder")
     return path
 
