@@ -221,6 +221,18 @@ def test_tiny_images_are_skipped_with_a_warning(tmp_path):
     assert len(ds) == 1
 
 
+def test_an_archive_made_below_eight_pixels_reads_back_at_its_resolution(tmp_path):
+    # The thumbnail floor (8 px) must not reject every image of a resolution-4 run.
+    _png(tmp_path / "photos" / "a.png", size=(20, 20))
+    _make_dataset_tool().make_dataset(tmp_path / "photos", tmp_path / "d.zip", resolution=4,
+                                      log=lambda m: None)
+    ds = ImageFolderDataset(tmp_path / "d.zip", resolution=4)
+    assert len(ds) == 1 and ds[0][0].shape == (3, 4, 4)
+    with pytest.warns(RuntimeWarning, match="smaller than the minimum of 8 pixels"), \
+            pytest.raises(DatasetError, match="every file was skipped"):
+        ImageFolderDataset(tmp_path / "d.zip", resolution=16)
+
+
 def test_missing_labels_are_a_clear_error(tmp_path):
     _png(tmp_path / "a.png")
     with pytest.raises(DatasetError, match="no dataset.json"):

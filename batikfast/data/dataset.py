@@ -16,7 +16,8 @@ Bad files never crash deep inside a loader worker without a name:
   to 8 bits (float images from [0, 1]), and those whose values lie outside their mode's range
   are skipped when first read, with a warning naming them;
 * images of another size are centre-cropped and resized, or rejected with an error naming the
-  file when ``resize=False``; images smaller than ``min_size`` are skipped with a warning;
+  file when ``resize=False``; images smaller than ``min_size`` (8 pixels, or the resolution
+  when that is smaller) are skipped with a warning;
 * an empty folder or archive, or a file that is not a zip archive, is a ``ValueError``.
 """
 from __future__ import annotations
@@ -35,6 +36,9 @@ _EXIF_ORIENTATION = 0x0112
 _LABELS_HINT = (": make the dataset with tools/make_dataset.py --labels-from-folders (one class "
                 "per subfolder)")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+# Shorter sides below this are thumbnails or icons, not training images (unless the run's
+# resolution is smaller still).
+DEFAULT_MIN_SIZE = 8
 
 
 class DatasetError(ValueError):
@@ -151,14 +155,16 @@ class ImageFolderDataset(Dataset):
         max_size: use at most this many images (the first ones in sorted order).
         channels: 3 (RGB) or 1 (grayscale).
         resize: centre-crop and resize images of another size; False rejects them.
-        min_size: images whose shorter side is smaller are skipped with a warning.
+        min_size: images whose shorter side is smaller are skipped with a warning (thumbnails
+            and icons in scraped folders). None: 8 pixels, or ``resolution`` when smaller, so
+            that an archive made at resolution 4 reads back.
         verify: decode every image at construction (slow) so that truncated files are found
             before training rather than when first read.
     """
 
     def __init__(self, path, resolution: int | None = None, use_labels: bool = False,
                  xflip: bool = False, max_size: int | None = None, channels: int = 3,
-                 resize: bool = True, min_size: int = 8, verify: bool = False):
+                 resize: bool = True, min_size: int | None = None, verify: bool = False):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
         if resolution is not None and (int(resolution) != resolution or resolution < 1):
@@ -166,6 +172,8 @@ class ImageFolderDataset(Dataset):
         self.path = str(path)
         self.num_channels = channels
         self.resize = resize
+        if min_size is None:
+            min_size = min(DEFAULT_MIN_SIZE, resolution or DEFAULT_MIN_SIZE)
         self.min_size = int(min_size)
         self._zipfile, self._zipfile_pid = None, None
         self._type = self._detect_type(self.path)
