@@ -18,6 +18,13 @@ import numpy as np
 import torch
 
 
+# A grid above this is too large to look at or to hold as one PNG (32x32 images of 256 px is
+# 8192x8192 pixels); --outdir takes any number, written as they are generated.
+MAX_GRID_IMAGES = 1024
+# Seeds are expanded into a list: a mistyped range (0-10000000000) must fail, not fill memory.
+MAX_SEEDS = 10_000_000
+
+
 def parse_seeds(text: str) -> list[int]:
     """``"0-3,7"`` -> ``[0, 1, 2, 3, 7]``."""
     seeds = []
@@ -30,6 +37,9 @@ def parse_seeds(text: str) -> list[int]:
             lo, hi = int(lo), int(hi)
             if hi < lo:
                 raise ValueError(f"--seeds range {part!r} is empty")
+            if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+                raise ValueError(f"--seeds {text!r} names more than {MAX_SEEDS} seeds; "
+                                 "generate them in several calls")
             seeds.extend(range(lo, hi + 1))
         else:
             seeds.append(int(part))
@@ -50,10 +60,17 @@ def latents(seeds, z_dim: int) -> torch.Tensor:
                                       for s in seeds])).float()
 
 
-@torch.no_grad()
 def generate_images(G, seeds, truncation_psi: float = 1.0, class_idx: int | None = None,
                     noise_mode: str = "const", batch: int = 16, device="cpu") -> torch.Tensor:
     """uint8 images ``[len(seeds), C, H, W]``."""
+    return torch.cat([images for _, images in generate_batches(
+        G, seeds, truncation_psi, class_idx, noise_mode, batch, device)])
+
+
+def generate_batches(G, seeds, truncation_psi: float = 1.0, class_idx: int | None = None,
+                     noise_mode: str = "const", batch: int = 16, device="cpu"):
+    """Yields ``(seeds of the batch, uint8 images [n, C, H, W] on the CPU)``: memory stays
+    one batch however many seeds there are."""
     from batikfast.metrics.compute import to_uint8
 
     check_truncation(truncation_psi)
@@ -63,18 +80,17 @@ def generate_images(G, seeds, truncation_psi: float = 1.0, class_idx: int | None
         # it would be ignored: the images would not be of the class asked for
         raise ValueError(f"--class {class_idx} was given but this generator is unconditional "
                          "(trained without labels): leave --class out")
-    z = latents(seeds, G.z_dim)
-    c = torch.zeros([len(seeds), G.c_dim])
-    if G.c_dim:
-        if not 0 <= class_idx < G.c_dim:
-            raise ValueError(f"--class must be in [0, {G.c_dim}), got {class_idx}")
-        c[:, class_idx] = 1
-    out = []
-    for zb, cb in zip(z.split(batch), c.split(batch)):
-        images = G(zb.to(device), cb.to(device), truncation_psi=truncation_psi,
-                   noise_mode=noise_mode)
-        out.append(to_uint8(images).cpu())
-    return torch.cat(out)
+    if G.c_dim and not 0 <= class_idx < G.c_dim:
+        raise ValueError(f"--class must be in [0, {G.c_dim}), got {class_idx}")
+    for start in range(0, len(seeds), batch):
+        chunk = seeds[start:start + batch]
+        c = torch.zeros([len(chunk), G.c_dim])
+        if G.c_dim:
+            c[:, class_idx] = 1
+        with torch.no_grad():
+            images = G(latents(chunk, G.z_dim).to(device), c.to(device),
+                       truncation_psi=truncation_psi, noise_mode=noise_mode)
+        yield chunk, to_uint8(images).cpu()
 
 
 def main(argv=None) -> int:
@@ -102,9 +118,9 @@ def main(argv=None) -> int:
         device = check_device(args.device)
         _make_output_folders(args)
         G, _ = load_generator(args.ckpt, device=device)
-        images = generate_images(G, seeds, args.trunc, args.class_idx, args.noise_mode,
-                                 device=device)
-        _write_images(args, seeds, images)
+        batches = generate_batches(G, seeds, args.trunc, args.class_idx, args.noise_mode,
+                                   device=device)
+        _write_images(args, seeds, batches)
     except (ValueError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -123,6 +139,11 @@ def _check_args(args) -> list[int]:
         raise ValueError(f"--class must be a class index (0 or more), got {args.class_idx}")
     if args.columns is not None and args.columns < 1:
         raise ValueError(f"--columns must be at least 1, got {args.columns}")
+    if args.out and Path(args.out).suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out!r}: the grid is written as PNG, name it *.png")
+    if args.out and len(seeds) > MAX_GRID_IMAGES:
+        raise ValueError(f"--out: a grid holds at most {MAX_GRID_IMAGES} images, --seeds names "
+                         f"{len(seeds)}; write them one per file with --outdir instead")
     return seeds
 
 
@@ -142,28 +163,37 @@ def _make_output_folders(args) -> None:
             raise ValueError(str(error)) from None
 
 
-def _write_images(args, seeds, images) -> None:
-    from PIL import Image
-
+def _write_images(args, seeds, batches) -> None:
+    """Each seed's PNG as its batch comes (--outdir); the grid at the end (--out)."""
     from batikfast.training.rundir import save_image_grid
 
+    kept = []
+    for chunk, images in batches:
+        if args.outdir:
+            _write_seed_images(Path(args.outdir), chunk, images)
+        if args.out:
+            kept.append(images)
+    if args.outdir:
+        print(f"wrote {len(seeds)} images to {args.outdir}")
     if args.out:
         try:
-            save_image_grid(images, args.out, args.columns)
+            save_image_grid(torch.cat(kept), args.out, args.columns)
         except OSError as error:
             raise ValueError(f"cannot write --out {args.out!r}: {error.strerror or error}") from None
         print(f"wrote a grid of {len(seeds)} images to {args.out}")
-    if args.outdir:
-        folder = Path(args.outdir)
-        for seed, image in zip(seeds, images.numpy()):
-            array = image.transpose(1, 2, 0)
-            path = folder / f"seed{seed:04d}.png"
-            try:
-                Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
-            except OSError as error:
-                raise ValueError(f"cannot write {str(path)!r} in --outdir: "
-                                 f"{error.strerror or error}") from None
-        print(f"wrote {len(seeds)} images to {folder}")
+
+
+def _write_seed_images(folder: Path, seeds, images) -> None:
+    from PIL import Image
+
+    for seed, image in zip(seeds, images.numpy()):
+        array = image.transpose(1, 2, 0)
+        path = folder / f"seed{seed:04d}.png"
+        try:
+            Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+        except OSError as error:
+            raise ValueError(f"cannot write {str(path)!r} in --outdir: "
+                             f"{error.strerror or error}") from None
 
 
 if __name__ == "__main__":

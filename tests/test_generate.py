@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from batikfast.generate import generate_images, main
+from batikfast import generate
+from batikfast.generate import MAX_GRID_IMAGES, generate_images, main
 from batikfast.training.checkpoint import load_generator, save_checkpoint
 from batikfast.training.config import make_config, network_kwargs
 from batikfast.training.model import build_generator
@@ -134,3 +135,41 @@ def test_bad_seeds_columns_and_outputs_are_one_line_errors(checkpoints, tmp_path
     assert Image.open(grid).size == (16, 2 * 16)
     seed4 = np.asarray(Image.open(folder / "seed0004.png"))
     assert np.array_equal(seed4, np.asarray(Image.open(grid))[16:])
+
+
+def test_a_seed_range_past_the_limits_is_refused_before_any_work(checkpoints, tmp_path, capsys):
+    ckpt = str(checkpoints["unconditional"])
+    code, err = _generate(capsys, "--ckpt", ckpt, "--seeds", "0-99999999999", "--outdir",
+                          str(tmp_path / "many"))
+    assert code == 2
+    _one_line_error(err, "--seeds", "more than", "several calls")
+    code, err = _generate(capsys, "--ckpt", ckpt, "--seeds", f"0-{MAX_GRID_IMAGES}", "--out",
+                          str(tmp_path / "big.png"))
+    assert code == 2
+    _one_line_error(err, "--out", f"at most {MAX_GRID_IMAGES} images", "--outdir")
+    assert not (tmp_path / "many").exists() and not (tmp_path / "big.png").exists()
+
+
+def test_the_grid_must_be_named_png_as_it_is_written(checkpoints, tmp_path, capsys):
+    code, err = _generate(capsys, "--ckpt", str(checkpoints["unconditional"]), "--out",
+                          str(tmp_path / "grid.jpg"))
+    assert code == 2
+    _one_line_error(err, "--out", "*.png")
+
+
+def test_one_image_per_seed_is_written_batch_by_batch(checkpoints, tmp_path, capsys,
+                                                      monkeypatch):
+    # More seeds than one batch: each batch is on disk before the next is generated.
+    written_before = []
+    real_write = generate._write_seed_images
+
+    def spy(folder, seeds, images):
+        written_before.append(len(list(folder.iterdir())))
+        real_write(folder, seeds, images)
+
+    monkeypatch.setattr(generate, "_write_seed_images", spy)
+    folder = tmp_path / "seeds"
+    assert _generate(capsys, "--ckpt", str(checkpoints["unconditional"]), "--seeds", "0-39",
+                     "--outdir", str(folder))[0] == 0
+    assert written_before == [0, 16, 32]
+    assert len(list(folder.glob("seed*.png"))) == 40
