@@ -215,7 +215,11 @@ def report() -> str:
         "TF32 allowed (torch.backends.cudnn.allow_tf32; the fast kernels follow it)"
         if torch.backends.cudnn.allow_tf32 else
         "full fp32 (torch.backends.cudnn.allow_tf32 is off; the fast kernels follow it)"))
-    lines.append(f"  forced backend: {get_backend() or 'auto'}")
+    try:
+        forced = get_backend() or "auto"
+    except ValueError as error:  # a bad BATIKFAST_BACKEND: report it, as the ops would raise it
+        forced = f"invalid ({error}); ops called without impl= or set_backend() raise this"
+    lines.append(f"  forced backend: {forced}")
     device = torch.device("cuda" if gpu else "cpu")
     for impl in IMPLEMENTATIONS:
         reason = unavailable_reason(impl, device, torch.float32)

@@ -83,6 +83,16 @@ def test_report_says_whether_fp32_convolutions_may_use_tf32(monkeypatch, allow_t
     assert ("TF32 allowed" if allow_tf32 else "full fp32") in backends.report()
 
 
+def test_report_names_an_invalid_backend_variable_instead_of_failing(monkeypatch):
+    # `python -m batikfast.info` is what a confused user runs: a typo in BATIKFAST_BACKEND must
+    # show up in its report, not as a traceback in place of it.
+    monkeypatch.setenv("BATIKFAST_BACKEND", "tritn")
+    text = backends.report()
+    assert "forced backend: invalid" in text and "BATIKFAST_BACKEND" in text and "'tritn'" in text
+    for impl in backends.IMPLEMENTATIONS:
+        assert f"  {impl}" in text
+
+
 def test_python_m_batikfast_info_prints_the_report():
     out = subprocess.run([sys.executable, "-m", "batikfast.info"], capture_output=True, text=True,
                          check=True).stdout
