@@ -424,6 +424,8 @@ def select_cases(args) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.outdir is not None:  # proven writable before minutes of compiling, not after
+        args.outdir = common.output_dir(str(args.outdir), None)
     triton_rows = triton_codegen(select_cases(args), args.batch, args.dtype, args.modes,
                                  [ARCHS[capability] for capability in args.arch])
     result = dict(environment=environment(), triton=triton_rows,
@@ -431,7 +433,6 @@ def main(argv=None) -> int:
     table = markdown(result)
     print(table)
     if args.outdir is not None:
-        args.outdir.mkdir(parents=True, exist_ok=True)
         (args.outdir / "codegen.json").write_text(json.dumps(result, indent=1) + "\n")
         (args.outdir / "codegen.md").write_text(table)
         print(f"wrote {args.outdir / 'codegen.json'} and codegen.md")

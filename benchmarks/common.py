@@ -102,13 +102,35 @@ def run_metadata(device: torch.device, argv: list[str] | None = None) -> dict:
 
 
 def output_dir(outdir: str | None, device: torch.device) -> Path:
-    """``benchmarks/results/<device-slug>-<YYYY-MM-DD>/`` unless ``outdir`` is given."""
+    """``benchmarks/results/<device-slug>-<YYYY-MM-DD>/`` unless ``outdir`` is given, created
+    and proven writable.
+
+    The scripts call this before measuring anything: a folder that cannot be written (a typo,
+    a path under a file, a read-only mount) then stops the run in its first second with one
+    line naming it, instead of with a traceback after every measurement has been taken.
+    """
     if outdir:
         path = Path(outdir)
     else:
         day = datetime.date.today().isoformat()
         path = REPO_ROOT / "benchmarks" / "results" / f"{device_slug(device)}-{day}"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"--outdir {str(path)!r} cannot be created: "
+                         f"{error.strerror or error}") from None
+    # A real write, not os.access: root passes os.access on read-only mounts.
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"ok")
+    except OSError as error:
+        raise SystemExit(f"--outdir {str(path)!r} is not writable: "
+                         f"{error.strerror or error}") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
     return path
 
 

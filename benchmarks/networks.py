@@ -220,6 +220,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device) if args.device else default_device()
     timer = Timer(device, rep_ms=args.rep_ms or (20.0 if args.quick else 100.0),
                   min_repeats=1 if device.type == "cpu" else 10)
+    outdir = common.output_dir(args.outdir, device)  # proven writable before measuring
     meta = common.run_metadata(device)
     meta.update(cfg=args.cfg, batch=args.batch, timing=timer.method)
     print(f"batikfast networks ({args.cfg}, batch {args.batch}) on {meta['device']} "
@@ -234,7 +235,6 @@ def main(argv=None) -> dict:
             row.setdefault("status", "interrupted")
         _add_speedups(rows)
     payload = dict(meta=meta, results=rows)
-    outdir = common.output_dir(args.outdir, device)
     common.write_json(outdir / "networks.json", payload)
     (outdir / "networks.md").write_text(markdown(payload))
     print(f"wrote {outdir / 'networks.json'}, {outdir / 'networks.md'}")

@@ -306,6 +306,7 @@ def _cell(row) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
+    outdir = common.output_dir(args.outdir, device)  # proven writable before measuring
     nvidia = Nvidia(args.nvidia_path, device)
     timer = Timer(device, rep_ms=args.rep_ms or (20.0 if args.quick else 100.0),
                   min_repeats=1 if device.type == "cpu" else 10)
@@ -322,7 +323,6 @@ def main(argv=None) -> dict:
         meta["interrupted"] = True
         print("\ninterrupted: writing the measurements taken so far")
     payload = dict(meta=meta, results=rows)
-    outdir = common.output_dir(args.outdir, device)
     common.write_json(outdir / "peer_nvidia.json", payload)
     (outdir / "peer_nvidia.md").write_text(markdown(payload))
     print(f"\nwrote {outdir / 'peer_nvidia.json'}, {outdir / 'peer_nvidia.md'}")

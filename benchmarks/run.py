@@ -294,6 +294,8 @@ def main(argv=None) -> dict:
     rep_ms = args.rep_ms or (20.0 if args.quick else 100.0)
     timer = Timer(device, warmup_ms=rep_ms / 4, rep_ms=rep_ms,
                   min_repeats=1 if device.type == "cpu" else 10)
+    # Proven writable before the first measurement, not after the last one.
+    outdir = common.output_dir(args.outdir, device)
     meta = common.run_metadata(device)
     meta.update(timing=timer.method, quick=args.quick,
                 compile=("off" if "compiled" not in args.backends
@@ -315,7 +317,6 @@ def main(argv=None) -> dict:
     meta["skipped_for_budget"] = runner.skipped
     meta["elapsed_s"] = round(time.perf_counter() - runner.started, 1)
     payload = dict(meta=meta, ceilings=ceilings, results=rows)
-    outdir = common.output_dir(args.outdir, device)
     common.write_json(outdir / "ops.json", payload)
     (outdir / "ops.md").write_text(report.markdown(payload))
     from benchmarks import plot

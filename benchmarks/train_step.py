@@ -350,6 +350,7 @@ def markdown(payload) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
+    outdir = common.output_dir(args.outdir, device)  # proven writable before measuring
     meta = common.run_metadata(device)
     data = "the built-in dataset through the real loader" if args.real_data else \
         "one fixed in-memory batch of real images (data loader not measured)"
@@ -370,7 +371,6 @@ def main(argv=None) -> dict:
             row.setdefault("status", "interrupted")
         _add_speedups([r for r in rows if r.get("status") == "ok"])
     payload = dict(meta=meta, results=rows)
-    outdir = common.output_dir(args.outdir, device)
     common.write_json(outdir / "train_step.json", payload)
     (outdir / "train_step.md").write_text(markdown(payload))
     from benchmarks import plot

@@ -466,3 +466,31 @@ def test_a_selection_that_names_no_case_is_an_error_that_writes_nothing(tmp_path
     assert not (tmp_path / "out").exists()  # an earlier run's ops.json would stay intact
     args = run.parse_args(["--quick", "--ops", "upfirdn2d", "--cases", "tiny.*"])
     assert args.cases == ["tiny.*"]
+
+
+@pytest.mark.parametrize("script", ["run", "networks", "train_step", "peer_nvidia", "codegen"])
+def test_an_unwritable_outdir_stops_the_script_before_it_measures_anything(
+        script, tmp_path, monkeypatch):
+    """The folder was created only after the last measurement: a path under a file (or a
+    read-only mount) threw away a whole GPU run with a traceback at the very end."""
+    import importlib
+    module = importlib.import_module(f"benchmarks.{script}")
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before the output folder was checked")
+
+    for name in ("run", "triton_codegen", "Nvidia"):  # what each script measures with
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, measured)
+    if script == "run":
+        monkeypatch.setattr(module.Runner, "run", measured)
+        monkeypatch.setattr(module.ceilings_mod, "measure_ceilings", measured)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = {"run": ["--quick", "--ops", "bias_act", "--backends", "ref"],
+            "networks": ["--quick"], "train_step": ["--quick"],
+            "peer_nvidia": ["--quick", "--nvidia-path", str(tmp_path)],
+            "codegen": ["--shapes", "tiny", "--no-cuda"]}[script]
+    with pytest.raises(SystemExit) as stopped:
+        module.main(argv + ["--outdir", str(blocker / "results")])
+    assert "--outdir" in str(stopped.value.code) and "cannot be created" in str(stopped.value.code)
