@@ -27,6 +27,17 @@
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
+STEPS=${*:-build tests bench networks train peer}
+# A mistyped step ("bnech") used to match nothing: the script ran no step and exited 0.
+for step in $STEPS; do
+    case $step in
+    build | tests | bench | networks | train | peer | codegen) ;;
+    *)
+        echo "gpu_check.sh: unknown step '$step'; steps: build tests bench networks train peer codegen" >&2
+        exit 2
+        ;;
+    esac
+done
 REPO=$(pwd)
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
@@ -40,7 +51,6 @@ export MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 START=$(date +%s)
 DEADLINE=$((START + ${GPU_CHECK_SECONDS:-560}))
-STEPS=${*:-build tests bench networks train peer}
 WORST=0
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"

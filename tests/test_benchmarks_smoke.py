@@ -494,3 +494,19 @@ def test_an_unwritable_outdir_stops_the_script_before_it_measures_anything(
     with pytest.raises(SystemExit) as stopped:
         module.main(argv + ["--outdir", str(blocker / "results")])
     assert "--outdir" in str(stopped.value.code) and "cannot be created" in str(stopped.value.code)
+
+
+def test_gpu_check_script_refuses_an_unknown_step_before_doing_anything(tmp_path):
+    """A mistyped step ("bnech") matched no step: the script ran nothing, packed an empty
+    results folder and exited 0, which reads as success on a rented GPU machine."""
+    import shutil
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), RESULTS_DIR=str(tmp_path / "results"),
+               PYTHON=sys.executable)
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "bench", "bnech"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "unknown step 'bnech'" in result.stderr and "codegen" in result.stderr
+    assert not out.exists() and not (tmp_path / "results").exists()
