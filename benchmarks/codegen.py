@@ -397,7 +397,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cases", nargs="+", default=None, metavar="PATTERN",
                         help="only cases whose name matches one of these shell patterns")
     parser.add_argument("--ops", nargs="+", choices=sorted(opcases.OPS), default=None)
-    parser.add_argument("--batch", nargs="+", type=int, default=[16],
+    parser.add_argument("--batch", nargs="+", type=common.positive_int, default=[16],
                         help="batch sizes (the tile choice depends on them; default 16)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES),
                         default=["fp16", "bf16", "fp32"])

@@ -5,6 +5,7 @@ Import this module before anything imports triton: without a GPU it sets
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -37,6 +38,59 @@ SCHEMA_VERSION = 1
 
 def default_device() -> torch.device:
     return torch.device("cuda" if HAS_GPU else "cpu")
+
+
+# --------------------------------------------------------------------------- arguments
+# argparse types shared by the scripts: a zero or negative batch, budget or repeat time used
+# to be taken as given (or silently replaced by the default through ``args.x or default``)
+# and ran every setup into an error, or skipped all of them, and still overwrote the results.
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def device_arg(text: str) -> str:
+    """``--device``: cpu, cuda or cuda:N that this machine has; an argparse error otherwise
+    (a typo gave torch's traceback, a missing GPU one from CUDA's initialisation)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no GPU is visible to torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return text
 
 
 # --------------------------------------------------------------------------- metadata

@@ -43,12 +43,12 @@ def parse_args(argv=None):
     parser.add_argument("--precision", nargs="+", choices=sorted(PRECISIONS),
                         default=["mixed", "fp32"])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--batch", type=int, default=None, help="default 64; --quick: 4")
-    parser.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--batch", type=common.positive_int, default=None, help="default 64; --quick: 4")
+    parser.add_argument("--budget", type=common.positive_float, default=None,
                         help="seconds after which no new measurement starts")
-    parser.add_argument("--rep-ms", type=float, default=None)
+    parser.add_argument("--rep-ms", type=common.positive_float, default=None)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", type=common.device_arg, default=None)
     parser.add_argument("--outdir", default=None)
     args = parser.parse_args(argv)
     if args.quick:
@@ -62,6 +62,13 @@ def parse_args(argv=None):
             args.precision = ["fp32"]
     args.cfg = args.cfg or "paper256"
     args.batch = args.batch or 64
+    try:
+        from batikfast.training.config import PRESETS
+    except Exception:  # the networks are missing: run() records that for every setup
+        PRESETS = None
+    if PRESETS is not None and args.cfg not in PRESETS:
+        # otherwise every setup fails alike and the results file is overwritten with errors
+        parser.error(f"--cfg must be one of {sorted(PRESETS)}, got {args.cfg!r}")
     return args
 
 

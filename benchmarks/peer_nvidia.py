@@ -149,16 +149,16 @@ def parse_args(argv=None):
     parser.add_argument("--backends", nargs="+", choices=OURS, default=list(OURS),
                         help="batikfast implementations to put beside NVIDIA's")
     parser.add_argument("--shapes", nargs="+", choices=shapes.SHAPE_SETS, default=None)
-    parser.add_argument("--batch", nargs="+", type=int, default=None)
+    parser.add_argument("--batch", nargs="+", type=common.positive_int, default=None)
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None)
     parser.add_argument("--modes", nargs="+", choices=opcases.ALL_MODES,
                         default=list(opcases.MODES))
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU check)")
-    parser.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--budget", type=common.positive_float, default=None,
                         help="seconds after which no new measurement starts")
-    parser.add_argument("--rep-ms", type=float, default=None)
+    parser.add_argument("--rep-ms", type=common.positive_float, default=None)
     parser.add_argument("--outdir", default=None)
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    parser.add_argument("--device", type=common.device_arg, default=None, help="cuda or cpu (default: cuda if present)")
     args = parser.parse_args(argv)
     args.shapes = args.shapes or (["tiny"] if args.quick else ["paper256-g", "paper256-d"])
     args.batch = args.batch or ([2] if args.quick else [16, 64])

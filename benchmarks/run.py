@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shapes", nargs="+", choices=shapes.SHAPE_SETS, default=None,
                         metavar="SET", help=f"shape sets, of {', '.join(shapes.SHAPE_SETS)} "
                                             "(default: paper256-g paper256-d; --quick: tiny)")
-    parser.add_argument("--batch", nargs="+", type=int, default=None,
+    parser.add_argument("--batch", nargs="+", type=common.positive_int, default=None,
                         help="batch sizes, in order of priority under --budget "
                              "(default: 64 16; --quick: 2)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
@@ -70,14 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile-static", action="store_true",
                         help="compile one static-shape graph per shape (slower to compile) "
                              "instead of one dynamic-shape graph per op variant")
-    parser.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--budget", type=common.positive_float, default=None,
                         help="seconds after which no new measurement starts (the rest is "
                              "recorded as skipped)")
-    parser.add_argument("--rep-ms", type=float, default=None,
+    parser.add_argument("--rep-ms", type=common.positive_float, default=None,
                         help="milliseconds of timed repeats per measurement (default 100)")
     parser.add_argument("--outdir", default=None,
                         help="output folder (default benchmarks/results/<device>-<date>)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    parser.add_argument("--device", type=common.device_arg, default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument("--train-step", action="store_true",
                         help="also run benchmarks/train_step.py (whole training step)")
     parser.add_argument("--no-ceilings", action="store_true",
@@ -100,8 +100,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.no_compile = True
     if args.no_compile and "compiled" in args.backends:
         args.backends = [b for b in args.backends if b != "compiled"]
-    if any(b < 1 for b in args.batch):
-        parser.error(f"--batch must be >= 1, got {args.batch}")
     if not any(selected(case, args) for shape_set in args.shapes
                for case in shapes.cases_for(shape_set)):
         # an empty run would still overwrite the results folder's ops.json

@@ -53,22 +53,22 @@ def parse_args(argv=None):
     parser.add_argument("--precision", nargs="+", choices=sorted(PRECISIONS),
                         default=["mixed", "fp32"],
                         help="fp32, mixed (fp16 in the 4 highest resolutions) or bf16 (likewise)")
-    parser.add_argument("--batch", type=int, default=None, help="global batch (default 64)")
-    parser.add_argument("--batch-gpu", type=int, default=None,
+    parser.add_argument("--batch", type=common.positive_int, default=None, help="global batch (default 64)")
+    parser.add_argument("--batch-gpu", type=common.positive_int, default=None,
                         help="images per round (default: the whole batch in one round)")
-    parser.add_argument("--cycles", type=int, default=None,
+    parser.add_argument("--cycles", type=common.positive_int, default=None,
                         help="timed cycles of the 16-step lazy-regularisation schedule "
                              "(default 2; --quick: a couple of steps)")
-    parser.add_argument("--warmup-steps", type=int, default=None,
+    parser.add_argument("--warmup-steps", type=common.nonnegative_int, default=None,
                         help="untimed steps first (default 16: every phase compiles once)")
     parser.add_argument("--real-data", action="store_true",
                         help="feed the built-in dataset through the real loader")
-    parser.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--budget", type=common.positive_float, default=None,
                         help="seconds after which no new setup starts")
     parser.add_argument("--no-phase-breakdown", action="store_true",
                         help="skip the extra cycle that times each phase separately")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", type=common.device_arg, default=None)
     parser.add_argument("--outdir", default=None)
     args = parser.parse_args(argv)
     if args.quick:

@@ -510,3 +510,27 @@ def test_gpu_check_script_refuses_an_unknown_step_before_doing_anything(tmp_path
     assert result.returncode == 2
     assert "unknown step 'bnech'" in result.stderr and "codegen" in result.stderr
     assert not out.exists() and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("run", ["--quick", "--budget", "-5"]),  # every measurement skipped, ops.json overwritten
+    ("run", ["--quick", "--rep-ms", "0"]),
+    ("run", ["--quick", "--device", "cdua"]),  # was torch's traceback
+    ("networks", ["--quick", "--batch", "0"]),  # was silently replaced by the default batch
+    ("networks", ["--quick", "--batch", "-2"]),  # every setup ran into an error
+    ("networks", ["--quick", "--cfg", "no-such-preset"]),  # likewise
+    ("networks", ["--quick", "--budget", "-1"]),
+    ("train_step", ["--quick", "--cycles", "0"]),  # was silently 2
+    ("train_step", ["--quick", "--batch-gpu", "0"]),
+    ("train_step", ["--quick", "--warmup-steps", "-1"]),
+    ("peer_nvidia", ["--quick", "--nvidia-path", ".", "--batch", "0"]),
+    ("codegen", ["--batch", "0"]),
+])
+def test_a_batch_budget_repeat_time_or_device_that_cannot_work_is_an_argument_error(
+        script, argv, capsys):
+    import importlib
+    module = importlib.import_module(f"benchmarks.{script}")
+    with pytest.raises(SystemExit) as stopped:
+        module.parse_args(argv)
+    assert stopped.value.code == 2
+    assert "error: " in capsys.readouterr().err
