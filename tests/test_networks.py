@@ -187,6 +187,17 @@ def test_plain_discriminator_has_no_mapping_without_labels():
     assert D(torch.randn(2, 3, 16, 16), None).shape == (2, 1)
 
 
+def test_discriminator_takes_nvidias_arguments_in_nvidias_order():
+    # NVIDIA: (c_dim, img_resolution, img_channels, architecture, channel_base, channel_max,
+    # num_fp16_res, conv_clamp, cmap_dim, block_kwargs, mapping_kwargs, epilogue_kwargs);
+    # a pickled record's init_args are passed in that order too. t_dim is batikfast's.
+    D = Discriminator(0, 16, 3, "skip", 256, 32, 0, 256, None, {}, dict(num_layers=2),
+                      dict(mbstd_group_size=2))
+    assert D.b16.architecture == "skip" and D.t_dim == 1
+    assert D.b16.conv0.weight.shape[0] == 256 // 16
+    assert D(torch.randn(2, 3, 16, 16), None, torch.tensor([0.0, 3.0])).shape == (2, 1)
+
+
 def test_seeded_generator_is_deterministic():
     G = tiny_generator()
     z = torch.randn(3, 16)

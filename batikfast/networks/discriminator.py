@@ -141,13 +141,15 @@ class DiscriminatorEpilogue(torch.nn.Module):
 class Discriminator(torch.nn.Module):
     """``D(img, c, t) -> logits [N, 1]``; ``t`` is [N] or [N, t_dim] diffusion steps."""
 
-    def __init__(self, c_dim: int, img_resolution: int, img_channels: int, t_dim: int = 1,
+    # NVIDIA's arguments in NVIDIA's order (positional calls and pickled init_args line up);
+    # batikfast's additions are keyword-only.
+    def __init__(self, c_dim: int, img_resolution: int, img_channels: int,
                  architecture: str = "resnet", channel_base: int = 32768,
                  channel_max: int = 512, num_fp16_res: int = 0,
                  conv_clamp: float | None = None, cmap_dim: int | None = None,
-                 mixed_precision_dtype: torch.dtype = torch.float16,
                  block_kwargs: dict | None = None, mapping_kwargs: dict | None = None,
-                 epilogue_kwargs: dict | None = None):
+                 epilogue_kwargs: dict | None = None, *, t_dim: int = 1,
+                 mixed_precision_dtype: torch.dtype = torch.float16):
         super().__init__()
         log2 = _check_resolution(img_resolution)
         self.label_dim = c_dim
