@@ -101,22 +101,57 @@ def plot_train_step(payload: dict, path: Path) -> str:
     return f"wrote {path}"
 
 
-def main(argv=None) -> None:
+def kind_of(payload) -> str | None:
+    """Which script wrote a results JSON: "ops", "train_step", "networks", "peer_nvidia", or
+    None for anything else (codegen.json, gpu_tests.json, a stray file)."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("meta"), dict) \
+            or not isinstance(payload.get("results"), list):
+        return None
+    rows = payload["results"]
+    if "ceilings" in payload:
+        return "ops"
+    if "nvidia_flavour" in payload["meta"]:
+        return "peer_nvidia"
+    if rows and all("network" in r for r in rows):
+        return "networks"
+    if all("config" in r for r in rows):
+        return "train_step"
+    return None
+
+
+def main(argv=None) -> int:
+    """Redraw each file; one that cannot be read or is not a benchmark result says so and the
+    others are still drawn (a traceback used to stop the rest). Exit status 1 if any failed."""
     parser = argparse.ArgumentParser(description="Redraw charts (and ops.md) from results JSON.")
     parser.add_argument("json", nargs="+", help="ops.json or train_step.json files")
     args = parser.parse_args(argv)
+    failed = 0
     for name in args.json:
         path = Path(name)
-        payload = json.loads(path.read_text())
-        if "ceilings" in payload:
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            print(f"{path}: cannot read it as JSON ({type(error).__name__}: {error})",
+                  file=sys.stderr)
+            failed += 1
+            continue
+        kind = kind_of(payload)
+        if kind == "ops":
             from benchmarks import report
             path.with_suffix(".md").write_text(report.markdown(payload))
             print(plot_ops(payload, path.with_suffix(".png")))
-        elif "nvidia_flavour" in payload["meta"]:
-            print(f"{path}: no chart for the NVIDIA comparison; its table is peer_nvidia.md")
-        else:
+        elif kind == "train_step":
             print(plot_train_step(payload, path.with_suffix(".png")))
+        elif kind == "peer_nvidia":
+            print(f"{path}: no chart for the NVIDIA comparison; its table is peer_nvidia.md")
+        elif kind == "networks":
+            print(f"{path}: no chart for the whole-network timings; their table is networks.md")
+        else:
+            print(f"{path}: not a results file of run.py or train_step.py (no meta / results "
+                  "/ ceilings); nothing drawn", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -534,3 +534,29 @@ def test_a_batch_budget_repeat_time_or_device_that_cannot_work_is_an_argument_er
         module.parse_args(argv)
     assert stopped.value.code == 2
     assert "error: " in capsys.readouterr().err
+
+
+def test_plot_says_which_files_it_cannot_redraw_and_still_redraws_the_others(tmp_path, capsys):
+    """A missing file, a file that is not JSON, or a JSON of another kind (codegen.json,
+    gpu_tests.json) gave a traceback that stopped the files after it; networks.json was taken
+    for a training-step result (a KeyError once matplotlib is installed)."""
+    from benchmarks import plot
+    good = tmp_path / "ops.json"
+    good.write_text(json.dumps(_gpu_like_payload()))
+    not_json = tmp_path / "notes.json"
+    not_json.write_text("not json")
+    other = tmp_path / "codegen.json"
+    other.write_text(json.dumps({"environment": {}, "triton": []}))
+    networks = tmp_path / "networks.json"
+    networks.write_text(json.dumps(dict(meta=dict(device="GPU"), results=[
+        dict(network="G", mode="fwd", backend="ref", compile="eager", precision="fp32",
+             status="ok", ms=1.0, images_per_s=10.0)])))
+    status = plot.main([str(tmp_path / "missing.json"), str(not_json), str(other),
+                        str(networks), str(good)])
+    assert status == 1
+    captured = capsys.readouterr()
+    for bad in ("missing.json", "notes.json", "codegen.json"):
+        assert bad in captured.err
+    assert "no chart for the whole-network timings" in captured.out
+    assert (tmp_path / "ops.md").read_text().startswith("# batikfast op benchmarks: GPU")
+    assert plot.main([str(good)]) == 0
