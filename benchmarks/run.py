@@ -218,32 +218,41 @@ class Runner:
         rows = []
         inputs = None
         reference_outputs = None
-        for impl in self.args.backends:
-            row = dict(base, impl=IMPL_LABELS[impl])
-            rows.append(row)
-            if self.over_budget():
-                row["status"] = "skipped: time budget"
-                self.skipped += 1
-                continue
-            reason = unavailable_reason(impl, self.device, dtype)
-            if reason is not None:
-                row["status"] = f"unavailable: {reason}"
-                continue
-            try:
-                if inputs is None:
-                    torch.manual_seed(0)
-                    inputs = opcases.make_inputs(case, batch, dtype, self.device, mode,
-                                                 channels_last=self.args.channels_last)
-                outputs = self.measure(row, case, inputs, impl, mode)
-            except Exception as error:  # one broken kernel must not end the whole run
-                row["status"] = _describe_error(error)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            if impl == "ref":
-                reference_outputs = outputs
-            elif opcases.OPS[case.op].deterministic:
-                row["max_rel_err"] = _relative_error(outputs, reference_outputs)
+        try:
+            for impl in self.args.backends:
+                row = dict(base, impl=IMPL_LABELS[impl])
+                rows.append(row)
+                if self.over_budget():
+                    row["status"] = "skipped: time budget"
+                    self.skipped += 1
+                    continue
+                reason = unavailable_reason(impl, self.device, dtype)
+                if reason is not None:
+                    row["status"] = f"unavailable: {reason}"
+                    continue
+                try:
+                    if inputs is None:
+                        torch.manual_seed(0)
+                        inputs = opcases.make_inputs(case, batch, dtype, self.device, mode,
+                                                     channels_last=self.args.channels_last)
+                    outputs = self.measure(row, case, inputs, impl, mode)
+                except Exception as error:  # one broken kernel must not end the whole run
+                    row["status"] = _describe_error(error)
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                if impl == "ref":
+                    reference_outputs = outputs
+                elif opcases.OPS[case.op].deterministic:
+                    row["max_rel_err"] = _relative_error(outputs, reference_outputs)
+        except KeyboardInterrupt:
+            # The implementations this case already measured are kept (they were dropped with
+            # the case: minutes of interpreted Triton, or a compile, lost to a time limit).
+            for row in rows:
+                if row.get("status") != "ok":
+                    row["status"] = "interrupted"
+            self.finish(rows)
+            raise
         self.finish(rows)
         del inputs, reference_outputs
         if self.device.type == "cuda":

@@ -560,3 +560,24 @@ def test_plot_says_which_files_it_cannot_redraw_and_still_redraws_the_others(tmp
     assert "no chart for the whole-network timings" in captured.out
     assert (tmp_path / "ops.md").read_text().startswith("# batikfast op benchmarks: GPU")
     assert plot.main([str(good)]) == 0
+
+
+def test_an_interrupted_op_run_keeps_what_the_case_in_flight_had_measured(tmp_path, monkeypatch):
+    """Rows were kept per finished case: Ctrl-C (or gpu_check.sh's SIGINT) during a slow
+    implementation dropped the ones of the same case already measured."""
+    from benchmarks import run
+    measure = run.Runner.measure
+
+    def interrupted_on_triton(self, row, case, inputs, impl, mode):
+        if impl == "triton":
+            raise KeyboardInterrupt
+        return measure(self, row, case, inputs, impl, mode)
+
+    monkeypatch.setattr(run.Runner, "measure", interrupted_on_triton)
+    payload = run.main(["--quick", "--ops", "bias_act", "--modes", "fwd", "--backends", "ref",
+                        "triton", "--no-ceilings", "--outdir", str(tmp_path)])
+    assert payload["meta"]["interrupted"] is True
+    statuses = [(row["impl"], row["status"]) for row in payload["results"]]
+    assert statuses == [("ref", "ok"), ("triton", "interrupted")]
+    saved = json.loads((tmp_path / "ops.json").read_text())
+    assert [row["status"] for row in saved["results"]] == ["ok", "interrupted"]
