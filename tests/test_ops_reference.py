@@ -396,3 +396,26 @@ def test_bad_arguments_raise_errors_that_name_the_argument():
 def test_tensors_on_different_devices_are_rejected():
     x = torch.randn(1, 2, 4, 4, device="cuda")
     expect_error(ValueError, "same device", ops.bias_act, x, torch.zeros(2))
+
+
+def test_nvidia_code_switches_by_changing_its_ops_import_alone():
+    """NVIDIA's networks call ops through their modules (``bias_act.bias_act(...)``); the same
+    names imported from batikfast.ops.compat run those calls unchanged, on batikfast's ops."""
+    from batikfast.ops.compat import bias_act, conv2d_resample, upfirdn2d
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, dtype=DOUBLE, generator=gen)
+    b = torch.randn(3, dtype=DOUBLE, generator=gen)
+    w = torch.randn(4, 3, 3, 3, dtype=DOUBLE, generator=gen)
+    f = upfirdn2d.setup_filter([1, 3, 3, 1])
+    assert torch.equal(f, ops.setup_filter([1, 3, 3, 1]))
+    gain = bias_act.activation_funcs["lrelu"].def_gain
+    assert gain == pytest.approx(math.sqrt(2))
+    assert torch.equal(bias_act.bias_act(x, b, act="lrelu", gain=gain),
+                       ops.bias_act(x, b, act="lrelu", gain=gain))
+    for name in ("upsample2d", "downsample2d", "filter2d"):
+        assert torch.equal(getattr(upfirdn2d, name)(x, f), getattr(ops, name)(x, f))
+    assert torch.equal(upfirdn2d.upfirdn2d(x, f, up=2, padding=1),
+                       ops.upfirdn2d(x, f, up=2, padding=1))
+    assert torch.equal(conv2d_resample.conv2d_resample(x, w, f, down=2, padding=1),
+                       ops.conv2d_resample(x, w, f, down=2, padding=1))

@@ -3,6 +3,7 @@
 Each op takes ``impl=None | "ref" | "triton" | "cuda"``; :mod:`batikfast.backends` decides
 when it is None. Importing this package registers the ``batikfast::*`` custom ops with
 ``torch.library`` (so ``torch.compile`` traces through them) and loads no kernels.
+NVIDIA's module layout (``bias_act.bias_act(...)``) is in :mod:`batikfast.ops.compat`.
 """
 from batikfast.ops.bias_act import ACTIVATIONS, bias_act
 from batikfast.ops.conv2d_resample import conv2d_resample
