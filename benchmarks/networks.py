@@ -139,13 +139,11 @@ def run(args, device, timer, rows: list) -> list[dict]:
         setup_rows = [dict(base, network=n, mode=m) for n in args.networks for m in args.modes]
         rows.extend(setup_rows)
         reason = missing or unavailable_reason(backend, device, torch.float32)
-        if reason:
+        if reason or (args.budget is not None and time.perf_counter() - started > args.budget):
+            # Printed as well as recorded: an asked-for setup never vanishes from the terminal.
             for row in setup_rows:
-                row["status"] = f"unavailable: {reason}"
-            continue
-        if args.budget is not None and time.perf_counter() - started > args.budget:
-            for row in setup_rows:
-                row["status"] = "skipped: time budget"
+                row["status"] = f"unavailable: {reason}" if reason else "skipped: time budget"
+                _print_row(row)
             continue
         batikfast.set_backend(backend)
         try:

@@ -581,3 +581,21 @@ def test_an_interrupted_op_run_keeps_what_the_case_in_flight_had_measured(tmp_pa
     assert statuses == [("ref", "ok"), ("triton", "interrupted")]
     saved = json.loads((tmp_path / "ops.json").read_text())
     assert [row["status"] for row in saved["results"]] == ["ok", "interrupted"]
+
+
+def test_networks_benchmark_prints_the_setups_it_could_not_run_or_skipped(monkeypatch, capsys):
+    """Unavailable and budget-skipped setups were written to the JSON but never printed: a run
+    asking for the CUDA backend on a machine without it printed nothing at all for it."""
+    import torch
+    from benchmarks import networks
+    monkeypatch.setattr(networks, "networks_available", lambda: "no networks here")
+    networks.run(networks.parse_args(["--quick"]), torch.device("cpu"), None, [])
+    out = capsys.readouterr().out
+    assert "G fwd ref eager fp32" in out and "unavailable: no networks here" in out
+    monkeypatch.setattr(networks, "networks_available", lambda: None)
+    rows = []
+    args = networks.parse_args(["--quick", "--budget", "1e-9", "--networks", "D"])
+    networks.run(args, torch.device("cpu"), None, rows)
+    out = capsys.readouterr().out
+    assert rows and all(r["status"] == "skipped: time budget" for r in rows)
+    assert out.count("skipped: time budget") == len(rows)
