@@ -185,7 +185,30 @@ def output_dir(outdir: str | None, device: torch.device) -> Path:
             probe.unlink()
         except OSError:
             pass
+    if device is not None:
+        _refuse_other_device(path, device)
     return path
+
+
+RESULT_FILES = ("ops.json", "networks.json", "train_step.json", "peer_nvidia.json")
+
+
+def _refuse_other_device(path: Path, device: torch.device) -> None:
+    """Stop when ``path`` already holds results measured on another device: a CPU check run
+    given a GPU results folder replaced its ops.json and left a folder of mixed CPU and GPU
+    figures that targets.py and RESULTS.md read as one device's."""
+    here = device_name(device)
+    for name in RESULT_FILES:
+        try:
+            meta = json.loads((path / name).read_text()).get("meta") or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # absent or not ours: nothing to mix with
+        there = meta.get("device")
+        if there is not None and (there != here or meta.get("device_type") != device.type):
+            raise SystemExit(
+                f"--outdir {str(path)!r} already holds {name} measured on {there}; this run is "
+                f"on {here} and would mix its results with those (and overwrite them): "
+                "choose another folder")
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -599,3 +599,24 @@ def test_networks_benchmark_prints_the_setups_it_could_not_run_or_skipped(monkey
     out = capsys.readouterr().out
     assert rows and all(r["status"] == "skipped: time budget" for r in rows)
     assert out.count("skipped: time budget") == len(rows)
+
+
+def test_cpu_results_are_never_written_into_a_folder_of_gpu_results(tmp_path, monkeypatch):
+    """A CPU check run given a GPU results folder (--outdir benchmarks/results/nvidia-...)
+    replaced its ops.json with CPU timings beside GPU train_step.json: one folder, two devices,
+    read by targets.py and RESULTS.md as one. Now refused before measuring; rerunning on the
+    same device into its own folder still works."""
+    from benchmarks import run
+    gpu_folder = tmp_path / "nvidia-h100-80gb-hbm3-2026-01-01"
+    gpu_folder.mkdir()
+    gpu_ops = json.dumps(_gpu_like_payload())
+    (gpu_folder / "ops.json").write_text(gpu_ops)
+    argv = ["--quick", "--ops", "bias_act", "--backends", "ref", "--modes", "fwd",
+            "--no-ceilings", "--device", "cpu", "--outdir"]
+    with pytest.raises(SystemExit) as stopped:
+        run.main(argv + [str(gpu_folder)])
+    assert "already holds ops.json measured on GPU" in str(stopped.value.code)
+    assert (gpu_folder / "ops.json").read_text() == gpu_ops
+    cpu_folder = tmp_path / "cpu"
+    for _ in range(2):
+        assert run.main(argv + [str(cpu_folder)])["meta"]["device_type"] == "cpu"
