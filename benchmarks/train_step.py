@@ -354,10 +354,15 @@ def main(argv=None) -> dict:
     meta = common.run_metadata(device)
     data = "the built-in dataset through the real loader" if args.real_data else \
         "one fixed in-memory batch of real images (data loader not measured)"
+    if device.type == "cuda":  # run_metadata's default, "CUDA events", is run.py's timer
+        meta["timing"] = "wall clock over whole steps, GPU synchronised before and after"
     meta.update(cfg=args.cfg, what=(
         f"the real loop's Trainer.train_step, all phases with lazy regularisation, timed over "
         f"whole 16-step cycles after warm-up; reals: {data}"))
-    print(f"batikfast training step ({args.cfg}) on {meta['device']}")
+    # The same first line as run.py's: on the CPU the figures are labelled not comparable.
+    print(f"batikfast training step ({args.cfg}) on {meta['device']} ({meta['timing']}); "
+          f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
+          f"commit {meta['git_commit']}")
     missing = loop_available()
     if missing:
         print(f"  {missing}: nothing to time yet")

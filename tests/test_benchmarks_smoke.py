@@ -620,3 +620,17 @@ def test_cpu_results_are_never_written_into_a_folder_of_gpu_results(tmp_path, mo
     cpu_folder = tmp_path / "cpu"
     for _ in range(2):
         assert run.main(argv + [str(cpu_folder)])["meta"]["device_type"] == "cpu"
+
+
+def test_train_step_first_line_says_cpu_timings_are_not_comparable(tmp_path, monkeypatch,
+                                                                  capsys):
+    """run.py and networks.py open with the device, the timing label and the versions;
+    train_step.py printed only the device, so a CPU training-step figure on the terminal
+    carried no "not comparable" label."""
+    from benchmarks import train_step
+    monkeypatch.setattr(train_step, "run", lambda args, device, rows: rows)
+    payload = train_step.main(["--quick", "--device", "cpu", "--outdir", str(tmp_path)])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "CPU (not comparable)" in first and payload["meta"]["timing"] in first
+    for key in ("torch", "triton", "git_commit"):
+        assert str(payload["meta"][key]) in first
