@@ -123,3 +123,27 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     torch.testing.assert_close(torch.rand(3), expected[0])
     np.testing.assert_array_equal(np.random.rand(3), expected[1])
     assert random.random() == expected[2]
+
+
+def test_a_newer_file_format_is_named_as_such_not_as_a_foreign_file(tmp_path):
+    path = ckpt.save_checkpoint(_state(), tmp_path / "checkpoint-00000001.pt")
+    path.write_bytes(path.read_bytes().replace(b"BATIKFAST-CHECKPOINT 1", b"BATIKFAST-CHECKPOINT 2", 1))
+    with pytest.raises(ckpt.UnsupportedCheckpointError, match="file format 2.*reads format 1"):
+        ckpt.load_checkpoint(path)
+    # --resume auto must not fall back to an older checkpoint past a newer run's one
+    ckpt.save_checkpoint(_state(), tmp_path / "checkpoint-00000000.pt")
+    with pytest.raises(ckpt.UnsupportedCheckpointError):
+        ckpt.latest_valid_checkpoint(tmp_path)
+
+
+def test_an_intact_file_without_a_training_state_or_of_a_newer_state_version_is_refused():
+    with pytest.raises(ckpt.CorruptCheckpointError, match="not a training checkpoint.*missing "
+                       "D, G_ema"):
+        ckpt.check_training_state(_state(), "x.pt")
+    full = {key: {} for key in ckpt.TRAINING_KEYS}
+    full["progress"] = {"step": 1, "cur_nimg": 4, "tick": 1}
+    assert ckpt.check_training_state(full, "x.pt") is full
+    with pytest.raises(ckpt.UnsupportedCheckpointError, match="state version 2, newer"):
+        ckpt.check_training_state(dict(full, format="batikfast-checkpoint", version=2), "x.pt")
+    with pytest.raises(ckpt.CorruptCheckpointError, match="holds a list"):
+        ckpt.check_training_state([1, 2], "x.pt")

@@ -504,6 +504,31 @@ def test_resuming_on_another_number_of_processes_checks_the_checkpoints_batch(tm
         loop._train(micro_config(steps=2), run, "auto", DistInfo(world_size=5))
 
 
+def test_resume_skips_or_refuses_intact_files_that_are_not_this_runs_training_state(tmp_path,
+                                                                                    capsys):
+    run = tmp_path / "run"
+    good = train(micro_config(steps=1), run)["checkpoint"]
+    state = ckpt.load_checkpoint(good)
+    # an intact file of another kind under a checkpoint name: skipped by --resume auto
+    ckpt.save_checkpoint({"G_ema": state["G_ema"]}, run / ckpt.checkpoint_name(7))
+    assert train(micro_config(steps=2), run, resume="auto")["step"] == 2
+    assert "checkpoint-00000007.pt is an intact file but not a training checkpoint" in \
+        capsys.readouterr().out
+    # named with --resume: one line and exit 2, not a KeyError traceback
+    cli = ["--outdir", str(tmp_path / "other"), "--cfg", "tiny", "--resolution", "16",
+           "--workers", "0", "--device", "cpu", "--resume"]
+    assert _train_main([*cli, str(run / ckpt.checkpoint_name(7))]) == 2
+    assert "not a training checkpoint written by train.py" in capsys.readouterr().err
+    # a newer batikfast's state, and weights that do not fit their own config
+    newer = ckpt.save_checkpoint(dict(state, version=2, G_new=state["G"]), tmp_path / "new.pt")
+    assert _train_main([*cli, str(newer)]) == 2
+    assert "state version 2, newer than this batikfast reads" in capsys.readouterr().err
+    config = dict(state["config"], channel_max=4)
+    odd = ckpt.save_checkpoint(dict(state, config=config), tmp_path / "odd.pt")
+    assert _train_main([*cli, str(odd)]) == 2
+    assert "does not fit the networks of its own configuration" in capsys.readouterr().err
+
+
 def test_bad_metrics_options_stop_the_run_before_training_not_at_its_first_checkpoint(
         tmp_path, capsys):
     cli = _train_cli()

@@ -40,6 +40,15 @@ class CorruptCheckpointError(CheckpointError):
     """The file is truncated, damaged or not a batikfast checkpoint."""
 
 
+class UnsupportedCheckpointError(CheckpointError):
+    """An intact checkpoint of a newer file or state format than this batikfast reads."""
+
+
+FORMAT_VERSION = 1  # the header's format number and the state's "version" this code reads
+TRAINING_KEYS = ("G", "D", "G_ema", "G_opt", "D_opt", "training", "scaler", "latent_gen", "rng",
+                 "progress", "config")
+
+
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}.pt"
 
@@ -113,6 +122,12 @@ def _verified_payload(data: bytes, path) -> bytes:
     newline = data.find(b"\n", 0, _HEADER_LIMIT)
     header = data[:newline] if newline >= 0 else b""
     match = re.fullmatch(re.escape(MAGIC) + rb" sha256=([0-9a-f]{64}) size=(\d+)", header)
+    newer = re.match(rb"BATIKFAST-CHECKPOINT (\d+) ", header)
+    if match is None and newer is not None and int(newer.group(1)) != FORMAT_VERSION:
+        raise UnsupportedCheckpointError(
+            f"{path} is a batikfast checkpoint of file format {int(newer.group(1))}, which this "
+            f"batikfast cannot read (it reads format {FORMAT_VERSION}): use the batikfast "
+            "version that wrote it")
     if match is None:
         raise CorruptCheckpointError(f"{path} is not a batikfast checkpoint (bad or missing header)")
     payload = data[newline + 1:]
@@ -140,6 +155,32 @@ def load_checkpoint_bytes(data: bytes, path, map_location="cpu") -> dict:
                                      f"as weights only: {error}") from error
 
 
+def check_training_state(state, path) -> dict:
+    """``state`` if it is a training checkpoint this code can resume (written by train.py, of
+    a state version it knows), else a CheckpointError naming ``path`` and what is wrong: an
+    intact file of another kind or of a newer batikfast would otherwise fail deep inside the
+    resume with a KeyError."""
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"{path} holds a {type(state).__name__}, not a training "
+                                     "checkpoint")
+    version = state.get("version")
+    if state.get("format") == "batikfast-checkpoint" and isinstance(version, int) \
+            and version > FORMAT_VERSION:
+        raise UnsupportedCheckpointError(
+            f"{path} is a training checkpoint of state version {version}, newer than this "
+            f"batikfast reads ({FORMAT_VERSION}): use the batikfast version that wrote it")
+    missing = [key for key in TRAINING_KEYS if key not in state]
+    progress = state.get("progress")
+    if not missing and not (isinstance(progress, dict) and
+                            all(k in progress for k in ("step", "cur_nimg", "tick"))):
+        missing = ["progress (step, cur_nimg, tick)"]
+    if missing:
+        raise CorruptCheckpointError(
+            f"{path} is an intact file but not a training checkpoint written by train.py "
+            f"(missing {', '.join(missing)}): it cannot be resumed")
+    return state
+
+
 def verify_checkpoint(path) -> str | None:
     """None when ``path`` is a complete, uncorrupted checkpoint; otherwise the reason."""
     try:
@@ -160,12 +201,18 @@ def list_checkpoints(folder) -> list[Path]:
 
 
 def latest_valid_checkpoint(folder, warn=print) -> Path | None:
-    """The newest checkpoint in ``folder`` that verifies; invalid ones are reported and skipped."""
+    """The newest checkpoint in ``folder`` that verifies; invalid ones are reported and skipped.
+    One of a newer format than this code reads is an UnsupportedCheckpointError: resuming an
+    older one instead would silently drop the newer run's progress."""
     for path in list_checkpoints(folder):
-        reason = verify_checkpoint(path)
-        if reason is None:
-            return path
-        warn(f"skipping checkpoint: {reason}")
+        try:
+            _read_verified_payload(path)
+        except UnsupportedCheckpointError:
+            raise
+        except CheckpointError as error:
+            warn(f"skipping checkpoint: {error}")
+            continue
+        return path
     return None
 
 

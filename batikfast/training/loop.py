@@ -330,14 +330,22 @@ class Trainer:
         return next(p.opt for p in self.phases if p.name.startswith(which))
 
     def load_state_dict(self, state: dict, source: str) -> None:
-        self.G.load_state_dict(state["G"])
-        self.D.load_state_dict(state["D"])
-        self.G_ema.load_state_dict(state["G_ema"])
-        self._opt("G").load_state_dict(state["G_opt"])
-        self._opt("D").load_state_dict(state["D_opt"])
-        self.parts.load_state_dict(state["training"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.latent_gen.set_state(state["latent_gen"])
+        try:
+            self.G.load_state_dict(state["G"])
+            self.D.load_state_dict(state["D"])
+            self.G_ema.load_state_dict(state["G_ema"])
+            self._opt("G").load_state_dict(state["G_opt"])
+            self._opt("D").load_state_dict(state["D_opt"])
+            self.parts.load_state_dict(state["training"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.latent_gen.set_state(state["latent_gen"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as error:
+            # weights that are not those of the networks its own config describes
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            raise ckpt.CorruptCheckpointError(
+                f"{source} does not fit the networks of its own configuration "
+                f"({type(error).__name__}: {' '.join(lines[:2])}); it cannot be resumed") \
+                from error
         progress = state["progress"]
         self.cur_nimg, self.step, self.tick = (int(progress["cur_nimg"]), int(progress["step"]),
                                                int(progress["tick"]))
@@ -662,14 +670,26 @@ def _resume_state(resume, outdir: Path, info) -> tuple[dict | None, str | None]:
     data, source, state, error = None, None, None, None
     try:
         if resume == "auto":
-            found = ckpt.latest_valid_checkpoint(
-                outdir, warn=print if info.is_main else (lambda m: None))
-            if found is not None:
-                data, source = ckpt.read_checkpoint_file(found), str(found)
+            # The newest that is intact and holds a training state: truncated, corrupt and
+            # foreign files are skipped, saying so; one of a newer format stops the run
+            # (resuming an older one instead would drop the newer run's progress).
+            for path in ckpt.list_checkpoints(outdir):
+                try:
+                    data = ckpt.read_checkpoint_file(path)
+                    state = ckpt.check_training_state(ckpt.load_checkpoint_bytes(data, path),
+                                                      path)
+                except ckpt.UnsupportedCheckpointError:
+                    raise
+                except ckpt.CheckpointError as err:
+                    data, state = None, None
+                    if info.is_main:
+                        print(f"skipping checkpoint: {err}")
+                    continue
+                source = str(path)
+                break
         elif resume:
             data, source = ckpt.read_checkpoint_file(resume), str(resume)
-        if data is not None:
-            state = ckpt.load_checkpoint_bytes(data, source)
+            state = ckpt.check_training_state(ckpt.load_checkpoint_bytes(data, source), source)
     except ckpt.CheckpointError as err:  # raised below unless another rank has a checkpoint
         data, state, error = None, None, err
     step = None if state is None else int(state["progress"]["step"])
@@ -688,7 +708,8 @@ def _resume_state(resume, outdir: Path, info) -> tuple[dict | None, str | None]:
     if info.is_main:
         print(f"resuming: the ranks found checkpoints at steps {steps} (None: none); every "
               f"rank continues from rank {src}'s {source}")
-    return ckpt.load_checkpoint_bytes(data, f"{source} (from rank {src})"), source
+    return ckpt.check_training_state(
+        ckpt.load_checkpoint_bytes(data, f"{source} (from rank {src})"), source), source
 
 
 def _train(config: dict, outdir: Path, resume, info, given=None) -> dict:
