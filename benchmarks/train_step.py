@@ -356,9 +356,16 @@ def main(argv=None) -> dict:
         "one fixed in-memory batch of real images (data loader not measured)"
     if device.type == "cuda":  # run_metadata's default, "CUDA events", is run.py's timer
         meta["timing"] = "wall clock over whole steps, GPU synchronised before and after"
+    # What measure_setup really times: --quick takes a couple of steps, not whole cycles.
+    if args.quick:
+        warmup = 1 if args.warmup_steps is None else args.warmup_steps
+        timed = (f"--quick: {args.cycles or 2} steps after {warmup} warm-up, not whole cycles "
+                 "(the lazy regularisation phases are not in their true proportion)")
+    else:
+        timed = f"timed over {args.cycles or 2} whole 16-step cycles after warm-up"
     meta.update(cfg=args.cfg, what=(
-        f"the real loop's Trainer.train_step, all phases with lazy regularisation, timed over "
-        f"whole 16-step cycles after warm-up; reals: {data}"))
+        f"the real loop's Trainer.train_step, all phases with lazy regularisation, {timed}; "
+        f"reals: {data}"))
     # The same first line as run.py's: on the CPU the figures are labelled not comparable.
     print(f"batikfast training step ({args.cfg}) on {meta['device']} ({meta['timing']}); "
           f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "

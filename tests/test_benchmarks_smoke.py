@@ -634,3 +634,15 @@ def test_train_step_first_line_says_cpu_timings_are_not_comparable(tmp_path, mon
     assert "CPU (not comparable)" in first and payload["meta"]["timing"] in first
     for key in ("torch", "triton", "git_commit"):
         assert str(payload["meta"][key]) in first
+
+
+def test_train_step_report_says_a_quick_run_times_steps_not_whole_cycles(tmp_path, monkeypatch):
+    """train_step.md said "timed over whole 16-step cycles" for --quick runs, which time two
+    steps after one warm-up step."""
+    from benchmarks import train_step
+    monkeypatch.setattr(train_step, "run", lambda args, device, rows: rows)
+    quick = train_step.main(["--quick", "--device", "cpu", "--outdir", str(tmp_path)])
+    assert "whole 16-step cycles" not in quick["meta"]["what"]
+    assert "--quick: 2 steps after 1 warm-up" in (tmp_path / "train_step.md").read_text()
+    full = train_step.main(["--cycles", "3", "--device", "cpu", "--outdir", str(tmp_path)])
+    assert "3 whole 16-step cycles" in full["meta"]["what"]
