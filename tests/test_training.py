@@ -595,6 +595,41 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_training_goes_on(t
     assert ckpt.latest_valid_checkpoint(tmp_path) == good
 
 
+def test_a_full_disk_under_the_log_stats_and_image_grids_does_not_end_the_run(
+        tmp_path, monkeypatch, capsys):
+    """Seen with a 70 MiB tmpfs filled mid-run: the checkpoint writes failed as designed, but
+    the next flush of stats.jsonl raised ENOSPC out of the loop (exit 1, a traceback)."""
+    import io
+    from batikfast.training import rundir
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    class FullDiskFile(io.StringIO):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+        flush = close = no_room
+
+    real_init = rundir.RunLogger.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self._log.close(), self._jsonl.close()
+        self._log, self._jsonl = FullDiskFile("log.txt"), FullDiskFile("stats.jsonl")
+
+    monkeypatch.setattr(rundir.RunLogger, "__init__", init)
+    monkeypatch.setattr(rundir.Image.Image, "save", no_room)  # every grid, reals.png included
+    result = train(micro_config(steps=3, image_snap=1, snap=1), tmp_path / "run")
+    assert result["step"] == 3 and ckpt.verify_checkpoint(result["checkpoint"]) is None
+    out, err = capsys.readouterr()
+    assert err.count("warning: cannot write log.txt") == 1  # once, not at every line
+    assert err.count("warning: cannot write stats.jsonl") == 1
+    assert "image grid reals.png not written" in out and "image grid fakes00000003.png not " \
+        "written" in out
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
 def test_backend_option_selects_the_op_implementation(tmp_path):
     import batikfast
     try:

@@ -499,8 +499,12 @@ class Trainer:
         for z, c in zip(self.grid_z.split(self.batch_gpu), self.grid_c.split(self.batch_gpu)):
             out = self.G_ema(z.to(self.device), c.to(self.device), noise_mode="const")
             images.append(to_uint8(out).cpu())
-        path = rundir.save_image_grid(torch.cat(images), self.outdir / name)
-        rundir.save_image_grid(torch.cat(images), self.outdir / "fakes_latest.png")
+        try:
+            path = rundir.save_image_grid(torch.cat(images), self.outdir / name)
+            rundir.save_image_grid(torch.cat(images), self.outdir / "fakes_latest.png")
+        except OSError as error:  # a full disk: the checkpoint may still find room later
+            self.log(f"image grid {name} not written: {error}; training continues")
+            return
         self.log(f"image grid {path}")
 
     def save_reals_grid(self) -> None:
@@ -508,7 +512,10 @@ class Trainer:
             return
         n = min(self.grid_z.shape[0], len(self.dataset))
         images = np.stack([self.dataset[i][0] for i in range(n)])
-        rundir.save_image_grid(images, self.outdir / "reals.png")
+        try:
+            rundir.save_image_grid(images, self.outdir / "reals.png")
+        except OSError as error:
+            self.log(f"image grid reals.png not written: {error}; training continues")
 
     def evaluate_metrics(self) -> None:
         cfg = self.config

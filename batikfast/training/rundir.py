@@ -62,6 +62,7 @@ class RunLogger:
         self._log = open(self.outdir / "log.txt", "a", encoding="utf-8") if enabled else None
         self._jsonl = open(self.outdir / "stats.jsonl", "a", encoding="utf-8") if enabled else None
         self._tb = None
+        self._failing: set = set()
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -70,29 +71,53 @@ class RunLogger:
             except Exception:  # tensorboard is optional
                 self._tb = None
 
+    def _write(self, handle, text: str) -> None:
+        """Append ``text`` to ``handle``. A full disk (or a folder gone read-only) must not end
+        a run that can still save its checkpoint later: the failure is said once on stderr,
+        and the file's buffer is flushed again at the next write, which succeeds once the disk
+        has room again."""
+        try:
+            handle.write(text)
+            handle.flush()
+        except OSError as error:
+            if handle not in self._failing:
+                self._failing.add(handle)
+                print(f"warning: cannot write {handle.name} ({error}); training goes on (its "
+                      "lines still go to stdout)", file=sys.stderr, flush=True)
+        else:
+            self._failing.discard(handle)
+
     def print(self, message: str) -> None:
         if not self.enabled:
             return
         print(message, flush=True)
-        self._log.write(message + "\n")
-        self._log.flush()
+        self._write(self._log, message + "\n")
 
     def scalars(self, values: dict, nimg: int) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"nimg": nimg, "timestamp": time.time(), **values}) + "\n")
-        self._jsonl.flush()
+        self._write(self._jsonl,
+                    json.dumps({"nimg": nimg, "timestamp": time.time(), **values}) + "\n")
         if self._tb is not None:
-            for name, value in values.items():
-                self._tb.add_scalar(name, value, global_step=nimg)
-            self._tb.flush()
+            try:
+                for name, value in values.items():
+                    self._tb.add_scalar(name, value, global_step=nimg)
+                self._tb.flush()
+            except OSError:  # TensorBoard is optional; stats.jsonl says the same
+                pass
 
     def close(self) -> None:
         for handle in (self._log, self._jsonl):
             if handle is not None:
-                handle.close()
+                try:
+                    handle.close()
+                except OSError:  # the disk is full: what was written stays
+                    pass
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError:
+                pass
 
 
 def save_config(outdir, config: dict) -> None:
@@ -119,8 +144,12 @@ def save_image_grid(images, path, columns: int | None = None) -> Path:
     image = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="png")
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # a full disk: no half-written grid left behind
+            tmp.unlink()
     return path
 
 
