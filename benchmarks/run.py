@@ -310,6 +310,12 @@ def main(argv=None) -> dict:
                 budget_s=args.budget, channels_last=args.channels_last)
     print(f"batikfast op benchmarks on {meta['device']} ({meta['timing']}); torch {meta['torch']}, "
           f"triton {meta['triton']}, CUDA {meta['cuda']}, commit {meta['git_commit']}")
+    if device.type == "cpu" and "triton" in args.backends and set(args.shapes) != {"tiny"}:
+        # Said before, not after: the first interpreted paper256 case alone runs for minutes
+        # to hours, with no line printed until it ends.
+        print("note: on the CPU Triton runs interpreted, minutes to hours per case at these "
+              "shapes; --quick (tiny shapes) checks the script in seconds, and no CPU figure "
+              "is comparable with a GPU's", flush=True)
     ceilings = None
     if not args.no_ceilings:
         ceilings = ceilings_mod.measure_ceilings(device, timer)

@@ -646,3 +646,18 @@ def test_train_step_report_says_a_quick_run_times_steps_not_whole_cycles(tmp_pat
     assert "--quick: 2 steps after 1 warm-up" in (tmp_path / "train_step.md").read_text()
     full = train_step.main(["--cycles", "3", "--device", "cpu", "--outdir", str(tmp_path)])
     assert "3 whole 16-step cycles" in full["meta"]["what"]
+
+
+def test_op_run_on_the_cpu_at_full_shapes_says_first_that_triton_is_interpreted(
+        tmp_path, monkeypatch, capsys):
+    """`python benchmarks/run.py` on a machine without a GPU started the paper256 shapes with
+    interpreted Triton and printed nothing for the hours the first case took."""
+    from benchmarks import run
+    monkeypatch.setattr(run.Runner, "run", lambda self: [])
+    argv = ["--device", "cpu", "--ops", "bias_act", "--no-ceilings", "--no-compile"]
+    run.main(argv + ["--outdir", str(tmp_path / "full")])
+    out = capsys.readouterr().out
+    assert "Triton runs interpreted" in out and "--quick" in out
+    run.main(argv + ["--quick", "--outdir", str(tmp_path / "quick")])
+    run.main(argv + ["--backends", "ref", "--outdir", str(tmp_path / "ref")])
+    assert "interpreted" not in capsys.readouterr().out
