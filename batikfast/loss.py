@@ -32,7 +32,13 @@ refuses the custom op under torch.func ("In order to use an autograd.Function wi
 transforms (vmap, grad, jvp, jacrev, ...), it must override the setup_context staticmethod"),
 and routing them through their setup_context autograd.Function instead fails at the nested
 backward op ("InternalTorchDynamoError: AttributeError: 'AutogradFunctionContextVariable'
-object has no attribute 'proxy'"). The training model falls back to eager in that case.
+object has no attribute 'proxy'"). Two more routes, tried in session 5 and dropped: giving that
+Function's forward an explicit signature gets past Dynamo, and the inner gradient's values are
+right, but the compiled graph's output no longer depends on the parameters (Dynamo's
+autograd.Function is once-differentiable: R1's gradient would be lost); a Python kernel at the
+op's Autograd key that applies the Function fails under torch.func even eagerly
+("custom_function_call ... at dispatch key AutogradCPU"). The training model falls back to eager
+in that case.
 """
 from __future__ import annotations
 
