@@ -193,7 +193,9 @@ def run(args, nvidia: Nvidia, device: torch.device, timer: Timer, rows: list) ->
                                     dtype=dtype_name, mode=mode, shape=case.describe(batch),
                                     bytes=nbytes, flops=flops)
                         if args.budget is not None and time.perf_counter() - started > args.budget:
+                            # printed too: skipped cases vanished from the terminal
                             rows.append(dict(base, impl="all", status="skipped: time budget"))
+                            _print_row(rows[-1])
                             continue
                         rows.extend(_run_case(args, nvidia, device, timer, case, batch, dtype,
                                               mode, base))
@@ -274,7 +276,12 @@ def markdown(payload: dict) -> str:
     for row in rows:
         key = (row["shape_set"], row["batch"], row["dtype"], row["mode"])
         groups.setdefault(key, []).append(row)
-    impls = list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "all"))
+    # "all" marks a case --budget skipped for every implementation: its cells say so, and
+    # with nothing measured at all the table keeps one column (it had none, and broke).
+    impls = list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "all")) or ["all"]
+    skipped = sum(r["impl"] == "all" for r in rows)
+    if skipped:
+        out += [f"{skipped} case(s) skipped: time budget of {meta.get('budget_s')} s reached.", ""]
     for (shape_set, batch, dtype, mode), group in groups.items():
         out += [f"## {shape_set}, batch {batch}, {dtype}, {mode}", "",
                 "| case | shape | " + " | ".join(impls) + " |", "|---|---|" + "---|" * len(impls)]
@@ -283,7 +290,8 @@ def markdown(payload: dict) -> str:
             by_case.setdefault(row["case"], {})[row["impl"]] = row
         for case, cells in by_case.items():
             shape = next(iter(cells.values()))["shape"]
-            out.append(f"| {case} | {shape} | " + " | ".join(_cell(cells.get(i)) for i in impls)
+            out.append(f"| {case} | {shape} | "
+                       + " | ".join(_cell(cells.get(i) or cells.get("all")) for i in impls)
                        + " |")
         out.append("")
     return "\n".join(out) + "\n"
@@ -311,7 +319,7 @@ def main(argv=None) -> dict:
     timer = Timer(device, rep_ms=args.rep_ms or (20.0 if args.quick else 100.0),
                   min_repeats=1 if device.type == "cpu" else 10)
     meta = common.run_metadata(device)
-    meta.update(timing=timer.method, nvidia_path=str(args.nvidia_path),
+    meta.update(timing=timer.method, budget_s=args.budget, nvidia_path=str(args.nvidia_path),
                 nvidia_flavour=nvidia.flavour, nvidia_paths=nvidia.paths)
     print(f"batikfast vs NVIDIA {nvidia.flavour} on {meta['device']} ({meta['timing']})")
     for op, (kind, why) in nvidia.paths.items():

@@ -661,3 +661,30 @@ def test_op_run_on_the_cpu_at_full_shapes_says_first_that_triton_is_interpreted(
     run.main(argv + ["--quick", "--outdir", str(tmp_path / "quick")])
     run.main(argv + ["--backends", "ref", "--outdir", str(tmp_path / "ref")])
     assert "interpreted" not in capsys.readouterr().out
+
+
+def test_peer_report_marks_cases_the_budget_skipped(capsys):
+    """Cases skipped by --budget were neither printed nor marked: their cells were blank, and
+    with every case skipped the table had no implementation column (a broken markdown table)."""
+    from benchmarks import peer_nvidia
+    meta = dict(device="GPU", device_type="cuda", date="d", git_commit="c", torch="t",
+                triton="tr", cuda="cu", timing="CUDA events", budget_s=5.0,
+                nvidia_flavour="stylegan3", nvidia_path="p", nvidia_paths={})
+    base = dict(op="bias_act", shape_set="tiny", batch=2, dtype="fp32", mode="fwd",
+                shape="[2,8,8,8]", bytes=1, flops=0)
+    measured = [dict(base, case="tiny.act", impl="nvidia-cuda", status="ok", ms=1.0, ms_p20=1.0,
+                     ms_p80=1.0),
+                dict(base, case="tiny.act", impl="batikfast-cuda", status="ok", ms=0.5,
+                     ms_p20=0.5, ms_p80=0.5, speedup_vs_nvidia=2.0)]
+    skipped = dict(base, case="tiny.up2", impl="all", status="skipped: time budget")
+    text = peer_nvidia.markdown(dict(meta=meta, results=measured + [skipped]))
+    assert "| tiny.up2 | [2,8,8,8] | skipped | skipped |" in text
+    assert "1 case(s) skipped: time budget of 5.0 s reached" in text
+    text = peer_nvidia.markdown(dict(meta=meta, results=[skipped]))
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1  # header, rule and rows agree
+    args = peer_nvidia.parse_args(["--nvidia-path", ".", "--quick", "--ops", "bias_act",
+                                   "--budget", "1e-9"])
+    rows = peer_nvidia.run(args, None, torch.device("cpu"), None, [])
+    out = capsys.readouterr().out
+    assert rows and out.count("skipped: time budget") == len(rows)
