@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-features", default=None, help="feature network file for --metrics")
     p.add_argument("--metrics-num", type=int, default=None, help="images generated (and real "
                    "images read, at most the dataset's) per evaluation (default 10000)")
+    p.add_argument("--ddp-timeout", type=float, default=None, dest="ddp_timeout_s",
+                   metavar="SECONDS", help="under torchrun, how long a rank waits for the others "
+                   "in a collective before it gives up with an error naming it (default 600)")
     p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -125,6 +128,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     from batikfast.training.loop import TrainingDiverged, train
+    from batikfast.training.distributed import RankFailure
     from batikfast.training.rundir import OutputDirError
     from batikfast.training.checkpoint import CheckpointError
     from batikfast.data import DatasetError
@@ -140,6 +144,9 @@ def main(argv=None) -> int:
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
+    except RankFailure as error:  # another rank died or hung: one line, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0  # also after SIGTERM/SIGINT: the checkpoint is saved, --resume auto continues
 
 

@@ -328,6 +328,39 @@ def test_sigterm_to_torchrun_makes_every_rank_save_a_checkpoint_and_stop(tmp_pat
     assert state["progress"]["world_size"] == 2 and state["progress"]["step"] >= 10
 
 
+def test_a_hung_rank_stops_the_other_after_the_ddp_timeout_with_one_line(tmp_path):
+    """A rank that stops answering without dying (a stopped process, a node that lost power:
+    no connection is closed) is only noticed by the timeout, which --ddp-timeout sets (it was
+    fixed at 600 s, with no option). The other rank ends with one line naming the collective
+    that failed, not a traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    run, port, timeout = tmp_path / "run", _free_port(), 8
+    ranks = [_start([sys.executable, *_tiny_cpu_run(
+        run, "--kimg", "10", "--tick", "0.004", "--snap", "1000", "--image-snap", "1000",
+        "--ddp-timeout", str(timeout))], tmp_path, RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for rank in (0, 1)]
+    try:
+        log_file = run / "log.txt"
+        _wait_until(lambda: log_file.exists() and "tick 2 " in log_file.read_text(), ranks,
+                    "training did not start")
+        os.kill(ranks[1].pid, signal.SIGSTOP)
+        stopped = time.time()
+        output = ranks[0].communicate(timeout=timeout + 60)[0]
+        waited = time.time() - stopped
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+                rank.wait()
+    assert ranks[0].returncode == 1, output[-3000:]
+    assert timeout - 1 < waited < timeout + 45, waited
+    assert "error: rank 0:" in output and "another rank died or hung" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+
+
 def test_nodes_without_a_shared_run_folder_resume_together_from_the_one_checkpoint(tmp_path):
     """Only the node of global rank 0 writes checkpoints. Resuming with folders that are not
     shared, one node finds a checkpoint and the other none: both must continue from it (a rank

@@ -435,8 +435,13 @@ def test_command_line_options_reach_the_config(capsys):
     args = cli.build_parser().parse_args(
         ["--outdir", "x", "--cfg", "paper256", "--loss", "wgan", "--aug", "ada", "--ts-dist",
          "uniform", "--no-diffusion", "--precision", "bf16", "--batch", "32", "--no-compile",
-         "--kimg", "5", "--seed", "3", "--backend", "ref", "--deterministic"])
+         "--kimg", "5", "--seed", "3", "--backend", "ref", "--deterministic",
+         "--ddp-timeout", "90"])
     config = cli.config_from_args(args)
+    assert config["ddp_timeout_s"] == 90
+    with pytest.raises(ValueError, match="ddp-timeout"):
+        cli.config_from_args(cli.build_parser().parse_args(["--outdir", "x", "--ddp-timeout",
+                                                            "0"]))
     assert (config["loss"], config["aug"], config["ts_dist"], config["diffusion"]) == \
         ("wgan", "ada", "uniform", False)
     assert (config["precision"], config["batch"], config["batch_gpu"]) == ("bf16", 32, 16)

@@ -90,6 +90,9 @@ def validate_config(config: dict) -> None:
             raise ConfigError(f"{key} must be a positive integer, got {config[key]!r}")
     if config["kimg"] <= 0:
         raise ConfigError(f"kimg must be positive, got {config['kimg']}")
+    if not config["ddp_timeout_s"] > 0:  # nan too
+        raise ConfigError(f"ddp_timeout_s (--ddp-timeout) must be a positive number of seconds, "
+                          f"got {config['ddp_timeout_s']!r}")
     if config.get("cudagraphs") not in (None, False, True):
         raise ConfigError(f"cudagraphs must be True or False, got {config['cudagraphs']!r}")
     if config.get("cudagraphs") and config["compile"] is False:
