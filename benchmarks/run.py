@@ -340,7 +340,10 @@ def main(argv=None) -> dict:
     print(f"\nwrote {outdir / 'ops.json'}, {outdir / 'ops.md'}; {png_note}")
     if runner.skipped:
         print(f"{runner.skipped} measurements skipped: --budget {args.budget} s reached")
-    if args.train_step:
+    if args.train_step and meta.get("interrupted"):
+        # Ctrl-C (or gpu_check.sh's time limit) means stop, not "go on to the next script".
+        print("--train-step not run: the op benchmarks were interrupted")
+    elif args.train_step:
         from benchmarks import train_step
         ts_argv = ["--outdir", str(outdir)] + (["--quick"] if args.quick else [])
         if args.device:

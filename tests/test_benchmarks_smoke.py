@@ -688,3 +688,22 @@ def test_peer_report_marks_cases_the_budget_skipped(capsys):
     rows = peer_nvidia.run(args, None, torch.device("cpu"), None, [])
     out = capsys.readouterr().out
     assert rows and out.count("skipped: time budget") == len(rows)
+
+
+def test_an_interrupted_op_run_does_not_go_on_to_the_training_step(tmp_path, monkeypatch, capsys):
+    """After Ctrl-C the op results were written and then `--train-step` started the whole
+    training-step benchmark anyway."""
+    from benchmarks import run, train_step
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    def started(argv=None):
+        raise AssertionError("the training step started after an interrupt")
+
+    monkeypatch.setattr(run.Runner, "run", interrupted)
+    monkeypatch.setattr(train_step, "main", started)
+    payload = run.main(["--quick", "--ops", "bias_act", "--backends", "ref", "--no-ceilings",
+                        "--train-step", "--outdir", str(tmp_path)])
+    assert payload["meta"]["interrupted"] is True
+    assert "--train-step not run" in capsys.readouterr().out
