@@ -94,6 +94,12 @@ log "repo $REPO, OUT $OUT, steps: $STEPS"
     git log -1 --format='commit %H %s' 2>&1
     git status --short 2>&1 | head -20
 } | tee -a "$LOG"
+# Without a GPU every step still runs, on the CPU: say so at the top of the log and the summary
+# instead of leaving it to a "GPU None" in the version line.
+if [[ $("$PYTHON" -c "import torch; print(torch.cuda.is_available())" 2>/dev/null) != True ]]; then
+    log "WARNING: no GPU visible to torch: every step runs on the CPU; its timings are CPU (not comparable) and targets.py judges none of them"
+    echo "no GPU visible: CPU timings (not comparable), no target judged" >>"$SUMMARY"
+fi
 
 if want build; then
     extension_fresh() {

@@ -707,3 +707,21 @@ def test_an_interrupted_op_run_does_not_go_on_to_the_training_step(tmp_path, mon
                         "--train-step", "--outdir", str(tmp_path)])
     assert payload["meta"]["interrupted"] is True
     assert "--train-step not run" in capsys.readouterr().out
+
+
+def test_gpu_check_script_says_at_the_top_when_no_gpu_is_visible(tmp_path):
+    """On a machine without a GPU the script ran every step on the CPU and only a "GPU None"
+    in the version block told; the summary read like a GPU run's."""
+    import shutil
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils timeout")
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-GPU message")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), RESULTS_DIR=str(tmp_path / "results" / "cpu-test"),
+               PYTHON=sys.executable, TRITON_INTERPRET="1",
+               BENCH_ARGS="--quick --ops bias_act --backends ref --modes fwd --no-ceilings")
+    subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "bench"], cwd=tmp_path,
+                   env=env, capture_output=True, text=True, timeout=300)
+    assert "WARNING: no GPU visible to torch" in (out / "gpu_check.log").read_text()
+    assert (out / "summary.txt").read_text().startswith("no GPU visible")
