@@ -361,6 +361,54 @@ def test_a_hung_rank_stops_the_other_after_the_ddp_timeout_with_one_line(tmp_pat
     assert "Traceback" not in output, output[-3000:]
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers "
+                    "through Linux /proc")
+def test_sigkill_to_torchrun_makes_its_orphaned_ranks_save_a_checkpoint_and_stop(tmp_path):
+    """torchrun killed with SIGKILL cannot pass anything on: its workers, re-parented, went on
+    training to the end of the run (days, holding the GPUs, writing into the run folder beside
+    a restarted one). They now stop as on SIGTERM, with one checkpoint."""
+    import signal
+    import time
+    run = tmp_path / "run"
+    agent = _start(_standalone_torchrun(*_tiny_cpu_run(
+        run, "--kimg", "10", "--tick", "0.04", "--snap", "1000", "--image-snap", "1000")),
+        tmp_path)
+    log_file = run / "log.txt"
+
+    def running(pid):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        return "\nState:\tZ" not in status  # a zombie has exited
+
+    workers = []
+    try:
+        _wait_until(lambda: log_file.exists() and "tick 0 " in log_file.read_text(), [agent],
+                    "training did not start")
+        workers = list(_worker_pids(agent.pid).values())
+        assert len(workers) == 2
+        agent.kill()
+        agent.wait()
+        deadline = time.time() + 120
+        while any(running(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        alive = [pid for pid in workers if running(pid)]
+    finally:
+        if agent.poll() is None:
+            workers = workers or list(_worker_pids(agent.pid).values())
+            agent.kill()
+            agent.wait()
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not alive, "torchrun's workers kept training after it was killed"
+    log = log_file.read_text()
+    assert "which started this rank, is gone" in log and "stopped by the exit of torchrun" in log
+    state = ckpt.load_checkpoint(ckpt.latest_valid_checkpoint(run))
+    assert state["progress"]["world_size"] == 2 and state["progress"]["cur_nimg"] < 10000
+
+
 def test_nodes_without_a_shared_run_folder_resume_together_from_the_one_checkpoint(tmp_path):
     """Only the node of global rank 0 writes checkpoints. Resuming with folders that are not
     shared, one node finds a checkpoint and the other none: both must continue from it (a rank

@@ -561,6 +561,19 @@ class Trainer:
                 pass
         return previous
 
+    @staticmethod
+    def _launcher_pid() -> int | None:
+        """The torchrun agent that started this rank (its parent), or None outside torchrun."""
+        return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+
+    def _check_launcher(self, launcher: int | None) -> None:
+        """A torchrun agent killed with SIGKILL (or lost with its terminal) leaves its workers
+        running on their own: they would train on for days, holding the GPUs, and write into
+        the run folder beside a restarted run. Its workers notice they were re-parented and
+        stop as on SIGTERM: the ranks agree, save a checkpoint and exit."""
+        if launcher is not None and self.stop_signal is None and os.getppid() != launcher:
+            self.stop_signal = "the exit of torchrun"
+
     def _stop_agreed(self) -> bool:
         if not self.info.distributed:
             return self.stop_signal is not None
@@ -577,6 +590,7 @@ class Trainer:
                              seed=cfg["seed"], start=self.cur_nimg, num_workers=self._workers(),
                              pin_memory=self.device.type == "cuda", prefetch_factor=4)
         previous_handlers = self._install_signal_handlers()
+        launcher = self._launcher_pid()
         self.log(self.parts.describe())
         self.log(f"op backend: {cfg['backend']} (batikfast.set_backend; "
                  "`python -m batikfast.info` lists what can run here)")
@@ -594,9 +608,12 @@ class Trainer:
         try:
             while not done:
                 self.train_step(loader)
+                self._check_launcher(launcher)
                 if self.stop_signal is not None and not stop_announced:
-                    self.log(f"{self.stop_signal} received: finishing this step and saving a "
-                             "checkpoint")
+                    what = (f"torchrun (pid {launcher}), which started this rank, is gone"
+                            if self.stop_signal == "the exit of torchrun" else
+                            f"{self.stop_signal} received")
+                    self.log(f"{what}: finishing this step and saving a checkpoint")
                     stop_announced = True
                 done = self.cur_nimg >= total_nimg or (stop_after is not None
                                                         and self.step >= stop_after)
