@@ -332,5 +332,5 @@ def markdown_preamble(title: str, meta: dict, provenance: list[str]) -> list[str
         out += [f"**{CPU_LABEL}**: checks the script only.", ""]
     out += provenance
     if meta.get("interrupted"):
-        out.append("- **interrupted by a time limit: the run is incomplete**")
+        out.append("- **interrupted (Ctrl-C or a time limit): the run is incomplete**")
     return out + [""]

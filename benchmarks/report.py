@@ -74,7 +74,7 @@ def markdown(payload: dict) -> str:
         out.append(f"- measured ceilings: copy **{ceilings['copy_gbps']:.0f} GB/s**; matmul "
                    + ", ".join(f"{k} **{v:.1f}** TFLOP/s" for k, v in flops.items()))
     if meta.get("interrupted"):
-        out.append("- **interrupted by a time limit: the run is incomplete**")
+        out.append("- **interrupted (Ctrl-C or a time limit): the run is incomplete**")
     if meta.get("skipped_for_budget"):
         out.append(f"- {meta['skipped_for_budget']} measurements skipped (time budget "
                    f"{meta.get('budget_s')} s)")

@@ -352,5 +352,10 @@ def main(argv=None) -> dict:
     return payload
 
 
+def exit_status(payload: dict) -> int:
+    """130 after Ctrl-C or a time limit's SIGINT, as a shell reports an interrupted command."""
+    return 130 if payload["meta"].get("interrupted") else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -581,6 +581,9 @@ def test_an_interrupted_op_run_keeps_what_the_case_in_flight_had_measured(tmp_pa
     assert statuses == [("ref", "ok"), ("triton", "interrupted")]
     saved = json.loads((tmp_path / "ops.json").read_text())
     assert [row["status"] for row in saved["results"]] == ["ok", "interrupted"]
+    # a shell, a CI job and gpu_check.sh see an interrupted run as one (it exited 0)
+    assert run.exit_status(payload) == 130
+    assert "interrupted (Ctrl-C or a time limit)" in (tmp_path / "ops.md").read_text()
 
 
 def test_networks_benchmark_prints_the_setups_it_could_not_run_or_skipped(monkeypatch, capsys):
