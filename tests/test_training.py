@@ -522,7 +522,8 @@ def test_resume_skips_or_refuses_intact_files_that_are_not_this_runs_training_st
     # named with --resume: one line and exit 2, not a KeyError traceback
     cli = ["--outdir", str(tmp_path / "other"), "--cfg", "tiny", "--resolution", "16",
            "--workers", "0", "--device", "cpu", "--resume"]
-    assert _train_main([*cli, str(run / ckpt.checkpoint_name(7))]) == 2
+    foreign = run / f"abandoned-{ckpt.checkpoint_name(7)}"  # set aside by the resumed run
+    assert _train_main([*cli, str(foreign)]) == 2
     assert "not a training checkpoint written by train.py" in capsys.readouterr().err
     # a newer batikfast's state, and weights that do not fit their own config
     newer = ckpt.save_checkpoint(dict(state, version=2, G_new=state["G"]), tmp_path / "new.pt")
@@ -532,6 +533,23 @@ def test_resume_skips_or_refuses_intact_files_that_are_not_this_runs_training_st
     odd = ckpt.save_checkpoint(dict(state, config=config), tmp_path / "odd.pt")
     assert _train_main([*cli, str(odd)]) == 2
     assert "does not fit the networks of its own configuration" in capsys.readouterr().err
+
+
+def test_a_run_rolled_back_to_an_older_checkpoint_keeps_its_own_checkpoints(tmp_path):
+    """Resuming an older checkpoint in the same folder (a roll-back after a divergence, say):
+    pruning keeps the highest steps, so every new checkpoint was deleted as soon as written
+    while the log named it, and --resume auto went back to the abandoned line."""
+    import shutil
+    run = tmp_path / "run"
+    train(micro_config(steps=1, snap=1), run)
+    older = shutil.copy(ckpt.latest_valid_checkpoint(run), tmp_path / "step1.pt")
+    train(micro_config(steps=6, snap=1), run, resume="auto")  # keeps steps 4, 5, 6
+    result = train(micro_config(steps=2, snap=1), run, resume=str(older))
+    assert result["checkpoint"].exists()
+    assert ckpt.latest_valid_checkpoint(run) == result["checkpoint"]  # this run's step 2
+    assert sorted(p.name for p in run.glob("abandoned-*")) == [
+        f"abandoned-{ckpt.checkpoint_name(step)}" for step in (4, 5, 6)]
+    assert "set aside 3 checkpoint(s) beyond step 1" in (run / "log.txt").read_text()
 
 
 def test_bad_metrics_options_stop_the_run_before_training_not_at_its_first_checkpoint(

@@ -216,6 +216,29 @@ def latest_valid_checkpoint(folder, warn=print) -> Path | None:
     return None
 
 
+def set_aside_checkpoints_after(folder, step: int) -> list[Path]:
+    """Rename the checkpoints in ``folder`` beyond ``step`` to ``abandoned-checkpoint-*.pt``
+    and return their new paths. A run that starts at ``step`` (from scratch, or resumed from an
+    older checkpoint than the folder's newest: a roll-back after a divergence) would otherwise
+    see each of its checkpoints pruned as soon as written (pruning keeps the highest steps),
+    and ``--resume auto`` would continue the abandoned line instead of this one. Nothing is
+    deleted: renaming one back makes it resumable again."""
+    moved = []
+    for path in list_checkpoints(folder):
+        if int(NAME_PATTERN.match(path.name).group(1)) <= step:
+            continue
+        target = path.with_name(f"abandoned-{path.name}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"abandoned{n}-{path.name}")
+        os.replace(path, target)
+        moved.append(target)
+    if moved:
+        _fsync_dir(Path(folder))
+    return moved
+
+
 def prune_checkpoints(folder, keep: int) -> None:
     """Delete all but the ``keep`` newest checkpoints (call after a new one is complete)."""
     for path in list_checkpoints(folder)[max(keep, 1):]:

@@ -777,6 +777,17 @@ def _train(config: dict, outdir: Path, resume, info, given=None) -> dict:
                                                 if resume == "auto" else ""))
     else:
         trainer.load_state_dict(state, str(source))
+    if info.is_main:  # the one writer: other nodes' folders hold no checkpoints of this run
+        try:
+            moved = ckpt.set_aside_checkpoints_after(outdir, trainer.step)
+        except OSError as error:
+            raise ckpt.CheckpointError(f"cannot set aside the checkpoints in {outdir} beyond "
+                                       f"step {trainer.step}: {error}") from error
+        if moved:
+            trainer.log(f"set aside {len(moved)} checkpoint(s) beyond step {trainer.step}, of "
+                        f"an earlier or abandoned run in this folder (this run's would be pruned "
+                        f"as written, and --resume auto would pick them): "
+                        f"{', '.join(p.name for p in moved)}")
     try:
         return trainer.run()
     finally:
