@@ -541,17 +541,27 @@ class Trainer:
         local_ranks = max(torch.cuda.device_count(), 1)
         return max(1, min(8, (os.cpu_count() or 2) // local_ranks - 1))
 
+    # A signal this soon after the first is the same request: a scheduler that signals every
+    # process of the job (Slurm's scancel) reaches each rank once itself and once more through
+    # torchrun, which passes its own on; taken as "stop now", the second lost the checkpoint.
+    SAME_STOP_REQUEST_S = 5.0
+
     def _install_signal_handlers(self):
         previous = {}
+        first = []
 
         def handler(signum, frame):
             name = signal.Signals(signum).name
-            if self.stop_signal is not None:  # a second signal: stop now
+            if self.stop_signal is not None:
+                if first and time.monotonic() - first[0] < self.SAME_STOP_REQUEST_S:
+                    return  # the same request, arriving by another path
+                # a second request (Ctrl-C again, say): stop now
                 signal.signal(signum, previous.get(signum, signal.SIG_DFL))
                 raise KeyboardInterrupt(name)
             # Only the flag: a handler runs between any two bytecodes of the main thread, also
             # inside the log file's write, and logging from here would re-enter that writer
             # ("reentrant call inside BufferedWriter", seen). The loop announces the stop.
+            first.append(time.monotonic())
             self.stop_signal = name
 
         for sig in (signal.SIGTERM, signal.SIGINT):
