@@ -236,6 +236,35 @@ def test_a_diverged_run_stops_at_the_next_tick_even_with_rare_adaptive_updates(t
     assert trainer.step == 2
 
 
+def test_a_non_finite_forward_pass_leaves_no_nan_in_w_avg_or_the_path_length_mean(tmp_path):
+    """Seen with a diverging run: the step was skipped, but the NaN that G's mapping wrote into
+    its running w_avg stayed (in G_ema and in the 'last good checkpoint' too), and a NaN path
+    length mean would make every later Greg non-finite."""
+    trainer = Trainer(micro_config(steps=20), tmp_path, DistInfo())
+    original = trainer.parts.accumulate_gradients
+
+    def nan_latents(phase, **kwargs):  # a forward pass that overflows, as a diverging G does
+        if phase in ("Gmain", "Greg"):
+            kwargs["gen_z"] = torch.full_like(kwargs["gen_z"], float("nan"))
+        original(phase, **kwargs)
+
+    from batikfast.data import make_loader
+    loader = make_loader(trainer.dataset, trainer.batch_gpu, num_workers=0)
+    trainer.train_step(loader)  # a good step 0 (with Greg): w_avg and pl_mean move
+    w_avg, pl_mean = trainer.G.mapping.w_avg.clone(), trainer.parts.reg_loss.pl_mean.clone()
+    trainer.step = 4  # Greg's turn again
+    trainer.parts.accumulate_gradients = nan_latents
+    trainer.train_step(loader)
+    trainer.report_faults()
+    log = (tmp_path / "log.txt").read_text()
+    assert "phase Gmain at step 4" in log and "phase Greg at step 4" in log
+    assert torch.isfinite(trainer.G.mapping.w_avg).all()
+    assert torch.isfinite(trainer.G_ema.mapping.w_avg).all()
+    assert torch.isfinite(trainer.parts.reg_loss.pl_mean).all()
+    torch.testing.assert_close(trainer.parts.reg_loss.pl_mean, pl_mean)
+    assert not torch.equal(trainer.G.mapping.w_avg, w_avg)  # Dmain's finite pass still counts
+
+
 def test_a_skipped_step_leaves_weights_and_adam_state_untouched_without_a_host_sync(tmp_path):
     # d_reg_interval 16: step 1 runs Dmain alone, so nothing else moves D
     trainer, poison, loader = _poisoned_trainer(micro_config(steps=20, d_reg_interval=16),

@@ -67,6 +67,7 @@ class Phase:
     module: torch.nn.Module
     opt: torch.optim.Optimizer
     interval: int
+    found_inf: torch.Tensor | None = None  # the last step's skip flag (0-d, on the device)
 
 
 class LossScaler:
@@ -419,6 +420,7 @@ class Trainer:
         for index, phase in enumerate(self.phases):
             if self.step % phase.interval:
                 continue
+            running = self._running_statistics()
             phase.module.requires_grad_(True)
             phase.opt.zero_grad(set_to_none=True)
             gain = self.scaler.loss_gain(phase.interval / self.rounds)
@@ -429,9 +431,34 @@ class Trainer:
             phase.module.requires_grad_(False)
             fault = self._reduce_and_step(phase)
             if fault is not None:
+                self._keep_running_statistics_of_skipped_step(running, phase.found_inf)
                 names.append(phase.name)
                 faults.append(fault)
         self._after_step(names, faults)
+
+    def _running_statistics(self) -> tuple:
+        """What the forward passes themselves update, outside the optimiser: G's running mean
+        of w (every phase that runs G's mapping) and the path-length mean (Greg)."""
+        w_avg = getattr(self.G.mapping, "w_avg", None)
+        return (None if w_avg is None else w_avg.clone(), self.parts.reg_loss.pl_mean)
+
+    def _keep_running_statistics_of_skipped_step(self, running: tuple,
+                                                 found_inf: torch.Tensor) -> None:
+        """A non-finite forward pass also wrote NaN into w_avg / pl_mean: the optimiser step is
+        skipped, but those stayed NaN for good (w_avg is copied into G_ema and every
+        checkpoint, and breaks truncated sampling; a NaN pl_mean makes every later Greg
+        non-finite, skipping path-length regularisation for the rest of the run). Restored
+        on the device where the phase was skipped, without waiting for it."""
+        w_avg, pl_mean = running
+        skipped = found_inf > 0
+        if w_avg is not None:
+            now = self.G.mapping.w_avg
+            now.copy_(torch.where(skipped, w_avg, now))
+        reg_loss = self.parts.reg_loss
+        if reg_loss.pl_mean is not pl_mean:
+            reg_loss.pl_mean = torch.where(skipped.to(reg_loss.pl_mean.device),
+                                           pl_mean.to(reg_loss.pl_mean.device),
+                                           reg_loss.pl_mean)
 
     def _reduce_and_step(self, phase: Phase) -> torch.Tensor | None:
         """All-reduce, unscale and check the phase's gradients, and step its optimiser unless
@@ -454,6 +481,7 @@ class Trainer:
             phase.opt.step()
         finally:
             del phase.opt.found_inf
+        phase.found_inf = found_inf
         return fault
 
     def _after_step(self, names: list[str], faults: list[torch.Tensor]) -> None:
