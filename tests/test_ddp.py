@@ -469,3 +469,21 @@ def test_multi_node_elastic_runs_on_the_shared_store_are_warned_with_the_fix(mon
             for name, value in harmless.items():
                 m.setenv(name, value)
             assert dist_utils.elastic_restart_warning() is None, harmless
+
+
+def test_ranks_notice_a_torchrun_agent_lost_before_their_training_loop_started(monkeypatch):
+    """The agent is whoever started the rank: one killed while the ranks were still setting up
+    (reading the dataset, resuming: minutes) must stop them too, not be replaced by init."""
+    from batikfast.training import loop
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "batikfast-test")
+    # the rank's parent when it started, gone since (its parent is now another process)
+    monkeypatch.setattr(loop, "_PARENT_AT_IMPORT", os.getppid() + 1, raising=False)
+
+    class Run:
+        stop_signal = None
+
+    run = Run()
+    loop.Trainer._check_launcher(run, loop.Trainer._launcher_pid())
+    assert run.stop_signal == "the exit of torchrun"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert loop.Trainer._launcher_pid() is None  # outside torchrun, a parent may come and go

@@ -57,6 +57,9 @@ TICK_FIELDS = (("Loss/G/loss", "G"), ("Loss/D/loss", "D"), ("Loss/pl_penalty", "
                ("Diffusion/p", "p"), ("Augment/p", "augp"))
 
 
+_PARENT_AT_IMPORT = os.getppid()  # see Trainer._launcher_pid
+
+
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with non-finite gradients."""
 
@@ -601,8 +604,9 @@ class Trainer:
 
     @staticmethod
     def _launcher_pid() -> int | None:
-        """The torchrun agent that started this rank (its parent), or None outside torchrun."""
-        return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        """The torchrun agent that started this rank (its parent when this module was first
+        imported, so an agent lost during the setup counts too), or None outside torchrun."""
+        return _PARENT_AT_IMPORT if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     def _check_launcher(self, launcher: int | None) -> None:
         """A torchrun agent killed with SIGKILL (or lost with its terminal) leaves its workers
