@@ -19,6 +19,9 @@ import os
 import sys
 
 
+RANK_FAILURE = 1  # exit status when another rank died or hung (RankFailure)
+
+
 def _bool_flag(parser, name: str, help: str, default=None) -> None:
     group = parser.add_mutually_exclusive_group()
     dest = name.replace("-", "_")
@@ -146,10 +149,18 @@ def main(argv=None) -> int:
         return 3
     except RankFailure as error:  # another rank died or hung: one line, not a traceback
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return RANK_FAILURE
     return 0  # also after SIGTERM/SIGINT: the checkpoint is saved, --resume auto continues
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    sys.exit(main())
+    status = main()
+    if status == RANK_FAILURE:
+        # Leave without Python's teardown: destroying a process group whose peer hung makes
+        # gloo's worker thread call std::terminate (SIGABRT: exit -6 and a core dump after
+        # the error line instead of exit 1; seen with a stopped rank and --ddp-timeout 5).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

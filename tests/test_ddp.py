@@ -487,3 +487,21 @@ def test_ranks_notice_a_torchrun_agent_lost_before_their_training_loop_started(m
     assert run.stop_signal == "the exit of torchrun"
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     assert loop.Trainer._launcher_pid() is None  # outside torchrun, a parent may come and go
+
+
+def test_a_rank_failure_leaves_the_broken_process_group_alone(tmp_path, monkeypatch):
+    """Destroying a gloo group whose peer hung makes gloo's worker thread call std::terminate:
+    after its one error line the rank died of SIGABRT (exit -6, a core) in about a third of
+    the runs. train() no longer tears such a group down; train.py leaves with os._exit."""
+    from batikfast.training import distributed as dist_utils
+    from batikfast.training import loop
+    calls = []
+    monkeypatch.setattr(loop.dist_utils, "shutdown", lambda **kwargs: calls.append(kwargs))
+
+    def failing(*args):
+        raise dist_utils.RankFailure("rank 0: gradient all-reduce failed")
+
+    monkeypatch.setattr(loop, "_train", failing)
+    with pytest.raises(dist_utils.RankFailure):
+        loop.train(micro_config(), tmp_path / "run")
+    assert calls == []  # train.py's exit status on it: test_a_hung_rank_stops_the_other_...

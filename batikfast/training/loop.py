@@ -718,6 +718,11 @@ def train(config: dict, outdir, resume: str | None = None, given=None) -> dict:
     info = dist_utils.init_distributed(config["device"], config["ddp_timeout_s"])
     try:
         progress = _train(config, Path(outdir), resume, info, given)
+    except dist_utils.RankFailure:
+        # Not torn down: gloo aborts the process (std::terminate from its worker thread,
+        # SIGABRT) when a group whose peer hung is destroyed; the caller exits (train.py:
+        # os._exit) with the message already out.
+        raise
     except BaseException:
         dist_utils.shutdown()
         raise
