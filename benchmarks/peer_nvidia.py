@@ -56,6 +56,26 @@ def _shim_pkg_resources() -> None:
     sys.modules["pkg_resources"] = types.SimpleNamespace(parse_version=parse_version)
 
 
+def _shim_requests() -> None:
+    # Their dnnlib/util.py imports requests at the top but uses it only to download URLs, which
+    # this benchmark never does; a machine without it (the GPU machine has no registry) must
+    # still import their ops.
+    try:
+        import requests  # noqa: F401
+        return
+    except ImportError:
+        pass
+    module = types.ModuleType("requests")
+
+    def unavailable(name):
+        # AttributeError, as a module without the name raises: inspect and hasattr probe it.
+        raise AttributeError(f"requests.{name}: requests is not installed (batikfast's peer "
+                             "benchmark stands in for it; NVIDIA's URL downloads do not work)")
+
+    module.__getattr__ = unavailable
+    sys.modules["requests"] = module
+
+
 class Nvidia:
     """NVIDIA's ops, and which of their paths (CUDA plugin or reference) each one runs."""
 
@@ -66,6 +86,7 @@ class Nvidia:
                              "a checkout of NVlabs/stylegan3 or NVlabs/stylegan2-ada-pytorch")
         sys.path.insert(0, str(root))
         _shim_pkg_resources()
+        _shim_requests()
         from torch_utils.ops import bias_act, conv2d_resample, upfirdn2d
         try:
             from training.networks_stylegan2 import modulated_conv2d  # StyleGAN3 layout

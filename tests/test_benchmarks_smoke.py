@@ -728,3 +728,14 @@ def test_gpu_check_script_says_at_the_top_when_no_gpu_is_visible(tmp_path):
                    env=env, capture_output=True, text=True, timeout=300)
     assert "WARNING: no GPU visible to torch" in (out / "gpu_check.log").read_text()
     assert (out / "summary.txt").read_text().startswith("no GPU visible")
+
+
+def test_nvidia_code_imports_on_a_machine_without_requests(monkeypatch):
+    """NVIDIA's dnnlib imports requests at the top (for URL downloads the benchmark never
+    makes); the GPU machine has no registry to install it from, and the peer step failed."""
+    from benchmarks import peer_nvidia
+    monkeypatch.setitem(sys.modules, "requests", None)  # import requests -> ImportError
+    peer_nvidia._shim_requests()
+    import requests
+    with pytest.raises(AttributeError, match="requests is not installed"):
+        requests.Session()
