@@ -95,7 +95,8 @@ def config_from_args(args) -> dict:
             raise ValueError("--metrics needs --metrics-features (a feature network file; "
                              "batikfast never downloads one)")
     config = make_config(args.cfg, **overrides)
-    check_device(config["device"])  # a GPU asked for where there is none: one line, not a traceback
+    # A GPU asked for where there is none: one line, not a traceback.
+    check_backend(config["backend"], check_device(config["device"]))
     # Under torchrun, a batch that does not split over the ranks is an error before any
     # process group starts, not a traceback from every rank. A resumed run keeps its
     # checkpoint's batch: that one is checked once the checkpoint is read.
@@ -111,6 +112,24 @@ def config_from_args(args) -> dict:
             where = "this machine has no CUDA GPU" if device == "auto" else f"--device {device}"
             raise ValueError(f"--cudagraphs needs a CUDA GPU (CUDA graphs), but {where}")
     return config
+
+
+def check_backend(backend: str, device: str) -> None:
+    """``--backend`` (or, under ``auto``, ``BATIKFAST_BACKEND``) that cannot run on the run's
+    device: one line at startup, not a traceback from the first image grid after the run folder
+    was made."""
+    import torch
+
+    from batikfast import backends
+
+    forced = backends.get_backend() if backend == "auto" else backend  # names a bad variable
+    if forced is None:
+        return
+    reason = backends.unavailable_reason(forced, torch.device(device), torch.float32)
+    if reason is not None:
+        source = f"--backend {forced}" if backend != "auto" else f"BATIKFAST_BACKEND={forced}"
+        raise ValueError(f"{source} cannot run on {device}: {reason} (--backend ref or auto "
+                         "runs anywhere; python -m batikfast.info lists what runs here)")
 
 
 def given_options(args) -> set[str]:

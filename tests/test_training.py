@@ -723,6 +723,38 @@ def test_backend_option_selects_the_op_implementation(tmp_path):
         batikfast.set_backend(None)
 
 
+def test_a_backend_that_cannot_run_on_the_device_is_a_one_line_error_before_the_run_folder(
+        tmp_path, monkeypatch, capsys):
+    """It was a traceback from the first image grid, after the run folder was made."""
+    cli = _train_cli()
+    monkeypatch.delenv("BATIKFAST_BACKEND", raising=False)
+    outdir = tmp_path / "run"
+    assert cli.main(["--outdir", str(outdir), "--backend", "cuda", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --backend cuda cannot run on cpu: ") and "\n" not in err
+    monkeypatch.setenv("BATIKFAST_BACKEND", "cuda")  # forced by the environment under auto
+    assert cli.main(["--outdir", str(outdir), "--device", "cpu"]) == 2
+    assert "error: BATIKFAST_BACKEND=cuda cannot run on cpu" in capsys.readouterr().err
+    monkeypatch.setenv("BATIKFAST_BACKEND", "fast")
+    assert cli.main(["--outdir", str(outdir), "--device", "cpu"]) == 2
+    assert "error: BATIKFAST_BACKEND must be one of" in capsys.readouterr().err
+    assert not outdir.exists()
+
+
+def test_the_log_names_the_backend_in_force_and_where_it_came_from(tmp_path, monkeypatch):
+    import batikfast
+    monkeypatch.setenv("BATIKFAST_BACKEND", "ref")
+    try:
+        trainer = Trainer(micro_config(backend="auto"), tmp_path, DistInfo())
+        assert trainer._backend_in_force() == "ref (BATIKFAST_BACKEND; --backend auto)"
+        monkeypatch.delenv("BATIKFAST_BACKEND")
+        assert trainer._backend_in_force().startswith("auto (")
+        trainer = Trainer(micro_config(backend="ref"), tmp_path, DistInfo())
+        assert trainer._backend_in_force() == "ref (--backend)"
+    finally:
+        batikfast.set_backend(None)
+
+
 def test_ema_has_the_requested_half_life_and_ramp_up():
     from batikfast.training.ema import ema_beta, update_ema
     beta = ema_beta(batch=64, cur_nimg=10**6, ema_kimg=20, ema_rampup=None)

@@ -602,6 +602,18 @@ class Trainer:
                 pass
         return previous
 
+    def _backend_in_force(self) -> str:
+        """What the ops run on and why: --backend, BATIKFAST_BACKEND under auto, or a choice
+        per call (the log said "auto" while the variable forced one)."""
+        import batikfast
+
+        if self.config["backend"] != "auto":
+            return f"{self.config['backend']} (--backend)"
+        forced = batikfast.get_backend()
+        if forced is not None:
+            return f"{forced} (BATIKFAST_BACKEND; --backend auto)"
+        return "auto (the fastest implementation that can run each call)"
+
     @staticmethod
     def _launcher_pid() -> int | None:
         """The torchrun agent that started this rank (its parent when this module was first
@@ -634,8 +646,8 @@ class Trainer:
         previous_handlers = self._install_signal_handlers()
         launcher = self._launcher_pid()
         self.log(self.parts.describe())
-        self.log(f"op backend: {cfg['backend']} (batikfast.set_backend; "
-                 "`python -m batikfast.info` lists what can run here)")
+        self.log(f"op backend: {self._backend_in_force()} "
+                 "(`python -m batikfast.info` lists what can run here)")
         self.log(f"training {cfg['cfg']} at {cfg['resolution']}x{cfg['resolution']} for "
                  f"{cfg['kimg']} kimg: batch {self.batch} = {self.info.world_size} processes x "
                  f"{self.rounds} rounds x {self.batch_gpu}, on {self.device}")
