@@ -96,6 +96,32 @@ def test_metrics_are_computed_at_checkpoints_on_the_given_feature_network(tmp_pa
     assert any("Metrics/fid" in s and s["Metrics/fid"] >= 0 for s in stats)
 
 
+def test_a_stop_saves_the_checkpoint_first_and_leaves_the_metrics_out(tmp_path, monkeypatch):
+    """SIGTERM leaves torchrun's or a scheduler's grace period before SIGKILL: the metrics
+    (minutes at 10k images) ran after the checkpoint and the grid before it."""
+    from batikfast.metrics import SmallFeatureNet
+    SmallFeatureNet(channels=(4, 8), resolution=16).save(tmp_path / "features.pt")
+    config = micro_config(steps=4, metrics=["fid"], metrics_num=8,
+                          metrics_features=str(tmp_path / "features.pt"))
+    trainer = Trainer(config, tmp_path / "run", DistInfo())
+    order = []
+    for name in ("save_checkpoint", "save_grid", "evaluate_metrics"):
+        method = getattr(trainer, name)
+        monkeypatch.setattr(trainer, name, lambda *a, _m=method, _n=name, **k: (
+            order.append(_n), _m(*a, **k))[1])
+    train_step = trainer.train_step
+
+    def step_then_sigterm(loader):
+        train_step(loader)
+        trainer.stop_signal = "SIGTERM"
+
+    monkeypatch.setattr(trainer, "train_step", step_then_sigterm)
+    trainer.run()
+    assert order[-2:] == ["save_checkpoint", "save_grid"]
+    assert "evaluate_metrics" not in order
+    assert "metrics not evaluated on a stop" in (tmp_path / "run" / "log.txt").read_text()
+
+
 def test_lazy_regularisation_corrects_adam_and_runs_phases_on_their_interval(tmp_path):
     trainer = Trainer(micro_config(g_reg_interval=4, d_reg_interval=16), tmp_path, DistInfo())
     phases = {p.name: p for p in trainer.phases}

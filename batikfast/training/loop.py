@@ -682,12 +682,17 @@ class Trainer:
                                total_nimg)
                 self.tick += 1
                 tick_start_nimg = self.cur_nimg
-                if done or stopping or self.tick % cfg["image_snap"] == 0:
-                    self.save_grid(f"fakes{self.step:08d}.png")
+                # A stop has a grace period (torchrun's, a scheduler's) before SIGKILL: the
+                # checkpoint comes first, the metrics are left to `python -m batikfast.metrics`.
                 if done or stopping or self.tick % cfg["snap"] == 0:
                     self.save_checkpoint(final=done or stopping)
-                    if cfg["metrics"]:
+                    if cfg["metrics"] and stopping and not done:
+                        self.log("metrics not evaluated on a stop: run python -m "
+                                 "batikfast.metrics on the checkpoint")
+                    elif cfg["metrics"]:
                         self.evaluate_metrics()
+                if done or stopping or self.tick % cfg["image_snap"] == 0:
+                    self.save_grid(f"fakes{self.step:08d}.png")
                 if stopping:
                     self.log(f"stopped by {self.stop_signal} at kimg {self.cur_nimg / 1000:.3f}; "
                              f"resume with --resume auto")
