@@ -45,24 +45,22 @@ def default_device() -> torch.device:
 # to be taken as given (or silently replaced by the default through ``args.x or default``)
 # and ran every setup into an error, or skipped all of them, and still overwrote the results.
 
-def positive_int(text: str) -> int:
+def _whole_number_at_least(text: str, lowest: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number_at_least(text, 1)
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return _whole_number_at_least(text, 0)
 
 
 def positive_float(text: str) -> float:
