@@ -33,6 +33,9 @@ _SELU_SCALE = tl.constexpr(1.0507009873554805)
 _SELU_ALPHA = tl.constexpr(1.6732632423543772)
 # Read when the kernels are decorated, as triton.jit decides then whether to interpret them.
 _LIBDEVICE_EXP = tl.constexpr(not interpreting())
+# min / max that return NaN for a NaN operand, as torch's relu, elu and clamp do (Triton's
+# default returns the other operand, which turned a NaN input into 0 or into -clamp).
+_NAN = tl.constexpr(tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -83,7 +86,7 @@ def _act_and_derivative(z, alpha, ACT: tl.constexpr, ORDER: tl.constexpr):
         first = tl.full(z.shape, 1.0, tl.float32)
         second = tl.zeros(z.shape, tl.float32)
     elif ACT == 1:  # relu; the derivative at 0 is the left branch's
-        value = tl.maximum(z, 0.0)
+        value = tl.maximum(z, 0.0, propagate_nan=_NAN)
         first = tl.where(z > 0.0, 1.0, 0.0)
         second = tl.zeros(z.shape, tl.float32)
     elif ACT == 2:  # lrelu
@@ -101,13 +104,15 @@ def _act_and_derivative(z, alpha, ACT: tl.constexpr, ORDER: tl.constexpr):
         first = value * (1.0 - value)
         second = first * (1.0 - 2.0 * value)
     elif ACT == 5:  # elu (alpha is not used, as in NVIDIA's bias_act)
-        e = _exp(tl.minimum(z, 0.0))
-        value = tl.where(z > 0.0, z, _expm1(tl.minimum(z, 0.0)))
+        negative = tl.minimum(z, 0.0, propagate_nan=_NAN)
+        e = _exp(negative)
+        value = tl.where(z > 0.0, z, _expm1(negative))
         first = tl.where(z > 0.0, 1.0, e)
         second = tl.where(z > 0.0, 0.0, e)
     elif ACT == 6:  # selu
-        e = _exp(tl.minimum(z, 0.0))
-        value = _SELU_SCALE * tl.where(z > 0.0, z, _SELU_ALPHA * _expm1(tl.minimum(z, 0.0)))
+        negative = tl.minimum(z, 0.0, propagate_nan=_NAN)
+        e = _exp(negative)
+        value = _SELU_SCALE * tl.where(z > 0.0, z, _SELU_ALPHA * _expm1(negative))
         first = tl.where(z > 0.0, _SELU_SCALE, _SELU_SCALE * _SELU_ALPHA * e)
         second = tl.where(z > 0.0, 0.0, _SELU_SCALE * _SELU_ALPHA * e)
     elif ACT == 7:  # softplus = max(z, 0) + log1p(exp(-|z|)): no overflow for large z
@@ -155,7 +160,8 @@ def _bias_act_kernel(x_ptr, b_ptr, dy_ptr, out_ptr, rows, inner, channels, alpha
     if ORDER == 0:
         out = value * gain
         if HAS_CLAMP:
-            out = tl.minimum(tl.maximum(out, -clamp), clamp)
+            out = tl.minimum(tl.maximum(out, -clamp, propagate_nan=_NAN), clamp,
+                             propagate_nan=_NAN)
     else:
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         out = dy * (derivative * gain)

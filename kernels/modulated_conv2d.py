@@ -159,12 +159,14 @@ def _modulated_conv2d_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
+        # NaN stays NaN, as in torch's relu and clamp (Triton's default min / max drop it).
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:
         acc = tl.where(acc > 0.0, acc, acc * alpha)
     acc = acc * gain
     if HAS_CLAMP:
-        acc = tl.minimum(tl.maximum(acc, -clamp), clamp)
+        acc = tl.minimum(tl.maximum(acc, -clamp, propagate_nan=tl.PropagateNan.ALL), clamp,
+                         propagate_nan=tl.PropagateNan.ALL)
 
     row_offsets = n * stride_yn + oy * stride_yh + ox * stride_yw
     col_offsets = cols.to(tl.int64) * stride_yc

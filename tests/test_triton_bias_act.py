@@ -223,6 +223,17 @@ def test_bias_act_refuses_bad_input_with_a_clear_error(monkeypatch):
         ba.bias_act_forward(torch.zeros(2, 3), None, 1, "relu", 0.0, 1.0, None)
 
 
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("clamp", [None, 1.0])
+def test_bias_act_keeps_nan_inputs_nan_like_the_reference(act, clamp):
+    # Triton's default min / max return the non-NaN operand: relu, elu, selu and the clamp
+    # turned a NaN (a diverging layer) into 0 or -clamp, hiding it from non-finite checks.
+    x = torch.tensor([[float("nan"), 1.0, -1.0, float("inf"), -float("inf")]], device=DEVICE)
+    fast = ops.bias_act(x, None, act=act, clamp=clamp, impl="triton")
+    ref = ops.bias_act(x, None, act=act, clamp=clamp, impl="ref")
+    torch.testing.assert_close(fast, ref, equal_nan=True, msg=f"{act} clamp={clamp}")
+
 @pytest.mark.parametrize("act", ["lrelu", "tanh", "swish"])
 def test_bias_act_ops_triton_matches_ops_reference_with_gradients(act):
     x = rand(2, 4, 3, 3, seed=14, scale=2).float().to(DEVICE).requires_grad_(True)

@@ -256,6 +256,17 @@ def test_empty_batch_gives_an_empty_output():
     assert y.shape == (0, 17, 5, 5)
 
 
+@pytest.mark.parametrize("act", ["relu", "lrelu"])
+def test_a_nan_input_stays_nan_through_relu_and_clamp(act):
+    # Triton's default min / max return the non-NaN operand: the fused relu and clamp turned the
+    # NaN outputs of a diverging layer into 0 or -clamp.
+    args = make_inputs(1, 2, 3, 4, 4, 3, 1, torch.float32, seed=3)
+    args["x"][0, 0, 1, 1] = float("nan")
+    y = mc.modulated_conv2d_forward(*args.values(), act, 0.2, 1.0, 0.5, 1)
+    nan_at = torch.zeros(4, 4, dtype=torch.bool)
+    nan_at[0:3, 0:3] = True  # every output whose 3x3 window reads the NaN pixel
+    assert torch.equal(y.isnan().cpu(), nan_at.expand(1, 3, 4, 4))
+
 def _good_args():
     args = make_inputs(1, 3, 5, 4, 4, 3, 1, torch.float32, seed=8)
     return dict(args, act="linear", alpha=0.0, gain=1.0, clamp=None, padding=1)
