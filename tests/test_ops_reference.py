@@ -392,6 +392,16 @@ def test_bad_arguments_raise_errors_that_name_the_argument():
                  torch.tensor([1]), sab, s1mab, noise=torch.zeros(1, 2, 4))
 
 
+
+@pytest.mark.parametrize("op", ["bias_act", "modulated_conv2d"])
+def test_a_nan_clamp_is_refused_not_taken_as_a_clamp(op):
+    # float("nan") < 0 is False, so a NaN clamp passed the check and clamped every output to NaN.
+    x = torch.randn(1, 2, 4, 4)
+    call = (lambda: ops.bias_act(x, torch.zeros(2), clamp=float("nan"))) if op == "bias_act" \
+        else (lambda: ops.modulated_conv2d(x, torch.randn(3, 2, 3, 3), torch.ones(1, 2),
+                                           padding=1, clamp=float("nan"), impl="ref"))
+    expect_error(ValueError, "clamp must be None, -1 or >= 0", call)
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to place tensors on two devices")
 def test_tensors_on_different_devices_are_rejected():
     x = torch.randn(1, 2, 4, 4, device="cuda")

@@ -89,7 +89,7 @@ def resolve_activation(act, alpha, gain, clamp):
     gain = float(spec.def_gain if gain is None else gain)
     if clamp is not None:
         clamp = float(clamp)
-        if clamp < 0:
+        if not clamp >= 0:  # NaN included: it would clamp every output to NaN
             if clamp != -1:
                 raise ValueError(f"clamp must be None, -1 or >= 0, got {clamp!r}")
             clamp = None
