@@ -165,6 +165,18 @@ def test_upfirdn2d_output_size_follows_the_formula():
         assert y.shape[3] == (6 * up + 2 * px - 4 + down) // down
 
 
+
+@pytest.mark.parametrize("f", [[1, 3, 3, 1], [[1, 2, 1], [2, 4, 2]]], ids=["separable", "2d"])
+def test_upfirdn2d_of_zero_channels_is_empty_with_the_formula_size(f):
+    # conv2d refuses groups=0: the reference raised 'non-positive groups' (the kernels gave
+    # the empty output).
+    x = torch.zeros(2, 0, 5, 6, dtype=DOUBLE, requires_grad=True)
+    f = torch.tensor(f, dtype=torch.float32)
+    y = ops.upfirdn2d(x, f, up=2, down=[1, 2], padding=[1, 2, 0, 1], impl="ref")
+    fh, fw = (f.shape[0], f.shape[-1])
+    assert y.shape == (2, 0, (10 + 1 - fh + 2) // 2, 12 + 3 - fw + 1)
+    assert torch.autograd.grad(y.sum(), x)[0].shape == x.shape
+
 def test_upfirdn2d_has_first_and_second_derivatives():
     x = randn(1, 2, 4, 5, seed=12).requires_grad_(True)
     f = ops.setup_filter([1, 2, 1])

@@ -121,6 +121,10 @@ def upfirdn2d_reference(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1
                         flip_filter, gain):
     """Plain PyTorch: zero insertion, pad/crop, depthwise conv2d, strided slicing."""
     batch, channels, height, width = x.shape
+    if channels == 0:  # conv2d refuses groups=0; an empty x gives an empty output
+        fw, fh = _filter_size(f)
+        return x.reshape(batch, 0, (height * upy + pady0 + pady1 - fh + downy) // downy,
+                         (width * upx + padx0 + padx1 - fw + downx) // downx)
     x = x.reshape(batch, channels, height, 1, width, 1)
     x = F.pad(x, [0, upx - 1, 0, 0, 0, upy - 1])
     x = x.reshape(batch, channels, height * upy, width * upx)
