@@ -178,6 +178,20 @@ def test_bias_act_kernels_accept_non_contiguous_input_and_any_dim(impl, dtype):
     assert_matches_truth(fast, ref, truth)
 
 
+
+@pytest.mark.parametrize("impl", FAST)
+def test_bias_act_casts_a_float64_bias_to_x_dtype_like_the_reference(impl):
+    # The kernels take 16/32-bit tensors only: a float64 bias (documented as cast to x.dtype,
+    # which the reference does) was refused by the kernel module with a TypeError.
+    require(impl, "bias_act")
+    x = rand(2, 3, 4, seed=5)
+    b = rand(3, seed=6, dtype=torch.float64).requires_grad_(True)
+    fast = ops.bias_act(x, b, act="lrelu", impl=impl)
+    ref = ops.bias_act(x, b, act="lrelu", impl="ref")
+    torch.testing.assert_close(fast, ref)
+    (db,) = torch.autograd.grad(fast.sum(), b)
+    assert db.dtype == torch.float64
+
 @pytest.mark.parametrize("impl", FAST)
 @pytest.mark.parametrize("act", ["tanh", "lrelu", "linear"])
 def test_bias_act_third_derivative_exists_on_the_fast_paths_too(impl, act):

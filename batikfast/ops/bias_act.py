@@ -64,6 +64,8 @@ def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, dim: int = 1, act: 
     chosen = backends.resolve("bias_act", x, impl)
     if chosen == "ref":
         return bias_act_reference(x, b, dim, act, alpha, gain, clamp)
+    if b is not None and b.dtype not in backends.FAST_DTYPES:
+        b = b.to(x.dtype)  # a float64 bias, cast to x's dtype as documented
     return _bias_act_fast(x, b, dim, act, alpha, gain, -1.0 if clamp is None else clamp, chosen)
 
 
