@@ -41,7 +41,7 @@ __device__ __forceinline__ float sigmoidf(float z) { return 1.f / (1.f + expf(-z
 template <int ACT>
 __device__ __forceinline__ float activate(float z, float alpha) {
   if (ACT == LINEAR) return z;
-  if (ACT == RELU) return z > 0.f ? z : 0.f;
+  if (ACT == RELU) return z < 0.f ? 0.f : z;  // -0 and NaN pass, as torch.relu's
   if (ACT == LRELU) return z > 0.f ? z : z * alpha;
   if (ACT == TANH) return tanhf(z);
   if (ACT == SIGMOID) return sigmoidf(z);
@@ -114,7 +114,7 @@ __device__ __forceinline__ bool inside_clamp(float y, float clamp) {
 template <typename T, int ACT>
 __device__ __forceinline__ T forward_one(T x, float bias, const Params& p) {
   float y = activate<ACT>(to_float(x) + bias, p.alpha) * p.gain;
-  if (p.clamp >= 0.f) y = fminf(fmaxf(y, -p.clamp), p.clamp);
+  if (p.clamp >= 0.f) y = clamp_keep_nan(y, p.clamp);
   return from_float<T>(y);
 }
 

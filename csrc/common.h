@@ -88,6 +88,13 @@ __device__ __forceinline__ int64_t div_nonneg(int64_t a, int64_t b) {
   return a / b;
 }
 
+// clamp(v, -limit, limit) that keeps a NaN a NaN, as torch.clamp does: fminf / fmaxf return the
+// other operand, which turned a NaN (the training loop's non-finite check looks for it) into
+// -limit.
+__device__ __forceinline__ float clamp_keep_nan(float v, float limit) {
+  return v > limit ? limit : (v < -limit ? -limit : v);
+}
+
 inline bool is_aligned(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }

@@ -54,6 +54,8 @@
 #include <string>
 #include <string_view>
 
+#include "common.h"
+
 namespace batikfast {
 namespace {
 
@@ -194,7 +196,7 @@ struct Tile {
 };
 
 __device__ __forceinline__ float activate(float v, int act, float alpha) {
-  if (act == MC_RELU) return v > 0.f ? v : 0.f;
+  if (act == MC_RELU) return v < 0.f ? 0.f : v;  // NaN passes, as torch.relu's
   if (act == MC_LRELU) return v > 0.f ? v : v * alpha;
   return v;
 }
@@ -487,7 +489,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     v += noise;
     if (p.bias) v += Tr::to_float(p.bias[o]);
     v = activate(v, p.act, p.alpha) * p.gain;
-    if (p.clamp >= 0.f) v = fminf(fmaxf(v, -p.clamp), p.clamp);
+    if (p.clamp >= 0.f) v = clamp_keep_nan(v, p.clamp);
     y_row[static_cast<int64_t>(o) * hw_out] = Tr::from_float(v);
   }
 }

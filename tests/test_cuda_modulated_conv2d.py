@@ -185,6 +185,18 @@ def test_zero_input_channels_give_the_epilogue_of_zero(dtype):
     torch.testing.assert_close(y.double(), expected, rtol=FLOOR[dtype], atol=FLOOR[dtype])
 
 
+@pytest.mark.parametrize("act", ["relu", "lrelu"])
+def test_a_nan_input_stays_nan_through_the_fused_relu_and_clamp(act):
+    # fminf / fmaxf and 'v > 0 ? v : 0' turned the NaN outputs of a diverging layer into
+    # -clamp or 0.
+    args = make_inputs(1, 2, 3, 4, 4, 3, 1, torch.float32, seed=3)
+    args["x"][0, 0, 1, 1] = float("nan")
+    y = run(args, act=act, alpha=0.2, gain=1.0, clamp=0.5, padding=1)
+    nan_at = torch.zeros(4, 4, dtype=torch.bool)
+    nan_at[0:3, 0:3] = True  # every output whose 3x3 window reads the NaN pixel
+    assert torch.equal(y.isnan().cpu(), nan_at.expand(1, 3, 4, 4))
+
+
 def _strided(t, kind):
     """The same values in a layout the kernel must not assume away."""
     if kind == "channels_last" and t.ndim == 4:

@@ -163,6 +163,19 @@ def test_bias_act_saturating_derivatives_keep_their_relative_accuracy_for_large_
                                        msg=lambda m: f"{act} order {order}: {m}")
 
 
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("clamp", [None, 1.0])
+def test_bias_act_keeps_a_nan_input_nan_as_torch_does(act, clamp):
+    # fminf / fmaxf and 'z > 0 ? z : 0' turned a NaN (a diverging layer) into -clamp or 0,
+    # hiding it from the training loop's non-finite check.
+    z = torch.tensor([[float("nan"), 1.0, -1.0, float("inf"), -float("inf")]])
+    y = _cuda.bias_act_forward(z.cuda(), None, 1, act, 0.2, 1.0, clamp).cpu()
+    truth = _act64(act, z.double(), 0.2)
+    if clamp is not None:
+        truth = truth.clamp(-clamp, clamp)
+    assert torch.equal(y.isnan(), truth.isnan()), (act, clamp, y, truth)
+
+
 def test_bias_act_rejects_a_bias_of_the_wrong_size_and_a_bad_activation():
     x = torch.zeros(2, 3, device="cuda")
     with pytest.raises(ValueError, match="b must be 1-D with x.shape"):
