@@ -243,6 +243,19 @@ def test_upfirdn2d_kernels_match_the_reference_to_second_order(impl, up, down, p
     check_three_ways(results, ["x"])
 
 
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("shape", [(1, 2, 0, 3), (2, 1, 3, 0), (1, 1, 0, 0)])
+def test_upfirdn2d_of_an_image_without_pixels_gives_the_padding_s_zeros(impl, shape):
+    # Padding around an empty image leaves a zero output; the separable filter's first pass
+    # (and the gradient) was an empty image the kernels refused ('leaves no output pixel').
+    require(impl, "upfirdn2d")
+    x = torch.zeros(shape, device=DEVICE, requires_grad=True)
+    f = torch.tensor([1.0, 2.0, 1.0], device=DEVICE)
+    y = ops.upfirdn2d(x, f, up=2, padding=[2, 1, 3, 1], impl=impl)
+    assert torch.equal(y, ops.upfirdn2d(x, f, up=2, padding=[2, 1, 3, 1], impl="ref"))
+    assert torch.autograd.grad(y.sum(), x)[0].shape == shape
+
 @pytest.mark.parametrize("impl", FAST)
 def test_upfirdn2d_kernels_accept_non_contiguous_input(impl, dtype):
     require(impl, "upfirdn2d", dtype)

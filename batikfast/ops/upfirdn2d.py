@@ -77,7 +77,9 @@ def upfirdn2d(x: torch.Tensor, f: torch.Tensor | None, up=1, down=1, padding=0,
     padx0, padx1, pady0, pady1 = parse_padding(padding)
     _check_output_size(x, f, upx, upy, padx0, padx1, pady0, pady1)
     chosen = backends.resolve("upfirdn2d", x, impl)
-    if chosen == "ref":
+    if chosen == "ref" or 0 in x.shape[2:]:
+        # An image without pixels leaves the kernels nothing to do (its padding may still give
+        # a zero output), and they refuse the empty first pass and gradient it would need.
         return upfirdn2d_reference(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1,
                                    flip_filter, float(gain))
     if f.ndim == 2:
