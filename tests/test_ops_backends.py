@@ -256,6 +256,22 @@ def test_upfirdn2d_of_an_image_without_pixels_gives_the_padding_s_zeros(impl, sh
     assert torch.equal(y, ops.upfirdn2d(x, f, up=2, padding=[2, 1, 3, 1], impl="ref"))
     assert torch.autograd.grad(y.sum(), x)[0].shape == shape
 
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("separable", [True, False])
+def test_upfirdn2d_kernels_take_a_negative_gain(impl, separable):
+    # The separable path ran each pass with gain ** 0.5: complex for gain < 0, which the
+    # custom op refused with an internal 'Expected a value of type float' error.
+    require(impl, "upfirdn2d")
+    x = rand(1, 2, 4, 5, seed=7).requires_grad_(True)
+    f = ops.setup_filter([1, 3, 3, 1], separable=separable, device=DEVICE)
+    results = []
+    for which in (impl, "ref"):
+        y = ops.upfirdn2d(x, f, up=2, down=[1, 2], padding=1, gain=-1.5, impl=which)
+        results.append((y, torch.autograd.grad(y.square().sum(), x)[0]))
+    for fast, ref in zip(*results):
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
 @pytest.mark.parametrize("impl", FAST)
 def test_upfirdn2d_kernels_accept_non_contiguous_input(impl, dtype):
     require(impl, "upfirdn2d", dtype)

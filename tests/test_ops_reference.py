@@ -177,6 +177,17 @@ def test_upfirdn2d_of_zero_channels_is_empty_with_the_formula_size(f):
     assert y.shape == (2, 0, (10 + 1 - fh + 2) // 2, 12 + 3 - fw + 1)
     assert torch.autograd.grad(y.sum(), x)[0].shape == x.shape
 
+
+@pytest.mark.parametrize("separable", [True, False])
+def test_upfirdn2d_negative_gain_negates_the_output(separable):
+    # gain ** (f.ndim / 2) of a separable filter is complex for gain < 0: its real part (~0)
+    # was kept, so the output came out ~0 instead of negated.
+    x = randn(1, 2, 4, 5, seed=13)
+    f = ops.setup_filter([1, 3, 3, 1], separable=separable)
+    y = ops.upfirdn2d(x, f, up=2, padding=1, gain=-2.0, impl="ref")
+    expected = -2.0 * ops.upfirdn2d(x, f, up=2, padding=1, impl="ref")
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
 def test_upfirdn2d_has_first_and_second_derivatives():
     x = randn(1, 2, 4, 5, seed=12).requires_grad_(True)
     f = ops.setup_filter([1, 2, 1])

@@ -13,6 +13,8 @@ flows into the filter on the fast paths (filters are constants in StyleGAN).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -85,9 +87,11 @@ def upfirdn2d(x: torch.Tensor, f: torch.Tensor | None, up=1, down=1, padding=0,
     if f.ndim == 2:
         return _upfirdn2d_fast(x, f, upx, upy, downx, downy, padx0, padx1,
                                              pady0, pady1, flip_filter, float(gain), chosen)
-    root_gain = float(gain) ** 0.5
+    # Each pass scales by sqrt(|gain|), the first with gain's sign (a negative gain ** 0.5 is
+    # complex).
+    root_gain = abs(float(gain)) ** 0.5
     x = _upfirdn2d_fast(x, f[None, :], upx, 1, downx, 1, padx0, padx1, 0, 0,
-                                      flip_filter, root_gain, chosen)
+                                      flip_filter, math.copysign(root_gain, float(gain)), chosen)
     return _upfirdn2d_fast(x, f[:, None], 1, upy, 1, downy, 0, 0, pady0, pady1,
                                          flip_filter, root_gain, chosen)
 
@@ -133,7 +137,9 @@ def upfirdn2d_reference(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1
     x = F.pad(x, [max(padx0, 0), max(padx1, 0), max(pady0, 0), max(pady1, 0)])
     x = x[:, :, max(-pady0, 0): x.shape[2] - max(-pady1, 0),
           max(-padx0, 0): x.shape[3] - max(-padx1, 0)]
-    f = (f.to(torch.promote_types(x.dtype, torch.float32)) * gain ** (f.ndim / 2)).to(x.dtype)
+    # |gain| on the filter and the sign on the output: a separable filter scaled by
+    # gain ** 0.5 would turn complex (its real part ~0) for a negative gain.
+    f = (f.to(torch.promote_types(x.dtype, torch.float32)) * abs(gain) ** (f.ndim / 2)).to(x.dtype)
     if not flip_filter:
         f = f.flip(list(range(f.ndim)))
     if f.ndim == 2:
@@ -141,7 +147,8 @@ def upfirdn2d_reference(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1
     else:
         x = F.conv2d(x, f[None, None, None, :].expand(channels, 1, 1, -1), groups=channels)
         x = F.conv2d(x, f[None, None, :, None].expand(channels, 1, -1, 1), groups=channels)
-    return x[:, :, ::downy, ::downx]
+    x = x[:, :, ::downy, ::downx]
+    return -x if gain < 0 else x
 
 
 def filter2d(x, f, padding=0, flip_filter=False, gain=1, impl=None):
