@@ -416,6 +416,15 @@ def test_bad_arguments_raise_errors_that_name_the_argument():
 
 
 
+
+@pytest.mark.parametrize("padding", [True, [True, 1], [0, 1, False, 2]])
+def test_boolean_padding_is_refused_naming_padding(padding):
+    # bool is an int subclass: True passed as padding 1 on the fast paths and failed inside
+    # F.pad ("must be tuple of ints, but found element of type bool") in the reference.
+    x = torch.randn(1, 2, 4, 4)
+    expect_error(ValueError, "padding must be", ops.upfirdn2d, x, ops.setup_filter([1, 1]),
+                 padding=padding, impl="ref")
+
 @pytest.mark.parametrize("op", ["bias_act", "modulated_conv2d"])
 def test_a_nan_clamp_is_refused_not_taken_as_a_clamp(op):
     # float("nan") < 0 is False, so a NaN clamp passed the check and clamped every output to NaN.

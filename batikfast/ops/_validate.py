@@ -38,9 +38,10 @@ def parse_scaling(name: str, value) -> tuple[int, int]:
 
 def parse_padding(value) -> tuple[int, int, int, int]:
     """An int, [x, y] or [x0, x1, y0, y1] padding as (x0, x1, y0, y1); negative crops."""
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value, value, value, value
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+    if isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
         if len(value) == 2:
             return value[0], value[0], value[1], value[1]
         if len(value) == 4:
