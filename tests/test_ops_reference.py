@@ -417,6 +417,14 @@ def test_bad_arguments_raise_errors_that_name_the_argument():
 
 
 
+
+@pytest.mark.parametrize("helper", ["filter2d", "upsample2d", "downsample2d"])
+def test_resampling_helpers_refuse_a_non_tensor_x_naming_x(helper):
+    # They checked the filter against x.device first: AttributeError "'list' object has no
+    # attribute 'device'".
+    expect_error(TypeError, "x must be a torch.Tensor", getattr(ops, helper), [[1.0, 2.0]],
+                 ops.setup_filter([1, 1]))
+
 @pytest.mark.parametrize("padding", [True, [True, 1], [0, 1, False, 2]])
 def test_boolean_padding_is_refused_naming_padding(padding):
     # bool is an int subclass: True passed as padding 1 on the fast paths and failed inside

@@ -97,6 +97,7 @@ def upfirdn2d(x: torch.Tensor, f: torch.Tensor | None, up=1, down=1, padding=0,
 
 
 def _checked_filter(f, x: torch.Tensor) -> torch.Tensor:
+    check_tensor("x", x, ndim=4)  # the helpers look at f before upfirdn2d checks x
     if f is None:
         return torch.ones([1, 1], dtype=torch.float32, device=x.device)
     check_tensor("f", f, ndim=(1, 2))
