@@ -272,6 +272,17 @@ def test_upfirdn2d_kernels_take_a_negative_gain(impl, separable):
     for fast, ref in zip(*results):
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
 
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("flip_filter", [None, 1, "yes", torch.tensor(True)])
+def test_upfirdn2d_takes_flip_filter_by_its_truth_value_like_the_reference(impl, flip_filter):
+    # The custom op's schema wants a bool: a truthy string failed deep in torch.library.
+    require(impl, "upfirdn2d")
+    x = rand(1, 2, 4, 5, seed=8)
+    f = rand(3, 2, seed=9)
+    fast = ops.upfirdn2d(x, f, flip_filter=flip_filter, impl=impl)
+    torch.testing.assert_close(fast, ops.upfirdn2d(x, f, flip_filter=flip_filter, impl="ref"))
+
 @pytest.mark.parametrize("impl", FAST)
 def test_upfirdn2d_kernels_accept_non_contiguous_input(impl, dtype):
     require(impl, "upfirdn2d", dtype)

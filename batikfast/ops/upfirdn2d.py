@@ -84,6 +84,7 @@ def upfirdn2d(x: torch.Tensor, f: torch.Tensor | None, up=1, down=1, padding=0,
         # a zero output), and they refuse the empty first pass and gradient it would need.
         return upfirdn2d_reference(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1,
                                    flip_filter, float(gain))
+    flip_filter = bool(flip_filter)  # the custom op takes a bool; the reference any truth value
     if f.ndim == 2:
         return _upfirdn2d_fast(x, f, upx, upy, downx, downy, padx0, padx1,
                                              pady0, pady1, flip_filter, float(gain), chosen)
