@@ -303,6 +303,19 @@ def test_modulated_conv2d_matches_per_sample_convolutions(fused_modconv, demodul
     torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-9)
 
 
+
+@pytest.mark.parametrize("up,down", [(1, 1), (2, 1), (1, 2)])
+def test_modulated_conv2d_of_an_empty_batch_is_empty(up, down):
+    # fused_modconv ran a grouped convolution with groups = batch = 0: "groups must be an
+    # int >= 1, got 0", an argument the caller never passed.
+    x = torch.zeros(0, 2, 4, 4, requires_grad=True)
+    y = ops.modulated_conv2d(x, randn(3, 2, 3, 3, seed=30).float(), torch.zeros(0, 2), up=up,
+                             down=down, padding=1, resample_filter=ops.setup_filter([1, 1]),
+                             fused_modconv=True, impl="ref")
+    size = 4 * up // down
+    assert y.shape == (0, 3, size, size)
+    assert torch.autograd.grad(y.sum(), x)[0].shape == x.shape
+
 def test_modulated_conv2d_epilogue_equals_bias_act_after_the_convolution():
     x = randn(2, 3, 5, 5, seed=21)
     weight = randn(4, 3, 3, 3, seed=22)

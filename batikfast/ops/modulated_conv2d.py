@@ -114,7 +114,7 @@ def modulated_conv2d_reference(x, weight, styles, noise, up, down, padding, resa
         per_sample = weight[None] * styles.reshape(batch, 1, in_channels, 1, 1)
     if demodulate:
         demod_coefs = (per_sample.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
-    if not fused_modconv:
+    if not fused_modconv or batch == 0:  # a grouped convolution of 0 groups does not exist
         x = x * styles.to(x.dtype).reshape(batch, in_channels, 1, 1)
         x = conv2d_resample(x, weight.to(x.dtype), f=resample_filter, up=up, down=down,
                             padding=padding, flip_weight=flip_weight, impl="ref")
