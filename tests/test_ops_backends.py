@@ -392,6 +392,21 @@ def test_fp32_modulated_conv2d_is_fp32_accurate_when_tf32_is_off_for_convolution
     check_three_ways(results, ["x", "weight", "styles"], tf32=False)
 
 
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("up", [1, 2])
+@pytest.mark.parametrize("shape", [(4, 4, 4), (1, 1, 1, 4, 4)])
+def test_modulated_conv2d_kernels_refuse_noise_that_does_not_broadcast_to_the_output(impl, up,
+                                                                                    shape):
+    # Was torch's "The size of tensor a must match ..." (or a 5-D output for 5-D noise).
+    require(impl, "modulated_conv2d")
+    x = rand(2, 2, 4 // up, 4 // up, seed=10)
+    with pytest.raises(ValueError, match="noise must broadcast to the output's shape"):
+        ops.modulated_conv2d(x, rand(3, 2, 3, 3, seed=11), rand(2, 2, seed=12),
+                             noise=torch.zeros(shape, device=DEVICE), up=up, padding=1,
+                             resample_filter=ops.setup_filter([1, 1], device=DEVICE),
+                             impl=impl)
+
 @pytest.mark.parametrize("impl", FAST)
 def test_modulated_conv2d_kernels_accept_non_contiguous_input(impl, dtype):
     require(impl, "modulated_conv2d", dtype)

@@ -316,6 +316,18 @@ def test_modulated_conv2d_of_an_empty_batch_is_empty(up, down):
     assert y.shape == (0, 3, size, size)
     assert torch.autograd.grad(y.sum(), x)[0].shape == x.shape
 
+
+@pytest.mark.parametrize("fused_modconv", [True, False])
+@pytest.mark.parametrize("shape", [(4, 4, 4), (2, 1, 3, 3), (1, 1, 1, 4, 4)])
+def test_modulated_conv2d_refuses_noise_that_does_not_broadcast_to_the_output(fused_modconv,
+                                                                             shape):
+    # A mismatch was torch's "The size of tensor a must match ..." from the addition; a noise
+    # of higher rank broadcast the output itself up to 5-D.
+    x = torch.randn(2, 2, 4, 4)
+    expect_error(ValueError, r"noise must broadcast to the output's shape \[2, 3, 4, 4\]",
+                 ops.modulated_conv2d, x, torch.randn(3, 2, 3, 3), torch.ones(2, 2),
+                 noise=torch.zeros(shape), padding=1, fused_modconv=fused_modconv, impl="ref")
+
 def test_modulated_conv2d_epilogue_equals_bias_act_after_the_convolution():
     x = randn(2, 3, 5, 5, seed=21)
     weight = randn(4, 3, 3, 3, seed=22)

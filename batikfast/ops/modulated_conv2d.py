@@ -120,6 +120,7 @@ def modulated_conv2d_reference(x, weight, styles, noise, up, down, padding, resa
                             padding=padding, flip_weight=flip_weight, impl="ref")
         if demod_coefs is not None:
             x = x * demod_coefs.to(x.dtype).reshape(batch, out_channels, 1, 1)
+        _check_noise(noise, x.shape)
         return x if noise is None else x + noise.to(x.dtype)
     if demod_coefs is not None:
         per_sample = per_sample * demod_coefs.reshape(batch, out_channels, 1, 1, 1)
@@ -128,6 +129,7 @@ def modulated_conv2d_reference(x, weight, styles, noise, up, down, padding, resa
                         .to(x.dtype), f=resample_filter, up=up, down=down, padding=padding,
                         groups=batch, flip_weight=flip_weight, impl="ref")
     y = y.reshape(batch, out_channels, *y.shape[2:])
+    _check_noise(noise, y.shape)
     return y if noise is None else y + noise.to(y.dtype)
 
 
@@ -151,6 +153,7 @@ def _modulated_conv2d_fast(x, weight, styles, noise, up, down, padding, resample
     if not single_pass:
         y = conv2d_resample(x * styles.to(x.dtype)[:, :, None, None], weight.to(x.dtype),
                             f=resample_filter, up=up, down=down, padding=padding, impl=impl)
+        _check_noise(noise, y.shape)
         if demod_coefs is not None and noise is not None:
             # One pass over the largest tensor of the layer instead of two.
             y = torch.addcmul(noise.to(y.dtype), y, demod_coefs.to(y.dtype)[:, :, None, None])
@@ -160,6 +163,7 @@ def _modulated_conv2d_fast(x, weight, styles, noise, up, down, padding, resample
             y = y + noise.to(y.dtype)
         return _epilogue(y, bias, act, alpha, gain, clamp, impl)
     out_size = (x.shape[2] + 2 * padding - kh + 1, x.shape[3] + 2 * padding - kw + 1)
+    _check_noise(noise, (x.shape[0], out_channels, *out_size))
     noise_plane = _as_noise_plane(noise, x.shape[0], out_size, x.dtype)
     epilogue_fits = act in FUSED_ACTIVATIONS and gain > 0 and alpha >= 0
     if noise is not None and noise_plane is None:
@@ -191,6 +195,20 @@ def _epilogue(y, bias, act, alpha, gain, clamp, impl):
 
 def _cast(tensor, dtype):
     return None if tensor is None else tensor.to(dtype)
+
+
+def _check_noise(noise, out_shape) -> None:
+    """Noise must broadcast to the output without changing its shape (a torch broadcasting
+    error, or a silently larger result, otherwise)."""
+    if noise is None:
+        return
+    try:
+        fits = torch.broadcast_shapes(noise.shape, out_shape) == tuple(out_shape)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"noise must broadcast to the output's shape {list(out_shape)}, got "
+                         f"shape {list(noise.shape)}")
 
 
 def _as_noise_plane(noise, batch, out_size, dtype):
