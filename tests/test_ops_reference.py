@@ -328,6 +328,17 @@ def test_modulated_conv2d_refuses_noise_that_does_not_broadcast_to_the_output(fu
                  ops.modulated_conv2d, x, torch.randn(3, 2, 3, 3), torch.ones(2, 2),
                  noise=torch.zeros(shape), padding=1, fused_modconv=fused_modconv, impl="ref")
 
+
+@pytest.mark.parametrize("shape", [(0, 2, 3, 3), (3, 2, 0, 0), (3, 2, 3, 0)])
+def test_an_empty_convolution_weight_is_refused_naming_it(shape):
+    # torch's convolution failed on it inside ('could not create a primitive descriptor',
+    # 'expected weight to be at least 1 at dimension 0').
+    x = torch.randn(1, 2, 4, 4)
+    expect_error(ValueError, "weight must not be empty", ops.modulated_conv2d, x,
+                 torch.zeros(shape), torch.ones(1, 2), padding=1, impl="ref")
+    expect_error(ValueError, "w must not be empty", ops.conv2d_resample, x, torch.zeros(shape),
+                 padding=1, impl="ref")
+
 def test_modulated_conv2d_epilogue_equals_bias_act_after_the_convolution():
     x = randn(2, 3, 5, 5, seed=21)
     weight = randn(4, 3, 3, 3, seed=22)

@@ -33,6 +33,8 @@ def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor | None = N
     check_tensor("x", x, ndim=4)
     check_tensor("w", w, ndim=4)
     check_same_device(x=x, w=w)
+    if w.numel() == 0:  # torch's convolutions fail on it deep inside (oneDNN, cuDNN)
+        raise ValueError(f"w must not be empty, got shape {list(w.shape)}")
     for name, factor in (("up", up), ("down", down), ("groups", groups)):
         if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
             raise ValueError(f"{name} must be an int >= 1, got {factor!r}")

@@ -82,6 +82,8 @@ def _check_arguments(x, weight, styles, noise, bias) -> None:
     if bias is not None:
         check_tensor("bias", bias, ndim=1)
     check_same_device(x=x, weight=weight, styles=styles, noise=noise, bias=bias)
+    if weight.numel() == 0:  # torch's convolutions fail on it deep inside (oneDNN, cuDNN)
+        raise ValueError(f"weight must not be empty, got shape {list(weight.shape)}")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight expects {weight.shape[1]} input channels, x has {x.shape[1]}")
     if styles.shape != (x.shape[0], x.shape[1]):
