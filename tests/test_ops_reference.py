@@ -396,6 +396,18 @@ def test_diffusion_noise_with_given_noise_is_the_closed_form():
     torch.testing.assert_close(y[0], x[0])
 
 
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_diffusion_noise_takes_steps_of_every_integer_dtype(dtype):
+    # A uint8 t indexed the schedule as a boolean mask (with as many samples as steps: every
+    # sample got a different step, silently); int8 / int16 ones raised IndexError.
+    sab, s1mab = linear_schedule()
+    x = torch.randn(len(sab), 3, dtype=DOUBLE)
+    t = torch.ones(len(sab), dtype=torch.int64)
+    expected = ops.diffusion_noise(x, t, sab, s1mab, noise=x, impl="ref")
+    torch.testing.assert_close(
+        ops.diffusion_noise(x, t.to(dtype), sab, s1mab, noise=x, impl="ref"), expected)
+
 def test_diffusion_noise_is_reproducible_from_a_seed_and_varies_with_it():
     sab, s1mab = linear_schedule(1000)
     x = torch.zeros(64, 3, 16, 16)

@@ -46,6 +46,8 @@ def diffusion_noise(x: torch.Tensor, t: torch.Tensor, sqrt_alpha_bar: torch.Tens
         # (torch.compile would fail on every GPU), and the compiled graph does the copy.
         pinned = x.is_cuda and not torch.compiler.is_compiling()
         t = t.pin_memory().to(x.device, non_blocking=True) if pinned else t.to(x.device)
+    # As int64: a uint8 t would index as a boolean mask, an int8 / int16 one not at all.
+    t = t.long()
     x_scale = sqrt_alpha_bar.float()[t]
     noise_scale = sqrt_one_minus_alpha_bar.float()[t] * float(noise_std)
     chosen = backends.resolve("diffusion_noise", x, impl)
