@@ -408,6 +408,14 @@ def test_diffusion_noise_takes_steps_of_every_integer_dtype(dtype):
     torch.testing.assert_close(
         ops.diffusion_noise(x, t.to(dtype), sab, s1mab, noise=x, impl="ref"), expected)
 
+
+def test_diffusion_noise_refuses_a_boolean_seed_naming_seed():
+    # True passed the int check: the fast paths took it as seed 1, the reference failed in
+    # torch.Generator.manual_seed ('expected a long, but got bool').
+    sab, s1mab = linear_schedule()
+    expect_error(ValueError, "seed must be None or an int", ops.diffusion_noise,
+                 torch.zeros(2, 3), torch.tensor([1, 2]), sab, s1mab, seed=True, impl="ref")
+
 def test_diffusion_noise_is_reproducible_from_a_seed_and_varies_with_it():
     sab, s1mab = linear_schedule(1000)
     x = torch.zeros(64, 3, 16, 16)

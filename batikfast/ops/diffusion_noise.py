@@ -82,7 +82,8 @@ def _check_arguments(x, t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, noise, seed
         check_same_device(x=x, t=t)
     check_same_device(x=x, sqrt_alpha_bar=sqrt_alpha_bar,
                       sqrt_one_minus_alpha_bar=sqrt_one_minus_alpha_bar, noise=noise)
-    if seed is not None and not (isinstance(seed, int) and 0 <= seed < _SEED_RANGE):
+    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)
+                                 and 0 <= seed < _SEED_RANGE):
         raise ValueError(f"seed must be None or an int in [0, 2**62), got {seed!r}")
     # Under torch.compile a data-dependent check would break the graph; on a GPU tensor it costs
     # a device sync (see the docstring).
