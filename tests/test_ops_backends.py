@@ -444,6 +444,22 @@ def test_diffusion_noise_kernels_match_the_reference_with_given_noise(impl, dtyp
     check_three_ways(results, ["x", "noise"])
 
 
+
+@pytest.mark.parametrize("impl", FAST)
+def test_diffusion_noise_kernels_take_float64_noise_like_the_reference(impl):
+    # The kernels take 16/32-bit noise: float64 noise (which the reference accepts) was a
+    # TypeError from the kernel module.
+    require(impl, "diffusion_noise")
+    sab = torch.linspace(1, 0.1, 10, device=DEVICE)
+    s1mab = (1 - sab.square()).sqrt()
+    x = rand(2, 3, 4, seed=13)
+    noise = rand(2, 3, 4, seed=14, dtype=torch.float64).requires_grad_(True)
+    t = torch.tensor([2, 9], device=DEVICE)
+    fast = ops.diffusion_noise(x, t, sab, s1mab, noise=noise, impl=impl)
+    torch.testing.assert_close(fast, ops.diffusion_noise(x, t, sab, s1mab, noise=noise,
+                                                         impl="ref"))
+    assert torch.autograd.grad(fast.sum(), noise)[0].dtype == torch.float64
+
 @pytest.mark.parametrize("impl", FAST)
 def test_diffusion_noise_kernels_draw_reproducible_standard_normal_noise(impl):
     require(impl, "diffusion_noise")

@@ -53,6 +53,8 @@ def diffusion_noise(x: torch.Tensor, t: torch.Tensor, sqrt_alpha_bar: torch.Tens
     chosen = backends.resolve("diffusion_noise", x, impl)
     if chosen == "ref":
         return diffusion_noise_reference(x, x_scale, noise_scale, noise, seed)
+    if noise is not None and noise.dtype not in backends.FAST_DTYPES:
+        noise = noise.float()  # float64 noise: the reference computes in float32 too
     if seed is None:
         seed_tensor = torch.randint(0, _SEED_RANGE, (), dtype=torch.int64)
     else:
