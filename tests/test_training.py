@@ -455,8 +455,11 @@ def test_a_repeated_stop_signal_is_the_same_request_unless_it_comes_later(monkey
         handler = signal.getsignal(signal.SIGTERM)
         handler(signal.SIGTERM, None)
         clock[0] += 0.2
-        handler(signal.SIGTERM, None)  # torchrun's copy: no exception, still one stop
-        handler(signal.SIGINT, None)
+        try:  # a KeyboardInterrupt escaping a test would end the whole pytest session
+            handler(signal.SIGTERM, None)  # torchrun's copy: no exception, still one stop
+            handler(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            pytest.fail("a repeat 0.2 s after the first stop signal was taken as 'stop now'")
         assert run.stop_signal == "SIGTERM"
         clock[0] += Run.SAME_STOP_REQUEST_S
         with pytest.raises(KeyboardInterrupt):  # asked again later: stop now
