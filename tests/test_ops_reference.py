@@ -187,6 +187,25 @@ def test_upfirdn2d_negative_gain_negates_the_output(separable):
     y = ops.upfirdn2d(x, f, up=2, padding=1, gain=-2.0, impl="ref")
     expected = -2.0 * ops.upfirdn2d(x, f, up=2, padding=1, impl="ref")
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    # The same gain given to setup_filter instead: a 2-D filter holds it; a separable one
+    # cannot (its two passes cancel the sign) and returned a complex filter: now refused.
+    if separable:
+        with pytest.raises(ValueError, match="separable filter cannot carry a negative gain"):
+            ops.setup_filter([1, 3, 3, 1], separable=True, gain=-2.0)
+    else:
+        g = ops.setup_filter([1, 3, 3, 1], gain=-2.0)
+        torch.testing.assert_close(ops.upfirdn2d(x, g, up=2, padding=1, impl="ref"), expected,
+                                   rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("gain", [float("inf"), float("nan"), True, "two", None])
+def test_upfirdn2d_refuses_a_gain_that_is_not_a_finite_number(gain):
+    # inf turned the zero padding into NaN in the reference and not in the polyphase kernels.
+    with pytest.raises(ValueError, match="gain must be a finite number"):
+        ops.upfirdn2d(randn(1, 1, 4, 4, seed=1), ops.setup_filter([1, 1]), gain=gain)
+    with pytest.raises(ValueError, match="gain must be a finite number"):
+        ops.setup_filter([1, 1], gain=gain)
+
 
 def test_upfirdn2d_has_first_and_second_derivatives():
     x = randn(1, 2, 4, 5, seed=12).requires_grad_(True)

@@ -30,7 +30,8 @@ def setup_filter(f, device=torch.device("cpu"), normalize=True, flip_filter=Fals
 
     A 1-D filter stays 1-D (separable) when ``separable`` is None and it has at most 8 taps,
     or when ``separable`` is True; otherwise it becomes the 2-D outer product. ``normalize``
-    makes the taps sum to 1 and ``gain`` scales them by ``gain ** (ndim / 2)``.
+    makes the taps sum to 1 and ``gain`` scales them by ``gain ** (ndim / 2)`` (a finite number;
+    negative only for 2-D filters).
     """
     if f is None:
         f = 1
@@ -51,6 +52,12 @@ def setup_filter(f, device=torch.device("cpu"), normalize=True, flip_filter=Fals
         f = f / f.sum()
     if flip_filter:
         f = f.flip(list(range(f.ndim)))
+    _check_gain(gain)
+    if f.ndim == 1 and gain < 0:
+        # Its taps get gain ** 0.5 (complex) and run twice, once per axis: no 1-D filter holds
+        # the sign. upfirdn2d(..., gain=) can.
+        raise ValueError(f"a separable filter cannot carry a negative gain ({gain}): pass "
+                         "gain to upfirdn2d instead")
     f = f * (gain ** (f.ndim / 2))
     return f.to(device=device)
 
@@ -78,6 +85,7 @@ def upfirdn2d(x: torch.Tensor, f: torch.Tensor | None, up=1, down=1, padding=0,
     downx, downy = parse_scaling("down", down)
     padx0, padx1, pady0, pady1 = parse_padding(padding)
     _check_output_size(x, f, upx, upy, padx0, padx1, pady0, pady1)
+    _check_gain(gain)
     chosen = backends.resolve("upfirdn2d", x, impl)
     if chosen == "ref" or 0 in x.shape[2:]:
         # An image without pixels leaves the kernels nothing to do (its padding may still give
@@ -151,6 +159,16 @@ def upfirdn2d_reference(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1
         x = F.conv2d(x, f[None, None, :, None].expand(channels, 1, -1, 1), groups=channels)
     x = x[:, :, ::downy, ::downx]
     return -x if gain < 0 else x
+
+
+def _check_gain(gain) -> None:
+    # inf scales the zero padding into NaN in one path and not in the other.
+    try:
+        finite = not isinstance(gain, bool) and math.isfinite(float(gain))
+    except (TypeError, ValueError):
+        finite = False
+    if not finite:
+        raise ValueError(f"gain must be a finite number, got {gain!r}")
 
 
 def filter2d(x, f, padding=0, flip_filter=False, gain=1, impl=None):
