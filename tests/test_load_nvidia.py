@@ -277,3 +277,19 @@ def test_diffusion_gan_snapshot_with_its_diffusion_object_loads(tmp_path):
     record = read_nvidia_pickle(path)["diffusion"]
     assert isinstance(record.state["_modules"]["aug"], OpaqueObject)
     assert record.state["t_epl"].shape == (64,) and record.state["p"] == 0.25
+
+
+def test_a_stylegan3_repository_stylegan2_pickle_loads_with_its_fused_modconv_default(tmp_path):
+    # NVIDIA's stylegan3 repository trains StyleGAN2 (--cfg=stylegan2) with
+    # G_kwargs.fused_modconv_default='inference_only': only a choice of the reference's
+    # computation path (same result), which batikfast makes itself.
+    G = nvidia_generator()
+    kwargs = copy.deepcopy(G_KWARGS)
+    kwargs["synthesis_kwargs"]["fused_modconv_default"] = "inference_only"
+    path = tmp_path / "sg3.pkl"
+    write_snapshot(path, tmp_path / "marker", G, Discriminator(
+        **{k: v for k, v in D_KWARGS.items() if k != "block_kwargs"}), kwargs, D_KWARGS)
+    loaded = load_nvidia(path)["G_ema"]
+    z = torch.randn(2, 8)
+    torch.testing.assert_close(loaded(z, None, noise_mode="const"),
+                               G.eval()(z, None, noise_mode="const"))

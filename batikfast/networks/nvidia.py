@@ -30,9 +30,12 @@ import torch
 from batikfast.networks.discriminator import Discriminator
 from batikfast.networks.generator import Generator
 
-# Constructor options of NVIDIA's code that only concern memory layout or training (not the
-# computation or the weights); batikfast does not take them.
-_DROPPED_KWARGS = {"fp16_channels_last", "channels_last", "freeze_layers"}
+# Constructor options of NVIDIA's code that only concern memory layout, training or the
+# reference's choice between equivalent computation paths (not the result or the weights);
+# batikfast does not take them. fused_modconv_default comes with the stylegan3 repository's
+# StyleGAN2 pickles (--cfg=stylegan2); batikfast picks the path itself, with the same result.
+_DROPPED_KWARGS = {"fp16_channels_last", "channels_last", "freeze_layers",
+                   "fused_modconv_default"}
 
 
 class PlainDict(dict):
