@@ -293,3 +293,16 @@ def test_a_stylegan3_repository_stylegan2_pickle_loads_with_its_fused_modconv_de
     z = torch.randn(2, 8)
     torch.testing.assert_close(loaded(z, None, noise_mode="const"),
                                G.eval()(z, None, noise_mode="const"))
+
+
+def test_the_pickled_w_avg_beta_is_kept_when_the_kwargs_leave_it_to_the_class_default(tmp_path):
+    # The stylegan3 repository's StyleGAN2 MappingNetwork defaults to w_avg_beta=0.998 (ADA's to
+    # 0.995) and its pickles' kwargs leave it out; the pickled mapping network holds the value.
+    kwargs = copy.deepcopy(G_KWARGS)
+    kwargs["synthesis_kwargs"].pop("fp16_channels_last")
+    kwargs["mapping_kwargs"]["w_avg_beta"] = 0.998
+    G = Generator(**kwargs)
+    path = tmp_path / "beta.pkl"
+    write_snapshot(path, tmp_path / "marker", G, Discriminator(
+        **{k: v for k, v in D_KWARGS.items() if k != "block_kwargs"}), G_KWARGS, D_KWARGS)
+    assert load_nvidia(path)["G"].mapping.w_avg_beta == 0.998

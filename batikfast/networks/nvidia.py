@@ -277,12 +277,26 @@ def _discriminator_kwargs(kwargs: dict, weights: dict) -> dict:
     return kwargs
 
 
+def _generator_kwargs(record: PersistentRecord, kwargs: dict) -> dict:
+    """The pickle's kwargs leave w_avg_beta to the class default, which differs between NVIDIA's
+    codes (StyleGAN2-ADA 0.995, the stylegan3 repository's StyleGAN2 0.998): take the value the
+    pickled mapping network holds."""
+    mapping = (record.state.get("_modules") or {}).get("mapping")
+    mapping_kwargs = dict(kwargs.get("mapping_kwargs") or {})
+    if isinstance(mapping, PersistentRecord) and "w_avg_beta" not in mapping_kwargs and \
+            "w_avg_beta" in mapping.state:
+        beta = mapping.state["w_avg_beta"]
+        mapping_kwargs["w_avg_beta"] = None if beta is None else float(beta)
+        kwargs = {**kwargs, "mapping_kwargs": mapping_kwargs}
+    return kwargs
+
+
 def network_from_record(record: PersistentRecord, device="cpu") -> torch.nn.Module:
     """Build the batikfast network a Generator / Discriminator record describes."""
     weights = record_state_dict(record)
     kwargs = record.init_kwargs
     if record.class_name == "Generator":
-        network = Generator(*record.init_args, **kwargs)
+        network = Generator(*record.init_args, **_generator_kwargs(record, kwargs))
     elif record.class_name == "Discriminator":
         network = Discriminator(*record.init_args, **_discriminator_kwargs(kwargs, weights))
     else:
