@@ -663,15 +663,20 @@ class Trainer:
             while not done:
                 self.train_step(loader)
                 self._check_launcher(launcher)
+                done = self.cur_nimg >= total_nimg or (stop_after is not None
+                                                        and self.step >= stop_after)
+                stopping = self._stop_agreed()
+                if stopping and self.stop_signal is None:
+                    # Another rank noticed first (its parent's exit, a signal that reached it
+                    # a moment earlier): the shared agent's exit is visible here by now, so
+                    # look again rather than log "stopped by None" (seen, 1 run in ~20).
+                    self._check_launcher(launcher)
                 if self.stop_signal is not None and not stop_announced:
                     what = (f"torchrun (pid {launcher}), which started this rank, is gone"
                             if self.stop_signal == "the exit of torchrun" else
                             f"{self.stop_signal} received")
                     self.log(f"{what}: finishing this step and saving a checkpoint")
                     stop_announced = True
-                done = self.cur_nimg >= total_nimg or (stop_after is not None
-                                                        and self.step >= stop_after)
-                stopping = self._stop_agreed()
                 tick_due = self.cur_nimg >= tick_start_nimg + cfg["tick_kimg"] * 1000
                 if not (tick_due or done or stopping):
                     continue
@@ -694,8 +699,8 @@ class Trainer:
                 if done or stopping or self.tick % cfg["image_snap"] == 0:
                     self.save_grid(f"fakes{self.step:08d}.png")
                 if stopping:
-                    self.log(f"stopped by {self.stop_signal} at kimg {self.cur_nimg / 1000:.3f}; "
-                             f"resume with --resume auto")
+                    self.log(f"stopped by {self.stop_signal or 'a stop request of another rank'} "
+                             f"at kimg {self.cur_nimg / 1000:.3f}; resume with --resume auto")
                     break
                 tick_start = time.time()  # snapshots and metrics are not training time
         finally:
