@@ -166,23 +166,12 @@ def output_dir(outdir: str | None, device: torch.device) -> Path:
     else:
         day = datetime.date.today().isoformat()
         path = REPO_ROOT / "benchmarks" / "results" / f"{device_slug(device)}-{day}"
+    from batikfast.training.rundir import OutputDirError, check_output_dir
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise SystemExit(f"--outdir {str(path)!r} cannot be created: "
-                         f"{error.strerror or error}") from None
-    # A real write, not os.access: root passes os.access on read-only mounts.
-    probe = path / f".write-test-{os.getpid()}"
-    try:
-        probe.write_bytes(b"ok")
-    except OSError as error:
-        raise SystemExit(f"--outdir {str(path)!r} is not writable: "
-                         f"{error.strerror or error}") from None
-    finally:
-        try:
-            probe.unlink()
-        except OSError:
-            pass
+        check_output_dir(path)  # created, then a real write (root passes os.access anyway)
+    except OutputDirError as error:
+        raise SystemExit(str(error)) from None
     if device is not None:
         _refuse_other_device(path, device)
     return path
