@@ -200,20 +200,36 @@ def list_checkpoints(folder) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def latest_valid_checkpoint(folder, warn=print) -> Path | None:
-    """The newest checkpoint in ``folder`` that verifies; invalid ones are reported and skipped.
-    One of a newer format than this code reads is an UnsupportedCheckpointError: resuming an
-    older one instead would silently drop the newer run's progress."""
+def _newest_readable(folder, warn, read):
+    """(path, read(path)) of the newest checkpoint in ``folder`` that ``read`` accepts, or
+    (None, None); the others are reported and skipped. One of a newer format than this code
+    reads is an UnsupportedCheckpointError: resuming an older one instead would silently drop
+    the newer run's progress."""
     for path in list_checkpoints(folder):
         try:
-            _read_verified_payload(path)
+            return path, read(path)
         except UnsupportedCheckpointError:
             raise
         except CheckpointError as error:
             warn(f"skipping checkpoint: {error}")
-            continue
-        return path
-    return None
+    return None, None
+
+
+def latest_valid_checkpoint(folder, warn=print) -> Path | None:
+    """The newest checkpoint in ``folder`` that verifies."""
+    return _newest_readable(folder, warn, _read_verified_payload)[0]
+
+
+def latest_resumable_checkpoint(folder, warn=print) -> tuple[Path | None, bytes | None,
+                                                             dict | None]:
+    """(path, file bytes, state) of the newest intact training checkpoint in ``folder``
+    (truncated, corrupt and foreign files skipped), or (None, None, None)."""
+    def read(path):
+        data = read_checkpoint_file(path)
+        return data, check_training_state(load_checkpoint_bytes(data, path), path)
+
+    path, found = _newest_readable(folder, warn, read)
+    return (path, *found) if path is not None else (None, None, None)
 
 
 def set_aside_checkpoints_after(folder, step: int) -> list[Path]:

@@ -766,20 +766,9 @@ def _resume_state(resume, outdir: Path, info) -> tuple[dict | None, str | None]:
             # The newest that is intact and holds a training state: truncated, corrupt and
             # foreign files are skipped, saying so; one of a newer format stops the run
             # (resuming an older one instead would drop the newer run's progress).
-            for path in ckpt.list_checkpoints(outdir):
-                try:
-                    data = ckpt.read_checkpoint_file(path)
-                    state = ckpt.check_training_state(ckpt.load_checkpoint_bytes(data, path),
-                                                      path)
-                except ckpt.UnsupportedCheckpointError:
-                    raise
-                except ckpt.CheckpointError as err:
-                    data, state = None, None
-                    if info.is_main:
-                        print(f"skipping checkpoint: {err}")
-                    continue
-                source = str(path)
-                break
+            path, data, state = ckpt.latest_resumable_checkpoint(
+                outdir, warn=print if info.is_main else (lambda m: None))
+            source = None if path is None else str(path)
         elif resume:
             data, source = ckpt.read_checkpoint_file(resume), str(resume)
             state = ckpt.check_training_state(ckpt.load_checkpoint_bytes(data, source), source)
