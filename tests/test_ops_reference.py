@@ -245,7 +245,7 @@ def test_setup_filter_normalises_flips_and_separates():
 def explicit_conv2d_resample(x, w, f, up, down, padding, groups=1, flip_weight=True):
     """The definition: upfirdn2d up (gain up^2), convolve, upfirdn2d down."""
     fw = fh = 1 if f is None else f.shape[-1]
-    px0 = px1 = py0 = py1 = padding
+    px0, px1, py0, py1 = [padding] * 4 if isinstance(padding, int) else padding
     if up > 1:
         px0, px1 = px0 + (fw + up - 1) // 2, px1 + (fw - up) // 2
         py0, py1 = py0 + (fh + up - 1) // 2, py1 + (fh - up) // 2
@@ -264,7 +264,11 @@ def explicit_conv2d_resample(x, w, f, up, down, padding, groups=1, flip_weight=T
 
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("up,down", [(1, 1), (2, 1), (1, 2)])
-@pytest.mark.parametrize("groups,flip_weight,padding", [(1, True, 0), (1, False, 1), (2, True, 1)])
+@pytest.mark.parametrize("groups,flip_weight,padding", [
+    (1, True, 0), (1, False, 1), (2, True, 1),
+    # Uneven and cropping padding without resampling filtered the image with f as well
+    # (a smaller, blurred output).
+    (1, True, [1, 0, 2, 1]), (1, True, [-1, 2, 0, 1])])
 def test_conv2d_resample_matches_its_definition_on_every_path(kernel, up, down, groups,
                                                               flip_weight, padding):
     x = randn(2, 4, 6, 5, seed=13)
@@ -274,6 +278,31 @@ def test_conv2d_resample_matches_its_definition_on_every_path(kernel, up, down, 
                             flip_weight=flip_weight, impl="ref")
     expected = explicit_conv2d_resample(x, w, f, up, down, padding, groups, flip_weight)
     torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("up,down", [(1, 1), (2, 1), (1, 2), (2, 2)])
+@pytest.mark.parametrize("padding", [0, -1, [1, -2, 0, -1]])
+def test_conv2d_resample_refuses_exactly_the_inputs_that_leave_no_output_pixel(kernel, up, down,
+                                                                               padding):
+    # Was torch's "Kernel size can't be greater than actual input size" on some paths, an
+    # upfirdn2d padding error naming the wrong sizes on others.
+    f = ops.setup_filter([1, 3, 3, 1]).double().float()
+    w = randn(2, 2, kernel, kernel, seed=17)
+    for size in range(1, 6):
+        x = randn(1, 2, size, size + 1, seed=18)
+        try:
+            expected = explicit_conv2d_resample(x, w, f, up, down, padding)
+            fits = expected.numel() > 0
+        except (RuntimeError, ValueError):  # torch's refusals of the empty / negative size
+            fits = False
+        if fits:
+            torch.testing.assert_close(ops.conv2d_resample(x, w, f=f, up=up, down=down,
+                                                           padding=padding, impl="ref"),
+                                       expected, rtol=1e-9, atol=1e-9)
+        else:
+            expect_error(ValueError, "leaves no output pixel", ops.conv2d_resample, x, w, f=f,
+                         up=up, down=down, padding=padding, impl="ref")
 
 
 def test_conv2d_resample_has_a_double_backward():
@@ -434,6 +463,15 @@ def test_diffusion_noise_refuses_a_boolean_seed_naming_seed():
     sab, s1mab = linear_schedule()
     expect_error(ValueError, "seed must be None or an int", ops.diffusion_noise,
                  torch.zeros(2, 3), torch.tensor([1, 2]), sab, s1mab, seed=True, impl="ref")
+
+@pytest.mark.parametrize("noise_std", [None, -0.1, float("nan"), True, "0.05"])
+def test_diffusion_noise_refuses_a_noise_std_that_is_not_a_finite_non_negative_number(noise_std):
+    # None was torch's "float() argument must be ..."; -0.1 and NaN gave an answer.
+    sab, s1mab = linear_schedule()
+    expect_error(ValueError, "noise_std must be a finite number >= 0", ops.diffusion_noise,
+                 torch.zeros(2, 3), torch.tensor([1, 2]), sab, s1mab, noise_std=noise_std,
+                 impl="ref")
+
 
 def test_diffusion_noise_is_reproducible_from_a_seed_and_varies_with_it():
     sab, s1mab = linear_schedule(1000)

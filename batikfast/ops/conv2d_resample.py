@@ -55,6 +55,7 @@ def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor | None = N
         px0, px1 = px0 + (fw - down + 1) // 2, px1 + (fw - down) // 2
         py0, py1 = py0 + (fh - down + 1) // 2, py1 + (fh - down) // 2
     pads = [px0, px1, py0, py1]
+    _check_output_size(x, (kw, kh), (fw, fh), up, down, pads)
     conv = dict(groups=groups, flip_weight=flip_weight)
 
     if kw == 1 and kh == 1 and down > 1 and up == 1:
@@ -70,13 +71,29 @@ def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor | None = N
     if up > 1:
         return _transposed_upsampling(x, w, f, up, down, pads, groups, flip_weight, flip_filter,
                                       impl)
-    if down == 1 and px0 == px1 and py0 == py1 and px0 >= 0 and py0 >= 0:
+    # No resampling: f plays no part. Uneven or cropping padding is a pad / crop (upfirdn2d
+    # with the identity filter) before the convolution.
+    if px0 == px1 and py0 == py1 and px0 >= 0 and py0 >= 0:
         return _conv2d(x, w, padding=[py0, px0], **conv)
-    x = upfirdn2d(x, f, padding=pads, flip_filter=flip_filter, impl=impl)
-    x = _conv2d(x, w, **conv)
-    if down > 1:
-        x = upfirdn2d(x, f, down=down, flip_filter=flip_filter, impl=impl)
-    return x
+    return _conv2d(upfirdn2d(x, None, padding=pads, impl=impl), w, **conv)
+
+
+def _check_output_size(x, kernel_size, filter_size, up, down, pads) -> None:
+    """Refuse, per the definition, a convolution that would leave no output pixel (torch's
+    message on some paths, an error from the filter pass or a kernel on others)."""
+    height, width = x.shape[2:]
+    px0, px1, py0, py1 = pads
+    for axis, size, pad, kernel, taps in (("width", width, px0 + px1, kernel_size[0],
+                                           filter_size[0]),
+                                          ("height", height, py0 + py1, kernel_size[1],
+                                           filter_size[1])):
+        seen_by_conv = size * up + pad - (taps - 1 if up > 1 else 0)
+        left = seen_by_conv - kernel + 1 - (taps - 1 if down > 1 else 0)
+        if left < 1:
+            widened = f" (widened for the {taps}-tap filter)" if up > 1 or down > 1 else ""
+            raise ValueError(f"the {axis} of x ({size}) with padding {list(pads)}{widened}, "
+                             f"up={up}, down={down} leaves no output pixel for a "
+                             f"{kernel_size[0]}x{kernel_size[1]} kernel")
 
 
 def _transposed_upsampling(x, w, f, up, down, pads, groups, flip_weight, flip_filter, impl):

@@ -9,6 +9,8 @@ Differentiable in ``x`` (R1 is taken through the noising) and in ``noise``.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -39,7 +41,7 @@ def diffusion_noise(x: torch.Tensor, t: torch.Tensor, sqrt_alpha_bar: torch.Tens
         seed: None (drawn from torch's default generator) or an int in [0, 2**62).
         impl: ``"ref"``, ``"triton"``, ``"cuda"`` or None for automatic choice.
     """
-    _check_arguments(x, t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, noise, seed)
+    _check_arguments(x, t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, noise_std, noise, seed)
     if t.device != x.device:
         # A host t, copied through pinned memory: a pageable copy would wait for the GPU. Not
         # while compiling: the graph is traced on fake tensors, which cannot be pinned
@@ -62,7 +64,8 @@ def diffusion_noise(x: torch.Tensor, t: torch.Tensor, sqrt_alpha_bar: torch.Tens
     return _diffusion_noise_fast(x, x_scale, noise_scale, noise, seed_tensor, chosen)
 
 
-def _check_arguments(x, t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, noise, seed) -> None:
+def _check_arguments(x, t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, noise_std, noise,
+                     seed) -> None:
     check_tensor("x", x)
     if x.ndim < 1:
         raise ValueError("x must have a batch axis, got a scalar")
@@ -84,6 +87,11 @@ def _check_arguments(x, t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, noise, seed
         check_same_device(x=x, t=t)
     check_same_device(x=x, sqrt_alpha_bar=sqrt_alpha_bar,
                       sqrt_one_minus_alpha_bar=sqrt_one_minus_alpha_bar, noise=noise)
+    if isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real) \
+            or not math.isfinite(noise_std) or noise_std < 0:
+        # float(None) was torch's "must be a string or a real number"; a negative or NaN one
+        # a silent wrong answer.
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
     if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)
                                  and 0 <= seed < _SEED_RANGE):
         raise ValueError(f"seed must be None or an int in [0, 2**62), got {seed!r}")
