@@ -46,34 +46,44 @@ def test_integer_translation_moves_pixels_by_whole_steps():
     torch.manual_seed(2)
     x = images(batch=8, size=16)
     y = AugmentPipe(xint=1, p=1.0)(x)
+    steps = []
     for n in range(8):
-        found = False
-        for dy in range(-2, 3):
-            for dx in range(-2, 3):
-                shifted = torch.roll(x[n], shifts=(dy, dx), dims=(1, 2))
-                if torch.allclose(y[n, :, 3:-3, 3:-3], shifted[:, 3:-3, 3:-3], atol=1e-5):
-                    found = True
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.allclose(y[n, :, 3:-3, 3:-3],
+                                   torch.roll(x[n], shifts=(dy, dx), dims=(1, 2))[:, 3:-3, 3:-3],
+                                   atol=1e-5)]
         assert found, f"image {n} is not an integer translation of its input"
+        steps.append(found[0])
+    # The identity is the translation by (0, 0): some images must really have moved.
+    assert any(step != (0, 0) for step in steps), steps
 
 
 def test_colour_transforms_act_as_their_definitions():
     torch.manual_seed(3)
     x = images(batch=8)
     luma = lambda t: t.mean(dim=1)  # noqa: E731  (projection on the grey axis)
+    # Each transform must change the images (the identity also has a constant offset, a
+    # constant ratio and an unchanged luma), and change them as its definition says.
     y = AugmentPipe(brightness=1, p=1.0)(x)
     offset = (y - x).flatten(1)
     assert torch.allclose(offset, offset[:, :1].expand_as(offset), atol=1e-5)
+    assert (offset[:, 0].abs() > 1e-3).all(), "brightness left an image unchanged"
     y = AugmentPipe(contrast=1, p=1.0)(x)
     ratio = (y / x).flatten(1)
     assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), atol=1e-4)
+    assert ((ratio[:, 0] - 1).abs() > 1e-3).all(), "contrast left an image unchanged"
     for kind in ("hue", "saturation"):
         y = AugmentPipe(**{kind: 1}, p=1.0)(x)
         torch.testing.assert_close(luma(y), luma(x), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(y, x, atol=1e-3)
     y = AugmentPipe(lumaflip=1, p=1.0)(x)
+    flipped = 0
     for n in range(8):
-        assert (torch.allclose(luma(y)[n], luma(x)[n], atol=1e-5)
-                or torch.allclose(luma(y)[n], -luma(x)[n], atol=1e-5))
+        kept = torch.allclose(luma(y)[n], luma(x)[n], atol=1e-5)
+        negated = torch.allclose(luma(y)[n], -luma(x)[n], atol=1e-5)
+        assert kept or negated
+        flipped += negated
+    assert 0 < flipped < 8, "lumaflip must negate the luma of some images, not of all"
     grey = torch.full([2, 3, 4, 4], 0.3)
     torch.testing.assert_close(AugmentPipe(hue=1, saturation=1, p=1.0)(grey), grey)
 
