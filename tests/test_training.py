@@ -72,6 +72,8 @@ def test_each_loss_and_augmentation_trains_and_writes_outputs(tmp_path, loss, au
     for name in ("reals.png", "fakes_init.png", "fakes00000004.png", "log.txt",
                  "stats.jsonl", "training_options.json"):
         assert (tmp_path / name).exists(), name
+    latest = (tmp_path / "fakes_latest.png").read_bytes()
+    assert latest == (tmp_path / "fakes00000004.png").read_bytes(), "fakes_latest is not the newest"
     stats = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert "Loss/D/loss" in stats[0] and "Loss/G/loss" in stats[0]
     training = state["training"]

@@ -532,7 +532,7 @@ class Trainer:
             images.append(to_uint8(out).cpu())
         try:
             path = rundir.save_image_grid(torch.cat(images), self.outdir / name)
-            rundir.save_image_grid(torch.cat(images), self.outdir / "fakes_latest.png")
+            rundir.copy_atomically(path, self.outdir / "fakes_latest.png")  # not encoded twice
         except OSError as error:  # a full disk: the checkpoint may still find room later
             self.log(f"image grid {name} not written: {error}; training continues")
             return

@@ -153,6 +153,19 @@ def save_image_grid(images, path, columns: int | None = None) -> Path:
     return path
 
 
+def copy_atomically(source, path) -> Path:
+    """Copy a file so that ``path`` is never seen half-written (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def gpu_memory_gib(device: torch.device) -> float:
     if device.type != "cuda":
         return 0.0
