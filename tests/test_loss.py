@@ -136,15 +136,26 @@ def test_path_length_mean_moves_by_the_decay():
     G, D = tiny_networks()
     loss = make_loss("stylegan2", G, D, diffusion=Diffusion(seed=0), pl_batch_shrink=2)
     real, real_c, z, c = batch()
-    stats = loss.accumulate_gradients("Greg", real, real_c, z, c)
-    assert stats["pl_penalty"].shape == (2,)  # batch shrink 2
-    first = loss.pl_mean.item()
-    loss.accumulate_gradients("Greg", real, real_c, z, c)
-    assert 0 < first and loss.pl_mean.item() != first
-    # With decay 1 the mean equals this minibatch's mean length, so the penalty is its variance.
-    loss.pl_decay = 1.0
-    stats = loss.accumulate_gradients("Greg", real, real_c, z, c)
-    assert stats["pl_penalty"].mean() < loss.pl_mean ** 2
+
+    def regularise(decay):
+        loss.pl_decay = decay
+        torch.manual_seed(11)  # the same path lengths at every call (G is not stepped)
+        return loss.accumulate_gradients("Greg", real, real_c, z, c)
+
+    # From zero, decay 1 moves the mean all the way: to this minibatch's mean length m, so the
+    # penalty (length - m)^2 of the two samples (batch shrink 2) is the same for both.
+    stats = regularise(1.0)
+    assert stats["pl_penalty"].shape == (2,)
+    torch.testing.assert_close(stats["pl_penalty"][0], stats["pl_penalty"][1])
+    m = loss.pl_mean.item()
+    assert m > 0 and stats["pl_penalty"].mean() < m ** 2
+    # From zero again, decay 0.01 moves it 1% of the way to m, then 1% of the remaining way
+    # (checking only that it moved would pass with the decay ignored or reversed).
+    loss.pl_mean = torch.zeros([])
+    regularise(0.01)
+    assert loss.pl_mean.item() == pytest.approx(0.01 * m, rel=1e-4)
+    regularise(0.01)
+    assert loss.pl_mean.item() == pytest.approx((0.01 + 0.01 * 0.99) * m, rel=1e-4)
 
 
 def test_style_mixing_splices_two_latents_at_a_cutoff():
