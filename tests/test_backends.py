@@ -27,8 +27,12 @@ def test_impl_argument_beats_set_backend_which_beats_the_environment(monkeypatch
     monkeypatch.setenv("BATIKFAST_BACKEND", "cuda")
     with pytest.raises(backends.BackendUnavailableError):
         backends.resolve("bias_act", x)
+    assert backends.resolve("bias_act", x, impl="ref") == "ref"  # impl beats the environment
     batikfast.set_backend("ref")
-    assert backends.resolve("bias_act", x) == "ref"
+    assert backends.resolve("bias_act", x) == "ref"  # set_backend beats the environment
+    # impl beats set_backend: with both saying "ref" that could not be seen, so set_backend
+    # names an implementation these CPU tensors cannot use.
+    batikfast.set_backend("cuda")
     assert backends.resolve("bias_act", x, impl="ref") == "ref"
     batikfast.set_backend(None)
     monkeypatch.setenv("BATIKFAST_BACKEND", "auto")
