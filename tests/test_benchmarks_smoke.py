@@ -52,12 +52,22 @@ def test_quick_run_times_every_requested_case_mode_and_implementation(quick_run)
     rows = payload["results"]
     tiny = [c for c in shapes.tiny_cases() if c.op in ("bias_act", "diffusion_noise")]
     assert len(rows) == len(tiny) * len(opcases.MODES) * 3
+    # An implementation either cannot run here (and says so) or is timed: an "error:" row is
+    # a case that was not timed (a broken Triton kernel gave one on every row, and passed).
+    # Triton is unavailable only where batikfast says so (the script interprets it on the CPU).
+    from batikfast import backends
+    device = torch.device(payload["meta"]["device_type"])
+    may_be_unavailable = {"cuda"}
+    if backends.unavailable_reason("triton", device, torch.float32) is not None:
+        may_be_unavailable.add("triton")
     for row in rows:
-        assert row["status"] == "ok" or row["status"].startswith(("unavailable:", "error:"))
+        assert row["status"] == "ok" or (row["status"].startswith("unavailable:")
+                                         and row["impl"] in may_be_unavailable), row
         if row["impl"] == "ref":
             assert row["status"] == "ok"
             assert row["speedup_vs_ref"] == pytest.approx(1.0)
-            assert row["ms_p20"] <= row["ms"] <= row["ms_p80"]
+        if row["status"] == "ok":
+            assert row["ms_p20"] <= row["ms"] <= row["ms_p80"], row
             assert row["gbps"] == pytest.approx(row["bytes"] / (row["ms"] * 1e-3) / 1e9)
 
 
