@@ -285,6 +285,35 @@ def test_upfirdn2d_kernels_match_the_reference_to_second_order(impl, up, down, p
 
 
 
+FILTER_GRADIENT_CASES = [  # (up, down, padding, taps, flip_filter, gain)
+    (2, 1, [2, 1, 2, 1], "2d", False, 1.0),
+    (1, 2, [1, 1, 0, -1], [1, 3, 3, 1], True, 1.0),
+    ([2, 1], [1, 2], [0, 2, 1, 1], "2d", True, -1.5),
+]
+
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("up,down,padding,taps,flip_filter,gain", FILTER_GRADIENT_CASES)
+def test_upfirdn2d_kernels_give_a_filter_that_requires_grad_its_gradient_to_second_order(
+        impl, up, down, padding, taps, flip_filter, gain, dtype):
+    # The fast paths returned no gradient for the filter (None) where the reference gives one.
+    require(impl, "upfirdn2d", dtype)
+    if taps == "2d":
+        f = rand(3, 4, seed=60).float()
+    else:
+        f = ops.setup_filter(taps, device=DEVICE, separable=True) + rand(4, seed=61).float() / 8
+    x = rand(2, 3, 6, 5, seed=62, dtype=dtype).requires_grad_(True)
+    f.requires_grad_(True)
+
+    def fn(x, f, impl):
+        # The truth's float64 filter, rounded back to float32 exactly (upfirdn2d takes float32).
+        return ops.upfirdn2d(x, f.float(), up=up, down=down, padding=padding,
+                             flip_filter=flip_filter, gain=gain, impl=impl)
+
+    results = run_three_ways(fn, impl, [x, f], dtype)
+    check_three_ways(results, ["x", "f"])
+
+
 @pytest.mark.parametrize("impl", FAST)
 @pytest.mark.parametrize("shape", [(1, 2, 0, 3), (2, 1, 3, 0), (1, 1, 0, 0)])
 def test_upfirdn2d_of_an_image_without_pixels_gives_the_padding_s_zeros(impl, shape):
@@ -531,6 +560,45 @@ def test_diffusion_noise_gradient_ignores_the_drawn_noise(impl):
     t = torch.tensor([1, 4, 9, 20], device=DEVICE)
     (grad,) = torch.autograd.grad(ops.diffusion_noise(x, t, sab, s1mab, seed=3, impl=impl).sum(), x)
     torch.testing.assert_close(grad, sab[t].reshape(4, 1, 1, 1).expand_as(x))
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_diffusion_noise_kernels_give_the_schedules_their_gradient_to_second_order(impl, dtype):
+    # The fast paths returned no gradient for the schedules where the reference gives one.
+    require(impl, "diffusion_noise", dtype)
+    sab, s1mab = schedule()
+    sab, s1mab = sab.requires_grad_(True), s1mab.requires_grad_(True)
+    x = rand(3, 2, 4, 5, seed=63, dtype=dtype).requires_grad_(True)
+    noise = rand(3, 2, 4, 5, seed=64, dtype=dtype).requires_grad_(True)
+    t = torch.tensor([3, 20, 3], device=DEVICE)  # two samples share a step
+
+    def fn(x, noise, sab, s1mab, impl):
+        return ops.diffusion_noise(x, t, sab, s1mab, noise_std=0.5, noise=noise, impl=impl)
+
+    results = run_three_ways(fn, impl, [x, noise, sab, s1mab], dtype)
+    check_three_ways(results, ["x", "noise", "sqrt_alpha_bar", "sqrt_one_minus_alpha_bar"])
+
+
+@pytest.mark.parametrize("impl", FAST)
+def test_diffusion_noise_schedule_gradient_uses_the_noise_the_kernel_drew(impl):
+    # The drawn eps is not stored: the backward draws it again from the seed. Its gradient
+    # must equal the one computed with that eps handed over as noise.
+    require(impl, "diffusion_noise")
+    sab, s1mab = schedule()
+    x = rand(3, 2, 4, 5, seed=65)
+    t = torch.tensor([3, 20, 7], device=DEVICE)
+    upstream = rand(3, 2, 4, 5, seed=66)
+    ones = torch.ones(21, device=DEVICE)
+    eps = ops.diffusion_noise(torch.zeros_like(x), t, ones, ones, noise_std=1.0, seed=9,
+                              impl=impl)
+    grads = []
+    for noise, seed in ((None, 9), (eps, None)):
+        leaf = s1mab.clone().requires_grad_(True)
+        y = ops.diffusion_noise(x, t, sab, leaf, noise_std=0.7, noise=noise, seed=seed,
+                                impl=impl)
+        grads.append(torch.autograd.grad(y, leaf, upstream)[0])
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- fresh inputs, any layout

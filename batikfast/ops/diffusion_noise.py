@@ -5,7 +5,8 @@ fast implementations draw ``eps ~ N(0, 1)`` inside the kernel from a counter-bas
 (Philox) keyed by ``seed``, so no noise tensor is written to memory, and the reference draws it
 from a ``torch.Generator`` seeded with ``seed``. Each implementation is reproducible from the
 seed; the noise streams of different implementations are different (equal in distribution).
-Differentiable in ``x`` (R1 is taken through the noising) and in ``noise``.
+Differentiable in ``x`` (R1 is taken through the noising), in ``noise`` and in the two
+schedules (the fast paths draw the noise again from the seed for the latter).
 """
 from __future__ import annotations
 
@@ -134,19 +135,42 @@ def _(x, x_scale, noise_scale, noise, seed, impl):
 
 def _diffusion_noise_setup(ctx, inputs, output):
     x, x_scale, noise_scale, noise, seed, ctx.impl = inputs
-    ctx.save_for_backward(x_scale, noise_scale)
+    # x and the noise only for the schedule's gradient (references kept, no copies).
+    schedule_needs_grad = x_scale.requires_grad or (noise_scale is not None
+                                                    and noise_scale.requires_grad)
+    ctx.save_for_backward(x_scale, noise_scale, x if schedule_needs_grad else None,
+                          noise if schedule_needs_grad else None, seed)
 
 
 def _diffusion_noise_backward(ctx, dy):
-    x_scale, noise_scale = ctx.saved_tensors
+    x_scale, noise_scale, x, noise, seed = ctx.saved_tensors
     unused_seed = torch.zeros((), dtype=torch.int64)
-    d_x = d_noise = None
+    d_x = d_x_scale = d_noise_scale = d_noise = None
     if ctx.needs_input_grad[0]:
         d_x = _diffusion_noise_fast(dy, x_scale, None, None, unused_seed, ctx.impl)
+    if ctx.needs_input_grad[1]:
+        d_x_scale = _per_sample_dot(dy, x)
+    if ctx.needs_input_grad[2]:
+        eps = noise if noise is not None else _drawn_noise(x, seed, ctx.impl)
+        d_noise_scale = _per_sample_dot(dy, eps)
     if ctx.needs_input_grad[3] and noise_scale is not None:
         d_noise = _diffusion_noise_fast(dy, noise_scale, None, None, unused_seed,
                                                       ctx.impl)
-    return d_x, None, None, d_noise, None, None
+    return d_x, d_x_scale, d_noise_scale, d_noise, None, None
+
+
+def _per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over all but the first axis of a * b, in float32: [N]."""
+    per_sample = math.prod(a.shape[1:])
+    return (a.float() * b.float()).reshape(a.shape[0], per_sample).sum(1)
+
+
+def _drawn_noise(x: torch.Tensor, seed: torch.Tensor, impl: str) -> torch.Tensor:
+    """The eps the kernel drew for ``x`` from ``seed`` (the stream depends on the seed and the
+    element's index alone), drawn again in float32: x scaled by 0 plus eps scaled by 1."""
+    zeros = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    per_sample = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+    return _diffusion_noise_op(zeros, per_sample * 0, per_sample, None, seed, impl)
 
 
 _diffusion_noise_fast = differentiable(_diffusion_noise_op, _diffusion_noise_setup,

@@ -8,8 +8,9 @@ keeps every ``down``-th sample, per axis. Output size per axis:
 
 The fast implementations run as the custom op ``batikfast::upfirdn2d`` on a 2-D filter;
 a separable (1-D) filter runs as two passes. Its backward is again an upfirdn2d (up and down
-swapped, the filter flipped), so gradients of every order exist on every backend. No gradient
-flows into the filter on the fast paths (filters are constants in StyleGAN).
+swapped, the filter flipped), so gradients of every order exist on every backend. A filter
+that requires grad (filters are constants in StyleGAN) gets its gradient from one plain
+convolution of the padded input with the output's gradient.
 """
 from __future__ import annotations
 
@@ -141,12 +142,7 @@ def upfirdn2d_reference(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1
         fw, fh = _filter_size(f)
         return x.reshape(batch, 0, (height * upy + pady0 + pady1 - fh + downy) // downy,
                          (width * upx + padx0 + padx1 - fw + downx) // downx)
-    x = x.reshape(batch, channels, height, 1, width, 1)
-    x = F.pad(x, [0, upx - 1, 0, 0, 0, upy - 1])
-    x = x.reshape(batch, channels, height * upy, width * upx)
-    x = F.pad(x, [max(padx0, 0), max(padx1, 0), max(pady0, 0), max(pady1, 0)])
-    x = x[:, :, max(-pady0, 0): x.shape[2] - max(-pady1, 0),
-          max(-padx0, 0): x.shape[3] - max(-padx1, 0)]
+    x = _upsampled_and_padded(x, upx, upy, padx0, padx1, pady0, pady1)
     # |gain| on the filter and the sign on the output: a separable filter scaled by
     # gain ** 0.5 would turn complex (its real part ~0) for a negative gain.
     f = (f.to(torch.promote_types(x.dtype, torch.float32)) * abs(gain) ** (f.ndim / 2)).to(x.dtype)
@@ -159,6 +155,36 @@ def upfirdn2d_reference(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1
         x = F.conv2d(x, f[None, None, :, None].expand(channels, 1, -1, 1), groups=channels)
     x = x[:, :, ::downy, ::downx]
     return -x if gain < 0 else x
+
+
+def _upsampled_and_padded(x, upx, upy, padx0, padx1, pady0, pady1):
+    """``x`` with ``up - 1`` zeros after every sample, then padded (negative: cropped)."""
+    batch, channels, height, width = x.shape
+    x = x.reshape(batch, channels, height, 1, width, 1)
+    x = F.pad(x, [0, upx - 1, 0, 0, 0, upy - 1])
+    x = x.reshape(batch, channels, height * upy, width * upx)
+    x = F.pad(x, [max(padx0, 0), max(padx1, 0), max(pady0, 0), max(pady1, 0)])
+    return x[:, :, max(-pady0, 0): x.shape[2] - max(-pady1, 0),
+             max(-padx0, 0): x.shape[3] - max(-padx1, 0)]
+
+
+def _filter_gradient(x, f, dy, upx, upy, downx, downy, padx0, padx1, pady0, pady1,
+                     flip_filter, gain):
+    """d loss / d f for a 2-D f: every output is sum_ij padded_x[oy*down + i, ox*down + j] *
+    taps[i, j] (taps = f flipped unless flip_filter), so the taps' gradient correlates the
+    padded input with the output's gradient spread back onto the full grid (zeros between
+    kept samples), summed over images and channels: one convolution, in float32 at least."""
+    compute_dtype = torch.promote_types(torch.promote_types(x.dtype, dy.dtype), torch.float32)
+    padded = _upsampled_and_padded(x.to(compute_dtype), upx, upy, padx0, padx1, pady0, pady1)
+    fh, fw = f.shape
+    full_h, full_w = padded.shape[2] - fh + 1, padded.shape[3] - fw + 1
+    spread = _upsampled_and_padded(dy.to(compute_dtype), downx, downy, 0, 0, 0, 0)
+    spread = F.pad(spread, [0, full_w - spread.shape[3], 0, full_h - spread.shape[2]])
+    planes = x.shape[0] * x.shape[1]
+    taps_grad = F.conv2d(padded.reshape(1, planes, *padded.shape[2:]),
+                         spread.reshape(1, planes, full_h, full_w)).reshape(fh, fw)
+    df = taps_grad if flip_filter else taps_grad.flip([0, 1])
+    return (df * gain).to(f.dtype)
 
 
 def _check_gain(gain) -> None:
@@ -221,22 +247,28 @@ def _upfirdn2d_setup(ctx, inputs, output):
     x, f, *ctx.params = inputs
     ctx.in_size = x.shape[2:]
     ctx.out_size = output.shape[2:]
-    ctx.save_for_backward(f)
+    # x only for the filter's gradient (a reference kept, no copy).
+    ctx.save_for_backward(f, x if f.requires_grad else None)
 
 
 def _upfirdn2d_backward(ctx, dy):
-    (f,) = ctx.saved_tensors
+    f, x = ctx.saved_tensors
     upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain, impl = ctx.params
     in_h, in_w = ctx.in_size
     out_h, out_w = ctx.out_size
     fh, fw = f.shape
-    # The adjoint of (zero-insert, pad, filter, subsample) is (zero-insert by down, pad,
-    # correlate, subsample by up), with the padding that lines the grids up again.
-    grad_padding = (fw - padx0 - 1, in_w * upx - out_w * downx + padx0 - upx + 1,
-                    fh - pady0 - 1, in_h * upy - out_h * downy + pady0 - upy + 1)
-    dx = _upfirdn2d_fast(dy, f, downx, downy, upx, upy, *grad_padding,
-                                       not flip_filter, gain, impl)
-    return dx, None, None, None, None, None, None, None, None, None, None, None, None
+    dx = df = None
+    if ctx.needs_input_grad[0]:
+        # The adjoint of (zero-insert, pad, filter, subsample) is (zero-insert by down, pad,
+        # correlate, subsample by up), with the padding that lines the grids up again.
+        grad_padding = (fw - padx0 - 1, in_w * upx - out_w * downx + padx0 - upx + 1,
+                        fh - pady0 - 1, in_h * upy - out_h * downy + pady0 - upy + 1)
+        dx = _upfirdn2d_fast(dy, f, downx, downy, upx, upy, *grad_padding,
+                             not flip_filter, gain, impl)
+    if ctx.needs_input_grad[1]:
+        df = _filter_gradient(x, f, dy, upx, upy, downx, downy, padx0, padx1, pady0, pady1,
+                              flip_filter, gain)
+    return dx, df, None, None, None, None, None, None, None, None, None, None, None
 
 
 _upfirdn2d_fast = differentiable(_upfirdn2d_op, _upfirdn2d_setup, _upfirdn2d_backward)
