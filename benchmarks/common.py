@@ -177,7 +177,8 @@ def output_dir(outdir: str | None, device: torch.device) -> Path:
     return path
 
 
-RESULT_FILES = ("ops.json", "networks.json", "train_step.json", "peer_nvidia.json")
+RESULT_FILES = ("ops.json", "networks.json", "train_step.json", "peer_nvidia.json",
+                "peer_networks.json")
 
 
 def _refuse_other_device(path: Path, device: torch.device) -> None:

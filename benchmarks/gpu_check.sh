@@ -9,21 +9,25 @@
 # All steps in one 10-minute call squeeze the later ones; two calls cover more while the machine
 # stays warm (the built extension is kept and not rebuilt):
 #   bash benchmarks/gpu_check.sh build tests bench    then    bash benchmarks/gpu_check.sh networks train peer
+# The peer step runs two comparisons (per op, then NVIDIA's whole G and D, up to ~8 minutes
+# together); run alone (`gpu_check.sh peer`) it gets both full shares and leaves train its own.
 # Carry .peer (git-ignored, NVIDIA's checkout) to the machine for the peer step.
 #
 # Steps: build tests bench networks train peer (default: all, in that order), and the opt-in
 # codegen (the Triton kernels compiled for sm_90 and read by benchmarks/codegen.py; CPU only). Each step runs under its
 # own time limit and a failing step never stops the next one; the exit status is that of the
 # worst step. Everything is tee'd into $OUT/gpu_check.log as it happens, so a timeout loses
-# nothing already printed. $OUT ends up with at most 10 files:
+# nothing already printed. $OUT ends up with at most 11 files:
 #   gpu_check.log  test_logs.tar.gz  results.tar.gz (benchmarks/results/<device>-<date>/)
-#   targets.md  ops.md  networks.md  train_step.md  peer_nvidia.md  codegen.md  summary.txt
+#   targets.md  ops.md  networks.md  train_step.md  peer_nvidia.md  peer_networks.md
+#   codegen.md  summary.txt
 # Knobs (environment): GPU_CHECK_SECONDS (total, default 560), TESTS_SECONDS (default 200),
 # BENCH_SECONDS (op benchmark budget, default 180), NETWORKS_SECONDS (default 60),
-# TRAIN_SECONDS (default 90), CODEGEN_SECONDS (default 240), BENCH_ARGS / NETWORKS_ARGS / TRAIN_ARGS / PEER_ARGS (extra
-# arguments), NVIDIA_PATH (default: .peer/stylegan3
-# or .peer/stylegan2-ada-pytorch), RESULTS_DIR (default benchmarks/results/<device>-<date>),
-# PYTHON (default python3).
+# TRAIN_SECONDS (default 90), CODEGEN_SECONDS (default 240), PEER_NETWORKS_SECONDS (the peer
+# step's share for NVIDIA's whole networks, default 180), BENCH_ARGS / NETWORKS_ARGS /
+# TRAIN_ARGS / PEER_ARGS / PEER_NETWORKS_ARGS (extra arguments), NVIDIA_PATH (default:
+# .peer/stylegan3 or .peer/stylegan2-ada-pytorch), RESULTS_DIR (default
+# benchmarks/results/<device>-<date>), PYTHON (default python3).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -172,12 +176,22 @@ if want peer; then
         done
     fi
     if [[ -n "$NVIDIA_PATH" ]]; then
-        limit=$(allot 300 20)
+        # Two runs: per op, then whole networks; the ops run keeps the networks run's share.
+        networks_share=${PEER_NETWORKS_SECONDS:-180}
+        limit=$(allot 300 $((networks_share + 20)))
         # Their two plugins JIT-compile first (a minute or two, not under --budget).
         # shellcheck disable=SC2086
         run_step peer "$limit" "$PYTHON" benchmarks/peer_nvidia.py --nvidia-path \
             "$NVIDIA_PATH" --budget $((limit > 180 ? limit - 150 : 30)) --batch 64 --dtype fp16 \
             --rep-ms 50 --outdir "$RESULTS_DIR" ${PEER_ARGS:-}
+        # NVIDIA's G and D with batikfast's, same weights. The plugins load from the build
+        # above; the budget leaves the time of one measurement in flight (a batch-64 first call
+        # tunes cuDNN) and the writing, or a rebuild when the run above was stopped mid-build.
+        limit=$(allot "$networks_share" 20)
+        # shellcheck disable=SC2086
+        run_step peer_networks "$limit" "$PYTHON" benchmarks/peer_networks.py --nvidia-path \
+            "$NVIDIA_PATH" --budget $((limit > 120 ? limit - 90 : 30)) --rep-ms 50 \
+            --outdir "$RESULTS_DIR" ${PEER_NETWORKS_ARGS:-}
     else
         log "step peer: skipped, no NVIDIA checkout in .peer/ (carry .peer to run it)"
         echo "peer: skipped (no .peer/stylegan3)" >>"$SUMMARY"
@@ -206,7 +220,8 @@ if [[ -d "$RESULTS_DIR" ]]; then
     "$PYTHON" benchmarks/targets.py "$RESULTS_DIR" >/dev/null 2>>"$LOG" ||
         log "targets.py failed (see above); the JSON is intact"
     tar -czf "$OUT/results.tar.gz" -C "$(dirname "$RESULTS_DIR")" "$(basename "$RESULTS_DIR")"
-    for name in targets.md ops.md networks.md train_step.md peer_nvidia.md codegen.md; do
+    for name in targets.md ops.md networks.md train_step.md peer_nvidia.md peer_networks.md \
+        codegen.md; do
         [[ -f "$RESULTS_DIR/$name" ]] && cp "$RESULTS_DIR/$name" "$OUT/$name"
     done
 fi

@@ -102,14 +102,16 @@ def plot_train_step(payload: dict, path: Path) -> str:
 
 
 def kind_of(payload) -> str | None:
-    """Which script wrote a results JSON: "ops", "train_step", "networks", "peer_nvidia", or
-    None for anything else (codegen.json, gpu_tests.json, a stray file)."""
+    """Which script wrote a results JSON: "ops", "train_step", "networks", "peer_nvidia",
+    "peer_networks", or None for anything else (codegen.json, gpu_tests.json, a stray file)."""
     if not isinstance(payload, dict) or not isinstance(payload.get("meta"), dict) \
             or not isinstance(payload.get("results"), list):
         return None
     rows = payload["results"]
     if "ceilings" in payload:
         return "ops"
+    if payload["meta"].get("benchmark") == "peer_networks":  # also has nvidia_flavour
+        return "peer_networks"
     if "nvidia_flavour" in payload["meta"]:
         return "peer_nvidia"
     if rows and all("network" in r for r in rows):
@@ -144,6 +146,9 @@ def main(argv=None) -> int:
             print(plot_train_step(payload, path.with_suffix(".png")))
         elif kind == "peer_nvidia":
             print(f"{path}: no chart for the NVIDIA comparison; its table is peer_nvidia.md")
+        elif kind == "peer_networks":
+            print(f"{path}: no chart for the NVIDIA network comparison; its table is "
+                  "peer_networks.md")
         elif kind == "networks":
             print(f"{path}: no chart for the whole-network timings; their table is networks.md")
         else:

@@ -193,6 +193,124 @@ def test_peer_script_matches_nvidia_reference_on_tiny_shapes(tmp_path):
     assert "nvidia-ref" in (tmp_path / "peer_nvidia.md").read_text()
 
 
+NVIDIA_CHECKOUT = REPO / ".peer" / "stylegan3"
+needs_nvidia_checkout = pytest.mark.skipif(
+    not (NVIDIA_CHECKOUT / "torch_utils").exists(),
+    reason="NVIDIA's stylegan3 is not fetched into .peer/ (never committed)")
+
+
+@needs_nvidia_checkout
+def test_peer_networks_script_matches_nvidia_networks_with_the_same_weights(tmp_path):
+    stdout = _run([str(REPO / "benchmarks" / "peer_networks.py"), "--nvidia-path",
+                   str(NVIDIA_CHECKOUT), "--quick", "--backends", "ref", "cuda",
+                   "--device", "cpu",  # on a GPU their plugins would JIT-compile for minutes
+                   "--outdir", str(tmp_path)], tmp_path)
+    payload = json.loads((tmp_path / "peer_networks.json").read_text())
+    meta, rows = payload["meta"], payload["results"]
+    # CPU tensors take their reference: said so, never labelled as their plugin
+    assert meta["nvidia_network_path"][0] == "ref"
+    assert "CPU tensors" in meta["nvidia_network_path"][1]
+    theirs = [r for r in rows if r["impl"].startswith("nvidia")]
+    assert [r["measurement"] for r in theirs] == ["G:fwd", "G:fwd+bwd", "D:fwd+bwd"]
+    assert all(r["impl"] == "nvidia-ref" and r["status"] == "ok" for r in theirs)
+    ours = [r for r in rows if r["impl"] == "batikfast-ref"]
+    assert len(ours) == 3 and all(r["status"] == "ok" and r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+                                  for r in ours)
+    # the same computation: outputs and every gradient agree to float32 rounding
+    assert all(r["max_rel_err_vs_nvidia"] < 1e-5 for r in ours)
+    assert all(r["speedup_vs_nvidia"] > 0 for r in ours)
+    cuda = [r for r in rows if r["impl"] == "batikfast-cuda"]
+    assert len(cuda) == 3 and all(r["status"].startswith("unavailable") for r in cuda)
+    text = (tmp_path / "peer_networks.md").read_text()
+    assert "NVIDIA path that ran: **ref**" in text and "| G:fwd+bwd |" in text
+    assert "t_dim=0" in text
+    assert "nvidia-ref" in stdout and "batikfast-ref" in stdout
+
+
+# Run in a child process: importing NVIDIA's code puts their top-level `training` package
+# and the pkg_resources / requests stand-ins into sys.modules.
+ONE_WEIGHT_OFF = """
+import sys, torch
+from benchmarks import peer_networks
+build_pair = peer_networks.build_pair
+
+def one_weight_off(*args):
+    nets = build_pair(*args)
+    G, D = nets["batikfast"]
+    with torch.no_grad():
+        G.synthesis.b32.conv1.noise_strength.mul_(1.5)
+        D.b4.out.bias.add_(0.05)
+    return nets
+
+peer_networks.build_pair = one_weight_off
+peer_networks.main(sys.argv[1:])
+"""
+
+
+@needs_nvidia_checkout
+def test_peer_networks_deviation_shows_networks_that_compute_differently(tmp_path):
+    """The check must see a difference: a bias or noise strength off in batikfast's copy (a
+    fresh network's are zero, so the script gives them values first) shows as a deviation."""
+    _run(["-c", ONE_WEIGHT_OFF, "--nvidia-path", str(NVIDIA_CHECKOUT), "--quick", "--device",
+          "cpu", "--measure", "G:fwd", "D:fwd", "--outdir", str(tmp_path)], tmp_path)
+    payload = json.loads((tmp_path / "peer_networks.json").read_text())
+    ours = [r for r in payload["results"] if r["impl"] == "batikfast-ref"]
+    assert len(ours) == 2 and all(r["max_rel_err_vs_nvidia"] > 1e-3 for r in ours)
+
+
+@needs_nvidia_checkout
+def test_gpu_check_peer_step_runs_the_op_and_then_the_network_comparison(tmp_path):
+    import shutil
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils timeout")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), RESULTS_DIR=str(tmp_path / "results" / "cpu-test"),
+               PYTHON=sys.executable, TRITON_INTERPRET="1",
+               PEER_ARGS="--quick --ops bias_act --backends ref --batch 2 --dtype fp32 "
+                         "--modes fwd",
+               PEER_NETWORKS_ARGS="--quick --measure G:fwd")
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "peer"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    summary = (out / "summary.txt").read_text()
+    assert result.returncode == 0, summary
+    assert "peer: exit 0" in summary and "peer_networks: exit 0" in summary
+    assert (out / "peer_networks.md").read_text().startswith("# batikfast vs NVIDIA stylegan3 "
+                                                             "networks (tiny)")
+    log = (out / "gpu_check.log").read_text()
+    assert "benchmarks/peer_networks.py --nvidia-path .peer/stylegan3 --budget" in log
+
+
+def test_peer_networks_labels_their_networks_reference_unless_both_plugins_loaded():
+    from benchmarks.peer_networks import NvidiaNetworks
+    nvidia = object.__new__(NvidiaNetworks)  # no checkout needed: only the labels
+    nvidia.paths = {"bias_act": ("cuda", "CUDA plugin loaded"),
+                    "upfirdn2d": ("ref", "plugin build failed: RuntimeError: nvcc")}
+    kind, why = nvidia.network_path()
+    assert kind == "ref" and "upfirdn2d: plugin build failed" in why and "bias_act" not in why
+    nvidia.paths["upfirdn2d"] = ("cuda", "CUDA plugin loaded")
+    assert nvidia.network_path()[0] == "cuda"
+
+
+def test_peer_networks_prints_and_marks_measurements_the_budget_skipped(capsys):
+    from benchmarks import peer_networks, plot
+    args = peer_networks.parse_args(["--nvidia-path", ".", "--quick", "--budget", "1e-9",
+                                     "--batch", "4", "8"])
+    rows = peer_networks.run(args, None, torch.device("cpu"), None, [])
+    assert len(rows) == 2 * 3 and all(r["status"] == "skipped: time budget" for r in rows)
+    assert capsys.readouterr().out.count("skipped: time budget") == len(rows)
+    meta = dict(device="CPU", device_type="cpu", date="d", git_commit="c", torch="t",
+                triton="tr", cuda="cu", timing="CPU", budget_s=1e-9, cfg="tiny",
+                nvidia_flavour="stylegan3", nvidia_path="p", benchmark="peer_networks",
+                nvidia_network_path=("ref", "CPU tensors"), cudnn_benchmark=True,
+                tf32_cudnn=False, compared="t_dim=0")
+    payload = dict(meta=meta, results=rows)
+    text = peer_networks.markdown(payload)
+    assert "6 measurement(s) skipped" in text and "| G:fwd | skipped |" in text
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1  # header, rule and rows agree
+    assert plot.kind_of(payload) == "peer_networks"  # not taken for the per-op comparison
+
+
 def _step_row(backend, compile_mode, sec_per_kimg):
     return dict(config=f"{backend} {compile_mode} mixed", backend=backend, compile=compile_mode,
                 precision="mixed", status="ok", sec_per_kimg=sec_per_kimg,
@@ -478,7 +596,8 @@ def test_a_selection_that_names_no_case_is_an_error_that_writes_nothing(tmp_path
     assert args.cases == ["tiny.*"]
 
 
-@pytest.mark.parametrize("script", ["run", "networks", "train_step", "peer_nvidia", "codegen"])
+@pytest.mark.parametrize("script", ["run", "networks", "train_step", "peer_nvidia",
+                                    "peer_networks", "codegen"])
 def test_an_unwritable_outdir_stops_the_script_before_it_measures_anything(
         script, tmp_path, monkeypatch):
     """The folder was created only after the last measurement: a path under a file (or a
@@ -489,7 +608,7 @@ def test_an_unwritable_outdir_stops_the_script_before_it_measures_anything(
     def measured(*args, **kwargs):
         raise AssertionError("measured before the output folder was checked")
 
-    for name in ("run", "triton_codegen", "Nvidia"):  # what each script measures with
+    for name in ("run", "triton_codegen", "Nvidia", "NvidiaNetworks"):  # what they measure with
         if hasattr(module, name):
             monkeypatch.setattr(module, name, measured)
     if script == "run":
@@ -500,6 +619,7 @@ def test_an_unwritable_outdir_stops_the_script_before_it_measures_anything(
     argv = {"run": ["--quick", "--ops", "bias_act", "--backends", "ref"],
             "networks": ["--quick"], "train_step": ["--quick"],
             "peer_nvidia": ["--quick", "--nvidia-path", str(tmp_path)],
+            "peer_networks": ["--quick", "--nvidia-path", str(tmp_path)],
             "codegen": ["--shapes", "tiny", "--no-cuda"]}[script]
     with pytest.raises(SystemExit) as stopped:
         module.main(argv + ["--outdir", str(blocker / "results")])
@@ -534,6 +654,13 @@ def test_gpu_check_script_refuses_an_unknown_step_before_doing_anything(tmp_path
     ("train_step", ["--quick", "--batch-gpu", "0"]),
     ("train_step", ["--quick", "--warmup-steps", "-1"]),
     ("peer_nvidia", ["--quick", "--nvidia-path", ".", "--batch", "0"]),
+    ("peer_networks", ["--quick", "--nvidia-path", ".", "--batch", "0"]),
+    ("peer_networks", ["--quick", "--nvidia-path", ".", "--budget", "0"]),
+    ("peer_networks", ["--quick", "--nvidia-path", ".", "--cfg", "no-such-preset"]),
+    # tiny's minibatch-std group of 4 does not divide 6: every D row was an error
+    ("peer_networks", ["--quick", "--nvidia-path", ".", "--batch", "4", "6"]),
+    ("peer_networks", ["--quick", "--nvidia-path", ".", "--precision", "bf16"]),  # not theirs
+    ("peer_networks", ["--quick", "--nvidia-path", ".", "--measure", "G:fwd", "G"]),
     ("codegen", ["--batch", "0"]),
 ])
 def test_a_batch_budget_repeat_time_or_device_that_cannot_work_is_an_argument_error(
