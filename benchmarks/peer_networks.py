@@ -19,7 +19,8 @@ here is batikfast's t-free configuration (``t_dim=0``), which is NVIDIA's D laye
 Each NVIDIA row says which of their paths ran, ``nvidia-cuda`` (both plugins, bias_act and
 upfirdn2d, loaded) or ``nvidia-ref`` with the reason; each batikfast row its speed-up over that
 row and its largest deviation from NVIDIA's outputs (image or logits, and for forward+backward
-every gradient), both sides drawing the same synthesis noise from the same seed.
+every gradient, paired by parameter name), both sides drawing the same synthesis noise from
+the same seed. Mixed precision is compared on a GPU only: NVIDIA's blocks run fp32 off CUDA.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ import torch  # noqa: E402
 
 import batikfast  # noqa: E402
 from benchmarks.peer_nvidia import Nvidia  # noqa: E402
-from benchmarks.run import _describe_error, _relative_error, unavailable_reason  # noqa: E402
+from benchmarks.run import _describe_error, unavailable_reason  # noqa: E402
 
 MEASUREMENTS = ("G:fwd", "G:fwd+bwd", "D:fwd", "D:fwd+bwd")
 DEFAULT_MEASUREMENTS = ("G:fwd", "G:fwd+bwd", "D:fwd+bwd")
@@ -159,6 +160,21 @@ def _vary_constant_parameters(net: torch.nn.Module) -> None:
             param.add_(0.1 * torch.randn_like(param))
 
 
+def tensor_names(G, D) -> dict:
+    """{"G:fwd": [...], ...}: what each callable returns, in order, for the report."""
+    G_grads = [f"grad {name}" for name, _ in _parameters_by_name(G)]
+    D_grads = [f"grad {name}" for name, _ in _parameters_by_name(D)]
+    return {"G:fwd": ["image"], "G:fwd+bwd": ["image", *G_grads], "D:fwd": ["logits"],
+            "D:fwd+bwd": ["logits", *D_grads, "grad img"]}
+
+
+def _parameters_by_name(net) -> list:
+    # By name, not registration order: the two implementations may register modules in
+    # different orders, and the check pairs their gradients by position.
+    return sorted(((n, p) for n, p in net.named_parameters() if p.requires_grad),
+                  key=lambda item: item[0])
+
+
 def make_callables(G, D, batch: int, device: torch.device) -> dict:
     """{"G:fwd": fn, ...}: each fn runs one call and returns what the check compares."""
     generator = torch.Generator().manual_seed(0)  # the same inputs for both sides
@@ -168,12 +184,12 @@ def make_callables(G, D, batch: int, device: torch.device) -> dict:
     img = torch.randn([batch, G.img_channels, res, res], generator=generator).to(device)
     dy = torch.randn(img.shape, generator=generator).to(device)
     img_leaf = img.clone().requires_grad_(True)
-    G_params = [p for p in G.parameters() if p.requires_grad]
-    D_params = [p for p in D.parameters() if p.requires_grad]
+    G_params = [p for _, p in _parameters_by_name(G)]
+    D_params = [p for _, p in _parameters_by_name(D)]
 
     def g_fwd():
         with torch.no_grad():
-            return G(z, c)
+            return (G(z, c),)
 
     def g_bwd():
         out = G(z, c)
@@ -181,7 +197,7 @@ def make_callables(G, D, batch: int, device: torch.device) -> dict:
 
     def d_fwd():
         with torch.no_grad():
-            return D(img, c)
+            return (D(img, c),)
 
     def d_bwd():
         logits = D(img_leaf, c)
@@ -207,7 +223,7 @@ def run(args, nvidia: NvidiaNetworks, device: torch.device, timer: Timer,
     started = time.perf_counter()
     _print_header()
     for precision in args.precision:
-        nets, build_error = None, None
+        nets, build_error = None, mixed_unavailable(precision, device)
         for batch in args.batch:
             for measurement in args.measure:
                 network, mode = measurement.split(":")
@@ -229,6 +245,16 @@ def run(args, nvidia: NvidiaNetworks, device: torch.device, timer: Timer,
         del nets
         _free(device)
     return rows
+
+
+def mixed_unavailable(precision: str, device: torch.device) -> str | None:
+    """Why mixed precision cannot be compared here; None when it can."""
+    if precision == "mixed" and device.type != "cuda":
+        # Their blocks set force_fp32 for tensors off CUDA: an fp16 batikfast row would be
+        # compared with an fp32 NVIDIA one.
+        return ("unavailable: NVIDIA's networks run every layer in fp32 off CUDA "
+                "(force_fp32), so mixed precision is compared on a GPU only")
+    return None
 
 
 def _skip(rows: list, base: dict, status: str) -> None:
@@ -256,13 +282,31 @@ def _run_measurement(args, nvidia, nets, device, timer, base, rows: list) -> Non
         finally:
             batikfast.set_backend(None)
         if outputs is not None and peer_outputs is not None:
-            row["max_rel_err_vs_nvidia"] = _relative_error(outputs, peer_outputs)
+            names = tensor_names(*nets["nvidia"])[base["measurement"]]
+            row.update(deviations(outputs, peer_outputs, names))
         if row["status"] == "ok" and peer.get("status") == "ok":
             row["speedup_vs_nvidia"] = peer["ms"] / row["ms"]
         del outputs
         _print_row(row)
     del peer_outputs
     _free(device)
+
+
+def deviations(outputs, reference, names) -> dict:
+    """The largest deviation from NVIDIA's tensors, where it is, and the output's own.
+
+    As run.py's check: per tensor, largest |got - want| over max |want|, with a floor of a
+    thousandth of the largest reference value so a gradient near zero is not divided by ~0.
+    A sum with much cancellation (the gradient of a noise strength) deviates most in fp16.
+    """
+    pairs = [(got.detach().float(), want.detach().float())
+             for got, want in zip(outputs, reference)]
+    floor = max(max(want.abs().max().item() for _, want in pairs) * 1e-3, 1e-12)
+    errors = [(got - want).abs().max().item() / max(want.abs().max().item(), floor)
+              for got, want in pairs]
+    worst = max(range(len(errors)), key=errors.__getitem__)
+    return dict(max_rel_err_vs_nvidia=errors[worst], worst_tensor=names[worst],
+                output_rel_err_vs_nvidia=errors[0])
 
 
 def _measure(row: dict, networks: tuple, base: dict, device, timer):
@@ -307,7 +351,8 @@ def _print_row(row):
     if not ok:
         tail = row.get("status")
     elif row.get("max_rel_err_vs_nvidia") is not None:
-        tail = f"{row['max_rel_err_vs_nvidia']:.1e}"
+        tail = (f"{row['max_rel_err_vs_nvidia']:.1e} in {row['worst_tensor']} "
+                f"(output {row['output_rel_err_vs_nvidia']:.0e})")
     else:  # NVIDIA's row: the header printed the whole reason
         tail = row.get("path_note", "")[:60]
     print(" ".join(f"{str(v)[:w]:<{w}}" for v, w in zip(values, _WIDTHS)) + f" {tail}",
@@ -329,9 +374,10 @@ def markdown(payload: dict) -> str:
          f"{'on' if meta['tf32_cudnn'] else 'off'} (both trainings' settings)",
          f"- NVIDIA path that ran: **{kind}** ({why})",
          f"- {meta['compared']}"])
-    out += ["Each cell: median ms [20-80%], speed-up over NVIDIA's path that ran, and the "
-            "largest deviation from NVIDIA's outputs (and gradients) relative to their largest "
-            "value.", ""]
+    out += ["Each cell: median ms [20-80%], speed-up over NVIDIA's path that ran, the largest "
+            "deviation from NVIDIA's tensors (output, and in fwd+bwd every gradient) relative "
+            "to each one's largest value, naming the tensor when above 1e-2, and the output's "
+            "own deviation.", ""]
     impls = list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "all")) or ["all"]
     skipped = sum(r["impl"] == "all" and r.get("status", "").startswith("skipped")
                   for r in rows)
@@ -363,7 +409,9 @@ def _cell(row) -> str:
         text += f"<br>{row['speedup_vs_nvidia']:.2f}x"
     err = row.get("max_rel_err_vs_nvidia")
     if err is not None and not math.isnan(err):
-        text += f"<br>err {err:.0e}" if err <= 1e-2 else f"<br>**err {err:.1e}**"
+        text += f"<br>err {err:.0e}" if err <= 1e-2 else \
+            f"<br>**err {err:.1e}** ({row['worst_tensor']})"
+        text += f"<br>output err {row['output_rel_err_vs_nvidia']:.0e}"
     return text
 
 

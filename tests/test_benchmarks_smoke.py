@@ -218,6 +218,9 @@ def test_peer_networks_script_matches_nvidia_networks_with_the_same_weights(tmp_
                                   for r in ours)
     # the same computation: outputs and every gradient agree to float32 rounding
     assert all(r["max_rel_err_vs_nvidia"] < 1e-5 for r in ours)
+    assert all(r["output_rel_err_vs_nvidia"] <= r["max_rel_err_vs_nvidia"] for r in ours)
+    assert ours[1]["worst_tensor"] in ("image", "logits") or \
+        ours[1]["worst_tensor"].startswith("grad ")
     assert all(r["speedup_vs_nvidia"] > 0 for r in ours)
     cuda = [r for r in rows if r["impl"] == "batikfast-cuda"]
     assert len(cuda) == 3 and all(r["status"].startswith("unavailable") for r in cuda)
@@ -289,6 +292,28 @@ def test_peer_networks_labels_their_networks_reference_unless_both_plugins_loade
     assert kind == "ref" and "upfirdn2d: plugin build failed" in why and "bias_act" not in why
     nvidia.paths["upfirdn2d"] = ("cuda", "CUDA plugin loaded")
     assert nvidia.network_path()[0] == "cuda"
+
+
+def test_peer_networks_refuses_to_compare_mixed_precision_off_cuda(capsys):
+    """NVIDIA's blocks force fp32 for tensors off CUDA: on the CPU a mixed row compared an fp32
+    NVIDIA network with an fp16 batikfast one (a deviation of 0.86, 47x 'slower')."""
+    from benchmarks import peer_networks
+    args = peer_networks.parse_args(["--nvidia-path", ".", "--quick", "--precision", "mixed"])
+    rows = peer_networks.run(args, None, torch.device("cpu"), None, [])
+    assert len(rows) == 3 and all(r["impl"] == "all" for r in rows)
+    assert all(r["status"].startswith("unavailable: NVIDIA's networks run every layer in fp32")
+               for r in rows)
+    assert capsys.readouterr().out.count("force_fp32") == 3
+    assert peer_networks.mixed_unavailable("mixed", torch.device("cuda")) is None
+
+
+def test_peer_networks_deviation_names_the_worst_tensor_and_keeps_the_output_apart():
+    from benchmarks.peer_networks import deviations
+    want = [torch.tensor([10.0, -10.0]), torch.tensor([2.0, 0.0]), torch.tensor([1e-9, 0.0])]
+    got = [torch.tensor([10.1, -10.0]), torch.tensor([2.0, 1.0]), torch.tensor([0.0, 0.0])]
+    found = deviations(got, want, ["image", "grad a", "grad b"])
+    assert found["worst_tensor"] == "grad a" and found["max_rel_err_vs_nvidia"] == 0.5
+    assert found["output_rel_err_vs_nvidia"] == pytest.approx(0.01, rel=1e-5)
 
 
 def test_peer_networks_prints_and_marks_measurements_the_budget_skipped(capsys):
