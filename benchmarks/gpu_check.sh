@@ -6,11 +6,11 @@
 #   OUT=/some/dir bash benchmarks/gpu_check.sh bench peer      # only some steps
 #   BENCH_ARGS="--batch 16 --dtype bf16" bash benchmarks/gpu_check.sh bench
 #
-# All steps in one 10-minute call squeeze the later ones; two calls cover more while the machine
-# stays warm (the built extension is kept and not rebuilt):
-#   bash benchmarks/gpu_check.sh build tests bench    then    bash benchmarks/gpu_check.sh networks train peer
+# All steps in one 10-minute call squeeze the later ones; three calls cover them while the
+# machine stays warm (the built extension is kept and not rebuilt):
+#   bash benchmarks/gpu_check.sh build tests bench;  then  build networks train;  then  build peer
 # The peer step runs two comparisons (per op, then NVIDIA's whole G and D, up to ~8 minutes
-# together); run alone (`gpu_check.sh peer`) it gets both full shares and leaves train its own.
+# together) and runs before train when both are asked for: give it its own call.
 # Carry .peer (git-ignored, NVIDIA's checkout) to the machine for the peer step.
 #
 # Steps: build tests bench networks train peer (default: all, in that order), and the opt-in
