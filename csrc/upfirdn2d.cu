@@ -155,23 +155,23 @@ __global__ void upfirdn2d_direct_kernel(T* __restrict__ y, const T* __restrict__
 constexpr int kThreads = 256;
 constexpr int kMaxSharedBytes = 48 * 1024;  // the default limit, no opt-in needed
 
-// Input window of a TW x TH output tile (one row/column of slack for the rounding of iy0).
-void set_window(UfdParams& p, int tw, int th) {
-  p.win_w = ((tw - 1) * p.downx + p.fw - 1) / p.upx + 2;
-  p.win_h = ((th - 1) * p.downy + p.fh - 1) / p.upy + 2;
+// Input window of a TW x TH output tile (one row/column of slack for the rounding of iy0), and
+// the shared memory the tile needs. In 64 bits: (TW - 1) * down overflowed int for a down factor
+// of tens of millions (an output one pixel wide), giving a negative or too small window.
+int64_t set_window(UfdParams& p, int tw, int th) {
+  const int64_t win_w = ((tw - 1) * static_cast<int64_t>(p.downx) + p.fw - 1) / p.upx + 2;
+  const int64_t win_h = ((th - 1) * static_cast<int64_t>(p.downy) + p.fh - 1) / p.upy + 2;
   p.tiles_x = (p.out_w + tw - 1) / tw;
   p.tiles_y = (p.out_h + th - 1) / th;
-}
-
-int64_t shared_bytes(const UfdParams& p) {
-  return (static_cast<int64_t>(p.fw) * p.fh + static_cast<int64_t>(p.win_w) * p.win_h) *
-         static_cast<int64_t>(sizeof(float));
+  if (win_w > kMaxSharedBytes || win_h > kMaxSharedBytes) return INT64_MAX;  // never fits
+  p.win_w = static_cast<int>(win_w);
+  p.win_h = static_cast<int>(win_h);
+  return (static_cast<int64_t>(p.fw) * p.fh + win_w * win_h) * static_cast<int64_t>(sizeof(float));
 }
 
 template <typename T, int UPX, int UPY, int DOWNX, int DOWNY, int FW, int FH, int TW, int TH>
 bool try_tiled(T* y, const T* x, const float* f, UfdParams p, cudaStream_t stream) {
-  set_window(p, TW, TH);
-  const int64_t bytes = shared_bytes(p);
+  const int64_t bytes = set_window(p, TW, TH);
   const int64_t tiles = static_cast<int64_t>(p.tiles_x) * p.tiles_y;
   if (bytes > kMaxSharedBytes || tiles > INT32_MAX) return false;
   const dim3 grid(static_cast<unsigned>(tiles),
@@ -250,8 +250,10 @@ at::Tensor upfirdn2d(const at::Tensor& x, const at::Tensor& f, int64_t upx, int6
   p.out_w = static_cast<int>(out_w);
   p.upx = static_cast<int>(upx);
   p.upy = static_cast<int>(upy);
-  p.downx = static_cast<int>(downx);
-  p.downy = static_cast<int>(downy);
+  // A down factor only multiplies output coordinates: with one output along an axis it is never
+  // used, and it may then exceed int (with two or more outputs it is below the padded size).
+  p.downx = out_w == 1 ? 1 : static_cast<int>(downx);
+  p.downy = out_h == 1 ? 1 : static_cast<int>(downy);
   p.padx0 = static_cast<int>(padx0);
   p.pady0 = static_cast<int>(pady0);
   p.fw = static_cast<int>(fw);

@@ -275,6 +275,24 @@ def test_upfirdn2d_covers_more_planes_than_one_grid_dimension():
         _close(y, _upfirdn2d_truth(x, ff, *args, False, 1.0), torch.float32, scale=scale)
 
 
+@pytest.mark.parametrize("fshape", [(1, 4), (4, 1), (3, 2)])
+def test_upfirdn2d_takes_a_down_factor_far_larger_than_the_image(fshape):
+    # Down factors past the image keep one output along that axis. (TW - 1) * down overflowed
+    # int in the tile-window size (10**8), and factors past 2**31 were truncated to negative
+    # ints: a negative or too small shared-memory window, read out of bounds.
+    gen = torch.Generator().manual_seed(12)
+    x = _randn((2, 3, 5, 7), torch.float32, gen)
+    f = torch.rand(fshape, generator=gen).cuda() + 0.1
+    pad = [1, 2, 2, 1]
+    for up, down in [((1, 1), (10**8, 2)), ((1, 1), (2, 10**8)), ((2, 1), (10**8, 1)),
+                     ((1, 1), (2**32 - 1, 2**32 - 1)), ((1, 2), (3 * 10**9, 1))]:
+        y = _cuda.upfirdn2d(x, f, *up, *down, *pad, False, 1.0)
+        truth = _upfirdn2d_truth(x, f, *up, *down, *pad, False, 1.0)
+        assert y.shape == truth.shape, (up, down)
+        scale = f.abs().sum().item() * x.abs().max().item()
+        _close(y, truth, torch.float32, scale=scale, what=f"up {up} down {down}")
+
+
 def test_upfirdn2d_rejects_an_empty_output_and_a_non_float32_filter():
     x = torch.zeros(1, 1, 4, 4, device="cuda")
     with pytest.raises(ValueError, match="output would be empty"):
