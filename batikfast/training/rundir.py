@@ -142,26 +142,23 @@ def image_grid(images: np.ndarray | torch.Tensor, columns: int | None = None) ->
 def save_image_grid(images, path, columns: int | None = None) -> Path:
     grid = image_grid(images, columns)
     image = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():  # a full disk: no half-written grid left behind
-            tmp.unlink()
-    return path
+    return _write_atomically(path, lambda tmp: image.save(tmp, format="png"))
 
 
 def copy_atomically(source, path) -> Path:
-    """Copy a file so that ``path`` is never seen half-written (temp file + rename)."""
+    """Copy a file so that ``path`` is never seen half-written."""
+    return _write_atomically(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def _write_atomically(path, write) -> Path:
+    """``write(tmp)`` into a temp file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        shutil.copyfile(source, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if tmp.exists():  # a full disk: no half-written file left behind
             tmp.unlink()
     return path
 
