@@ -1,11 +1,14 @@
 """Metrics: the maths against closed forms and direct loops; feature networks from files."""
+import zipfile
+
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
 from batikfast.data import BuiltinBatikDataset
-from batikfast.metrics import (SmallFeatureNet, compute_metrics, dataset_features,
+from batikfast.metrics import (FeatureNetworkError, SmallFeatureNet, compute_metrics,
+                               dataset_features,
                                feature_stats, frechet_distance, kernel_inception_distance,
                                load_feature_network, precision_recall, to_uint8)
 
@@ -139,6 +142,106 @@ def test_feature_network_file_errors_are_clear(tmp_path):
     torch.save({"arch": "resnet"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="SmallFeatureNet"):
         load_feature_network(tmp_path / "other.pt")
+
+
+def _unusable_feature_files(folder):
+    """{name: path} of files that are not usable feature networks, each wrong in its own way."""
+    good = SmallFeatureNet(channels=(4, 8), resolution=16).state_dict()
+    files = {}
+
+    def small(name, **payload):
+        files[name] = folder / f"{name}.pt"
+        torch.save({"arch": "batikfast.SmallFeatureNet", **payload}, files[name])
+
+    small("unknown_option", config={"width": 4}, state_dict=good)            # TypeError
+    small("no_state_dict", config={"channels": [4, 8], "resolution": 16})    # KeyError
+    small("config_not_a_dict", config=[4, 8], state_dict=good)               # TypeError
+    small("wrong_shapes", config={"channels": [4, 16], "resolution": 16}, state_dict=good)
+    small("missing_weights", config={"channels": [4, 8], "resolution": 16}, state_dict={})
+    # loaded, then failed on the first batch: no pixel is left to pool at the last stage
+    small("too_small", config={"channels": [4, 8], "resolution": 2}, state_dict=good)
+    files["damaged_torchscript"] = folder / "damaged_torchscript.pt"
+    with zipfile.ZipFile(files["damaged_torchscript"], "w") as archive:
+        archive.writestr("net/code/__torch__/net.py", "not code")
+        archive.writestr("net/constants.pkl", "not a pickle")
+    files["folder"] = folder / "folder.pt"
+    files["folder"].mkdir()
+    return files
+
+
+def test_every_unusable_feature_network_file_is_one_error_naming_it(tmp_path):
+    # Each was a TypeError, KeyError or RuntimeError (a traceback from the command line; a
+    # TypeError or KeyError also escaped the training loop's check, leaving other ranks waiting),
+    # or, for too_small, an error at the first evaluation after hours of training.
+    for name, path in _unusable_feature_files(tmp_path).items():
+        with pytest.raises(FeatureNetworkError) as error:
+            load_feature_network(path)
+        assert str(path) in str(error.value) and "\n" not in str(error.value), (name, error.value)
+
+
+def test_metrics_command_line_refuses_a_damaged_feature_file_in_one_line(tmp_path, capsys):
+    from batikfast.metrics.compute import main
+
+    checkpoint = _untrained_checkpoint(tmp_path / "G.pt")
+    path = _unusable_feature_files(tmp_path)["wrong_shapes"]
+    assert main(["--ckpt", str(checkpoint), "--features", str(path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(path) in err and "\n" not in err, err
+
+
+def test_a_one_channel_feature_network_takes_grey_images(tmp_path):
+    torch.manual_seed(0)
+    net = SmallFeatureNet(in_channels=1, channels=(4, 8), resolution=16)
+    net.save(tmp_path / "grey.pt")
+    extractor = load_feature_network(tmp_path / "grey.pt")
+    images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
+    torch.testing.assert_close(extractor(images), net(images.float() / 127.5 - 1))
+    with pytest.raises(ValueError, match="1-channel images, got 3"):
+        extractor(images.repeat(1, 3, 1, 1))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_torchscript_feature_network_errors_are_not_retried_without_return_features(tmp_path):
+    # Retrying net(x) after an error in net(x, return_features=True) hid the error and, for
+    # Inception, would give class probabilities where features were asked for.
+    torch.jit.script(_FeaturesOf4x4()).save(str(tmp_path / "4x4.pt"))
+    extractor = load_feature_network(tmp_path / "4x4.pt")
+    assert extractor(torch.zeros(2, 3, 4, 4, dtype=torch.uint8)).shape == (2, 48)
+    with pytest.raises(RuntimeError, match="invalid for input of size"):
+        extractor(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    # a network without the flag is called with the images alone
+    torch.jit.script(_NoFlag()).save(str(tmp_path / "plain.pt"))
+    features = load_feature_network(tmp_path / "plain.pt")(
+        torch.full((2, 3, 4, 4), 10, dtype=torch.uint8))
+    torch.testing.assert_close(features, torch.full((2, 3), 10.0))
+
+
+class _FeaturesOf4x4(torch.nn.Module):
+    """Features of 4x4 images only (a shape error otherwise); class scores of any size."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        if return_features:
+            return x.view(x.shape[0], 48)
+        return x.mean(dim=(2, 3))
+
+
+class _NoFlag(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+def _untrained_checkpoint(path, c_dim=0, **config_options):
+    from batikfast.training.checkpoint import save_checkpoint
+    from batikfast.training.config import make_config, network_kwargs
+    from batikfast.training.model import build_generator
+
+    config = make_config("tiny", resolution=16, z_dim=8, w_dim=8, channel_base=128,
+                         channel_max=8, **config_options)
+    G_kwargs, _ = network_kwargs(config, c_dim=c_dim)
+    torch.manual_seed(0)
+    G = build_generator(G_kwargs)
+    return save_checkpoint({"config": dict(config, G_kwargs=G_kwargs), "G_ema": G.state_dict()},
+                           path)
 
 
 class _ConstantGenerator(torch.nn.Module):
