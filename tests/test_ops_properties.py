@@ -123,3 +123,43 @@ def test_fast_bias_act_equals_the_reference_for_any_rank_axis_and_options(impl):
         torch.testing.assert_close(fast.double(), ref, rtol=1e-5, atol=1e-5)
 
     check()
+
+
+# ----------------------------------------------------------------- regressions found by fuzzing
+
+@pytest.mark.parametrize("impl", ["ref", "triton", "cuda"])
+def test_bias_act_on_a_1d_x_gives_the_bias_its_per_element_gradient(impl):
+    # The fast paths summed the bias gradient over "every axis but dim" with sum(dim=[]), which
+    # sums over every axis: a scalar, refused by autograd for a [C] bias.
+    require(impl, "bias_act")
+    x = torch.linspace(-2, 2, 7, device=DEVICE, requires_grad=True)
+    b = torch.linspace(1, -1, 7, device=DEVICE, requires_grad=True)
+    y = ops.bias_act(x, b, dim=0, act="sigmoid", impl=impl)
+    dy = torch.arange(7.0, device=DEVICE)
+    dx, db = torch.autograd.grad(y, [x, b], dy)
+    z = (x + b).detach()
+    expected = dy * torch.sigmoid(z) * (1 - torch.sigmoid(z))
+    torch.testing.assert_close(db, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton", "cuda"])
+def test_a_clamp_past_the_fp16_range_clamps_nothing_finite(impl):
+    # torch refuses 1e5 as an fp16 clamp bound ("cannot be converted to type c10::Half without
+    # overflow"): the reference raised that, and the fast modulated convolution's backward took
+    # log2(inf) of the clamp rounded to fp16 (OverflowError).
+    require(impl, "bias_act", torch.float16)
+    x = torch.tensor([60000.0, -1.0, float("inf"), -40000.0], dtype=torch.float16, device=DEVICE)
+    y = ops.bias_act(x, act="linear", gain=2.0, clamp=1e5, impl=impl)
+    expected = torch.tensor([float("inf"), -2.0, float("inf"), float("-inf")], dtype=torch.float16)
+    torch.testing.assert_close(y.cpu(), expected)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 3, 3, generator=g).to(DEVICE, torch.float16).requires_grad_(True)
+    weight = torch.randn(2, 2, 1, 1, generator=g).to(DEVICE, torch.float16)
+    styles = torch.randn(1, 2, generator=g).to(DEVICE, torch.float16)
+    y = ops.modulated_conv2d(x, weight, styles, act="lrelu", clamp=1e5, impl=impl)
+    (dx,) = torch.autograd.grad(y.float().sum(), x)
+    unclamped = ops.modulated_conv2d(x, weight, styles, act="lrelu", impl=impl)
+    (expected_dx,) = torch.autograd.grad(unclamped.float().sum(), x)
+    torch.testing.assert_close(y, unclamped)
+    torch.testing.assert_close(dx, expected_dx)

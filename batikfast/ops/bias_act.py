@@ -106,7 +106,9 @@ def bias_act_reference(x, b, dim, act, alpha, gain, clamp):
     y = ACTIVATIONS[act].func(x, alpha)
     if gain != 1:
         y = y * gain
-    if clamp is not None:
+    if clamp is not None and clamp <= torch.finfo(y.dtype).max:
+        # A clamp past the dtype's range (1e5 in fp16) leaves every finite value as it is and
+        # rounds to inf like the infinities it would clamp; torch refuses it as a bound.
         y = y.clamp(-clamp, clamp)
     return y
 
@@ -134,7 +136,9 @@ def _bias_act_grad_reference(dy, x, b, dim, act, alpha, gain, clamp, order):
 
 
 def _sum_to_bias(dx: torch.Tensor, dim: int) -> torch.Tensor:
-    return dx.sum(dim=[axis for axis in range(dx.ndim) if axis != dim])
+    others = [axis for axis in range(dx.ndim) if axis != dim]
+    # sum(dim=[]) sums over every axis: a 1-D x is its own bias gradient.
+    return dx.sum(dim=others) if others else dx
 
 
 def _kernel_clamp(clamp: float) -> float | None:

@@ -313,7 +313,7 @@ def _largest_at_most(value: float, dtype: torch.dtype) -> float:
     y's dtype either way (kernels round differently), so outputs at or above this count as
     clamped, as NVIDIA's kernels read it."""
     rounded = torch.tensor(value, dtype=dtype).item()
-    if rounded > value:
+    if rounded > value and not math.isinf(rounded):  # past the dtype's range: inf, no finite output clamped
         step = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(rounded))
         rounded = torch.tensor(rounded - step, dtype=dtype).item()
     return rounded
