@@ -169,6 +169,7 @@ def _unusable_feature_files(folder):
     return files
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_every_unusable_feature_network_file_is_one_error_naming_it(tmp_path):
     # Each was a TypeError, KeyError or RuntimeError (a traceback from the command line; a
     # TypeError or KeyError also escaped the training loop's check, leaving other ranks waiting),
@@ -344,3 +345,126 @@ def test_metrics_command_line_checks_device_truncation_counts_and_batch_first(
         assert main(["--ckpt", missing, "--features", missing, *options]) == 2, options
         err = capsys.readouterr().err.strip()
         assert err == f"error: {message}", err
+
+
+def test_cached_dataset_features_are_kept_per_dataset_and_feature_network(tmp_path):
+    # The cache was keyed by (dataset name, length, num_real): a second feature network, or a
+    # second dataset with the same name and length, got the first one's features.
+    dataset = BuiltinBatikDataset(resolution=16, size=8)
+    images = torch.from_numpy(np.stack([dataset[i][0] for i in range(8)]))
+    torch.manual_seed(0)
+    first = load_feature_network(_saved_small_net(tmp_path))
+    SmallFeatureNet(channels=(4, 8), resolution=16).save(tmp_path / "other.pt")
+    other = load_feature_network(tmp_path / "other.pt")
+    cache = {}
+    for extractor in (first, other):
+        result = compute_metrics(_ConstantGenerator(images), dataset, extractor, ("fid",),
+                                 num_gen=8, real_cache=cache)
+        assert result["fid"] == pytest.approx(0, abs=1e-6)
+    reseeded = BuiltinBatikDataset(resolution=16, size=8, seed=1)
+    uncached = compute_metrics(_ConstantGenerator(images), reseeded, first, ("fid",), num_gen=8)
+    cached = compute_metrics(_ConstantGenerator(images), reseeded, first, ("fid",), num_gen=8,
+                             real_cache=cache)
+    assert cached == uncached and cached["fid"] > 1e-3
+    assert len(cache) == 3
+
+
+class _Recorder(torch.nn.Module):
+    """A generator that records how it was called."""
+
+    def __init__(self, G):
+        super().__init__()
+        self.G, self.z_dim, self.c_dim, self.calls = G, G.z_dim, G.c_dim, []
+
+    def forward(self, z, c, **kwargs):
+        self.calls.append(dict(kwargs, training=self.training, c=c.clone()))
+        return self.G(z, c, **kwargs)
+
+
+def test_metrics_sample_the_generator_as_nvidias_metrics_do(tmp_path):
+    from batikfast.metrics.compute import generator_features
+    from batikfast.training.checkpoint import load_generator
+
+    G, _ = load_generator(_untrained_checkpoint(tmp_path / "G.pt"))
+    for name, parameter in G.named_parameters():
+        if name.endswith("noise_strength"):
+            parameter.data.fill_(1.0)  # untrained, the noise strengths are 0
+    extractor = load_feature_network(_saved_small_net(tmp_path))
+    recorder = _Recorder(G).train()
+    w_avg = G.mapping.w_avg.clone()
+    rng_state = torch.get_rng_state()
+    first = generator_features(recorder, extractor, 6, batch=4)
+    # eval mode (w_avg not moved), untruncated, noise drawn per image as G's distribution has it
+    assert [(call["training"], call["truncation_psi"], call["noise_mode"])
+            for call in recorder.calls] == [(False, 1.0, "random")] * 2
+    assert torch.equal(G.mapping.w_avg, w_avg) and recorder.training
+    # the noise comes from the seed, and the caller's random state is left alone
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    np.testing.assert_array_equal(generator_features(recorder, extractor, 6, batch=4), first)
+    assert not np.array_equal(generator_features(recorder, extractor, 6, batch=4, seed=1), first)
+
+
+def test_a_conditional_generator_gets_labels_drawn_from_the_dataset_items(tmp_path):
+    from batikfast.metrics.compute import generator_features
+    from batikfast.training.checkpoint import load_generator
+
+    G, _ = load_generator(_untrained_checkpoint(tmp_path / "G.pt", c_dim=4))
+    extractor = load_feature_network(_saved_small_net(tmp_path))
+    recorder = _Recorder(G)
+    labels = np.eye(4, dtype=np.float32)[[2] * 9 + [0]]  # nine items of class 2, one of class 0
+    generator_features(recorder, extractor, 200, batch=100, labels=labels)
+    drawn = torch.cat([call["c"] for call in recorder.calls])
+    assert drawn.shape == (200, 4) and set(drawn.sum(dim=1).tolist()) == {1.0}
+    assert 0.8 < drawn[:, 2].mean().item() < 0.97 and drawn[:, [1, 3]].sum().item() == 0
+
+
+def test_too_few_images_for_a_metric_are_refused_before_any_is_generated(tmp_path):
+    # A dataset of 3 images with precision/recall failed in precision_recall after every
+    # feature had been extracted (at the first evaluation of a training run).
+    extractor = load_feature_network(_saved_small_net(tmp_path))
+    images = torch.zeros(8, 3, 16, 16, dtype=torch.uint8)
+    G = _ConstantGenerator(images)
+    with pytest.raises(ValueError, match=r"precision/recall \(k=3\) needs more than 3 dataset "
+                                         r"images, got 3"):
+        compute_metrics(G, BuiltinBatikDataset(resolution=16, size=3), extractor, num_gen=8)
+    with pytest.raises(ValueError, match="at least 2 dataset images, got 1"):
+        compute_metrics(G, BuiltinBatikDataset(resolution=16, size=1), extractor, ("kid",),
+                        num_gen=8)
+    with pytest.raises(ValueError, match="at least 2 generated images, got 1"):
+        compute_metrics(G, BuiltinBatikDataset(resolution=16, size=4), extractor, ("fid",),
+                        num_gen=1)
+    assert G.calls == 0
+
+
+def test_metrics_command_line_uses_the_runs_data_as_training_measured_it(tmp_path, capsys,
+                                                                         monkeypatch):
+    import json
+
+    from batikfast.metrics import compute
+
+    seen = {}
+
+    def spy(G, dataset, extractor, metrics, num_gen, num_real, *args, **kwargs):
+        seen.update(size=len(dataset), xflip=dataset.xflip, seed=dataset.seed, num_real=num_real)
+        return {"fid": 1.0}
+
+    monkeypatch.setattr(compute, "compute_metrics", spy)
+    features = str(_saved_small_net(tmp_path))
+    checkpoint = str(_untrained_checkpoint(tmp_path / "G.pt", data_size=5, data_seed=3,
+                                           mirror=True))
+    # x-flipped as in training (mirror=True): 10 images, not the 5 unflipped ones
+    assert compute.main(["--ckpt", checkpoint, "--features", features, "--metrics", "fid",
+                         "--device", "cpu"]) == 0
+    assert seen == dict(size=10, xflip=True, seed=3, num_real=None)
+    assert json.loads(capsys.readouterr().out) == {"fid": 1.0}
+    # asking for more than there are: said, not silent
+    assert compute.main(["--ckpt", checkpoint, "--features", features, "--metrics", "fid",
+                         "--num-real", "50", "--device", "cpu"]) == 0
+    assert "--num-real 50 but the dataset has 10 images" in capsys.readouterr().err
+    # too few for precision/recall: one line before any feature is extracted
+    small = str(_untrained_checkpoint(tmp_path / "small.pt", data_size=2, mirror=False))
+    seen.clear()
+    assert compute.main(["--ckpt", small, "--features", features, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: precision/recall (k=3) needs more than 3 dataset images, got 2", err
+    assert not seen

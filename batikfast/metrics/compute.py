@@ -42,20 +42,38 @@ def generator_features(G, extractor: FeatureExtractor, num: int, batch: int = 64
                        device="cpu") -> np.ndarray:
     """Features of ``num`` images from ``G`` with latents drawn from ``seed``.
 
-    ``labels`` (float32 ``[M, c_dim]``) are sampled uniformly for conditional generators.
+    As NVIDIA's metrics sample it: ``G`` in eval mode (so a generator left in training mode does
+    not move its ``w_avg``), per-pixel noise drawn afresh for each image (``noise_mode="random"``,
+    the generator's own distribution; "const" would give every image the same noise), and for a
+    conditional generator the label of a uniformly drawn dataset item (``labels`` float32
+    ``[M, c_dim]``). The noise comes from ``seed`` too, in a forked RNG: the same call gives the
+    same features, and the caller's (training's) random state is left as it was.
     """
     generator = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    was_training = G.training
+    forked = []
+    if device.type == "cuda":
+        forked = [torch.cuda.current_device() if device.index is None else device.index]
     chunks = []
-    for start in range(0, num, batch):
-        n = min(batch, num - start)
-        z = torch.randn([n, G.z_dim], generator=generator).to(device)
-        if G.c_dim:
-            pick = torch.randint(len(labels), [n], generator=generator)
-            c = torch.as_tensor(np.asarray(labels))[pick].to(device)
-        else:
-            c = torch.zeros([n, 0], device=device)
-        images = G(z, c, truncation_psi=truncation_psi, noise_mode="const")
-        chunks.append(extractor(to_uint8(images)).cpu().double().numpy())
+    try:
+        G.eval()
+        with torch.random.fork_rng(devices=forked):
+            torch.random.default_generator.manual_seed(seed)
+            if forked:
+                torch.cuda.default_generators[forked[0]].manual_seed(seed)
+            for start in range(0, num, batch):
+                n = min(batch, num - start)
+                z = torch.randn([n, G.z_dim], generator=generator).to(device)
+                if G.c_dim:
+                    pick = torch.randint(len(labels), [n], generator=generator)
+                    c = torch.as_tensor(np.asarray(labels, dtype=np.float32))[pick].to(device)
+                else:
+                    c = torch.zeros([n, 0], device=device)
+                images = G(z, c, truncation_psi=truncation_psi, noise_mode="random")
+                chunks.append(extractor(to_uint8(images)).cpu().double().numpy())
+    finally:
+        G.train(was_training)
     return np.concatenate(chunks)
 
 
@@ -74,19 +92,43 @@ def metrics_from_features(real: np.ndarray, fake: np.ndarray, metrics=METRICS,
     return result
 
 
+def real_count(dataset, num_real: int | None) -> int:
+    """How many dataset images the metrics use: ``num_real``, or all when None or fewer."""
+    return len(dataset) if num_real is None else min(num_real, len(dataset))
+
+
+def check_sample_counts(metrics, num_gen: int, num_real: int) -> None:
+    """Before any feature is extracted: FID's covariances and KID's subsets need two samples of
+    each set, precision/recall more than ``PR_K``."""
+    for name, count in (("generated", num_gen), ("dataset", num_real)):
+        if count < 2:
+            raise ValueError(f"the metrics need at least 2 {name} images, got {count}")
+        if "pr" in metrics and count <= PR_K:
+            raise ValueError(f"precision/recall (k={PR_K}) needs more than {PR_K} {name} "
+                             f"images, got {count}")
+
+
 def compute_metrics(G, dataset, extractor: FeatureExtractor, metrics=METRICS,
                     num_gen: int = 10000, num_real: int | None = None, batch: int = 64,
                     truncation_psi: float = 1.0, seed: int = 0, device="cpu",
                     real_cache: dict | None = None) -> dict[str, float]:
     """Metrics of ``G`` against ``dataset``. ``real_cache`` (a dict) keeps the real features
-    between calls, so periodic evaluation during training computes them once."""
-    key = (getattr(dataset, "name", ""), len(dataset), num_real)
-    if real_cache is not None and key in real_cache:
-        real = real_cache[key]
+    between calls, so periodic evaluation during training computes them once.
+
+    The cache is keyed by the dataset object, the feature network object and ``num_real``: a
+    name and a length do not tell two datasets apart (the builtin one with another seed, two
+    folders called ``data``), nor say which network the features came from. Each entry holds
+    the two objects, so their ids are not reused while it exists.
+    """
+    check_sample_counts(metrics, num_gen, real_count(dataset, num_real))
+    key = (id(dataset), id(extractor), num_real)
+    entry = real_cache.get(key) if real_cache is not None else None
+    if entry is not None and entry[0] is dataset and entry[1] is extractor:
+        real = entry[2]
     else:
         real = dataset_features(dataset, extractor, num_real, batch)
         if real_cache is not None:
-            real_cache[key] = real
+            real_cache[key] = (dataset, extractor, real)
     labels = None
     if G.c_dim:
         labels = dataset.label_table()
@@ -133,13 +175,20 @@ def main(argv=None) -> int:
         check_truncation(args.trunc)
         args.device = check_device(args.device)
         G, config = load_generator(args.ckpt, device=args.device)
+        # the run's own data, x-flips included as training measured it; --data as it is
         dataset = open_dataset(args.data or config.get("data", "builtin"),
                                resolution=G.img_resolution, use_labels=bool(G.c_dim),
+                               xflip=not args.data and bool(config.get("mirror", False)),
                                seed=config.get("data_seed", 0), size=config.get("data_size", 20000))
+        num_real = real_count(dataset, args.num_real)
+        check_sample_counts(metrics, args.num_gen, num_real)
         extractor = load_feature_network(args.features, args.device)
     except (ValueError, OSError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.num_real is not None and num_real < args.num_real:
+        print(f"warning: --num-real {args.num_real} but the dataset has {num_real} images; "
+              f"using all {num_real}", file=sys.stderr)
     result = compute_metrics(G, dataset, extractor, metrics, args.num_gen, args.num_real,
                              args.batch, args.trunc, device=args.device)
     print(json.dumps(result))
