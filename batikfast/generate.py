@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -23,26 +24,32 @@ import torch
 MAX_GRID_IMAGES = 1024
 # Seeds are expanded into a list: a mistyped range (0-10000000000) must fail, not fill memory.
 MAX_SEEDS = 10_000_000
+MAX_SEED = 2**32 - 1
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0-3,7"`` -> ``[0, 1, 2, 3, 7]``."""
+    """``"0-3,7"`` -> ``[0, 1, 2, 3, 7]``. Seeds are 0 to :data:`MAX_SEED`, the seeds numpy's
+    RandomState takes: a seed past them (or a negative one) would alias another seed's image."""
     seeds = []
     for part in text.split(","):
         part = part.strip()
         if not part:
             continue
-        if "-" in part[1:]:
-            lo, hi = part.split("-", 1) if not part.startswith("-") else part.rsplit("-", 1)
-            lo, hi = int(lo), int(hi)
-            if hi < lo:
-                raise ValueError(f"--seeds range {part!r} is empty")
-            if len(seeds) + hi - lo + 1 > MAX_SEEDS:
-                raise ValueError(f"--seeds {text!r} names more than {MAX_SEEDS} seeds; "
-                                 "generate them in several calls")
-            seeds.extend(range(lo, hi + 1))
-        else:
-            seeds.append(int(part))
+        match = re.fullmatch(r"([0-9]+)(?:\s*-\s*([0-9]+))?", part)
+        if not match:
+            raise ValueError(f"--seeds {text!r}: {part!r} is neither a seed (0 to {MAX_SEED}) "
+                             "nor a range of them (a-b)")
+        lo = int(match[1])
+        hi = lo if match[2] is None else int(match[2])
+        if hi < lo:
+            raise ValueError(f"--seeds range {part!r} is empty")
+        if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+            raise ValueError(f"--seeds {text!r} names more than {MAX_SEEDS} seeds; "
+                             "generate them in several calls")
+        if hi > MAX_SEED:
+            raise ValueError(f"--seeds {text!r}: seeds go from 0 to {MAX_SEED} (numpy's "
+                             f"RandomState), got {hi}")
+        seeds.extend(range(lo, hi + 1))
     if not seeds:
         raise ValueError(f"--seeds {text!r} names no seed")
     return seeds
@@ -56,7 +63,8 @@ def check_truncation(psi: float) -> None:
 
 
 def latents(seeds, z_dim: int) -> torch.Tensor:
-    return torch.from_numpy(np.stack([np.random.RandomState(s % 2**32).randn(z_dim)
+    """``z`` of each seed; a seed outside 0 to :data:`MAX_SEED` is a ValueError (numpy's)."""
+    return torch.from_numpy(np.stack([np.random.RandomState(s).randn(z_dim)
                                       for s in seeds])).float()
 
 

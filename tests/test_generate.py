@@ -17,12 +17,14 @@ from batikfast.training.model import build_generator
 CLASSES = 3
 
 
-def _checkpoint(path, c_dim):
+def _checkpoint(path, c_dim, w_avg=None):
     config = make_config("tiny", resolution=16, z_dim=8, w_dim=8, channel_base=128,
                          channel_max=8)
     G_kwargs, _ = network_kwargs(config, c_dim=c_dim)
     torch.manual_seed(0)
     G = build_generator(G_kwargs)
+    if w_avg is not None:
+        G.mapping.w_avg.copy_(w_avg)
     return save_checkpoint({"config": dict(config, G_kwargs=G_kwargs),
                             "G_ema": G.state_dict()}, path)
 
@@ -173,3 +175,72 @@ def test_one_image_per_seed_is_written_batch_by_batch(checkpoints, tmp_path, cap
                      "--outdir", str(folder))[0] == 0
     assert written_before == [0, 16, 32]
     assert len(list(folder.glob("seed*.png"))) == 40
+
+
+def test_seeds_are_numpys_seeds_and_one_outside_them_is_refused(checkpoints, tmp_path, capsys):
+    # -1 and 2**32 were taken modulo 2**32: seed4294967295.png and seed-001.png held the
+    # same image, as did seed0000.png and seed4294967296.png.
+    ckpt = str(checkpoints["unconditional"])
+    for bad, words in (("-1", ("'-1'", "0 to 4294967295")), ("4294967296", ("got 4294967296",)),
+                       ("4294967295-4294967296", ("got 4294967296",)), ("-3-2", ("'-3-2'",)),
+                       ("1_0", ("'1_0'",)), ("5-", ("'5-'",))):
+        code, err = _generate(capsys, "--ckpt", ckpt, f"--seeds={bad}", "--outdir",
+                              str(tmp_path / "seeds"))
+        assert code == 2, bad
+        _one_line_error(err, "--seeds", *words)
+    assert not (tmp_path / "seeds").exists()
+    assert generate.parse_seeds(" 2 - 4 ,0,4294967295") == [2, 3, 4, 0, 4294967295]
+    G, _ = load_generator(checkpoints["unconditional"])
+    with pytest.raises(ValueError):
+        generate_images(G, [-1])
+    assert _generate(capsys, "--ckpt", ckpt, "--seeds", "4294967295,7", "--outdir",
+                     str(tmp_path / "seeds"))[0] == 0
+    assert sorted(p.name for p in (tmp_path / "seeds").iterdir()) == ["seed0007.png",
+                                                                      "seed4294967295.png"]
+
+
+def test_a_grid_is_row_major_with_a_square_number_of_columns(checkpoints, tmp_path, capsys):
+    ckpt, grid = str(checkpoints["unconditional"]), tmp_path / "grid.png"
+    assert _generate(capsys, "--ckpt", ckpt, "--seeds", "3-7", "--out", str(grid)) == (0, "")
+    G, _ = load_generator(checkpoints["unconditional"])
+    images = generate_images(G, [3, 4, 5, 6, 7]).permute(0, 2, 3, 1).numpy()
+    pixels = np.asarray(Image.open(grid))
+    assert pixels.shape == (2 * 16, 3 * 16, 3)  # ceil(sqrt(5)) = 3 columns, 2 rows
+    for i, image in enumerate(images):
+        row, column = divmod(i, 3)
+        assert np.array_equal(pixels[16 * row:16 * (row + 1), 16 * column:16 * (column + 1)],
+                              image), i
+    assert not pixels[16:, 32:].any()  # the sixth cell is left black
+
+
+def test_truncation_pulls_w_towards_the_checkpoints_w_avg(tmp_path):
+    w_avg = torch.randn([8], generator=torch.Generator().manual_seed(1))
+    G, _ = load_generator(_checkpoint(tmp_path / "w_avg.pt", 0, w_avg))
+    assert torch.equal(G.mapping.w_avg, w_avg)
+    w = G.mapping(generate.latents([5], G.z_dim), None)
+    for psi in (0.0, 0.7):
+        expected = _to_uint8(G.synthesis(w_avg + psi * (w - w_avg), noise_mode="const"))
+        # one level for the rounding of lerp against this form
+        torch.testing.assert_close(generate_images(G, [5], truncation_psi=psi).int(),
+                                   expected.int(), atol=1, rtol=0)
+
+
+def test_the_class_is_a_one_hot_label_and_noise_mode_is_passed_on(checkpoints):
+    G, _ = load_generator(checkpoints["conditional"])
+    z = generate.latents([0, 1], G.z_dim)
+    for class_idx in range(CLASSES):
+        c = torch.zeros(2, CLASSES)
+        c[:, class_idx] = 1
+        torch.testing.assert_close(generate_images(G, [0, 1], class_idx=class_idx),
+                                   _to_uint8(G(z, c, noise_mode="const")), atol=0, rtol=0)
+    calls = []
+    real_forward = G.forward
+    G.forward = lambda *args, **kwargs: calls.append(kwargs) or real_forward(*args, **kwargs)
+    generate_images(G, [0], class_idx=0, noise_mode="random")
+    assert calls[0]["noise_mode"] == "random" and calls[0]["truncation_psi"] == 1.0
+
+
+def _to_uint8(images):
+    from batikfast.metrics import to_uint8
+
+    return to_uint8(images)
