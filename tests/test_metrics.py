@@ -468,3 +468,49 @@ def test_metrics_command_line_uses_the_runs_data_as_training_measured_it(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err == "error: precision/recall (k=3) needs more than 3 dataset images, got 2", err
     assert not seen
+
+
+def test_fid_with_fewer_samples_than_dimensions_matches_the_exact_low_rank_form():
+    # S1 = Xc^T Xc of rank n - 1 < d (Inception's 2048 features from fewer images): the
+    # eigenvalues of S1 S2 are those of the n x n matrix Xc S2 Xc^T, so Tr((S1 S2)^(1/2)) is
+    # computed there with no near-zero eigenvalues whose rounding the square root amplifies.
+    rng = np.random.default_rng(6)
+    n, d = 20, 200
+    x = rng.normal(size=(n, d)) * rng.uniform(0.1, 2, size=d)
+    y = rng.normal(size=(n, d)) + 0.1
+    (mu1, s1), (mu2, s2) = feature_stats(x), feature_stats(y)
+    centred = (x - mu1) / np.sqrt(n - 1)
+    small = centred @ s2 @ centred.T
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((small + small.T) / 2), 0, None)).sum()
+    exact = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(exact, rel=1e-7)
+    assert frechet_distance(mu2, s2, mu1, s1) == pytest.approx(exact, rel=1e-7)
+    # float32 statistics are taken in float64
+    assert frechet_distance(mu1.astype(np.float32), s1.astype(np.float32), mu1, s1) == \
+        pytest.approx(0, abs=1e-3)
+
+
+def test_precision_recall_match_a_direct_computation_for_any_batch():
+    rng = np.random.default_rng(7)
+    real, fake = rng.normal(size=(60, 5)), rng.normal(0.4, 1.3, size=(45, 5))
+
+    def coverage(manifold, probes, k=3):
+        radii = np.sort(np.linalg.norm(manifold[:, None] - manifold[None], axis=2), axis=1)[:, k]
+        dist = np.linalg.norm(probes[:, None] - manifold[None], axis=2)
+        return (dist <= radii[None]).any(axis=1).mean()
+
+    expected = (coverage(real, fake), coverage(fake, real))
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    for batch in (1, 7, 1024):
+        assert precision_recall(real, fake, k=3, batch=batch) == pytest.approx(expected, abs=1e-15)
+    # disjoint sets: nothing covered either way
+    assert precision_recall(real, fake + 100) == (0.0, 0.0)
+
+
+def test_metric_parameters_are_checked():
+    a = np.zeros((5, 2))
+    for kwargs in (dict(num_subsets=0), dict(max_subset_size=1)):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            kernel_inception_distance(a, a, **kwargs)
+    with pytest.raises(ValueError, match="batch=0"):
+        precision_recall(a, a, batch=0)

@@ -55,8 +55,13 @@ def kernel_inception_distance(real, fake, num_subsets: int = 100, max_subset_siz
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"real and fake must be [N, D] with the same D, got {real.shape}, {fake.shape}")
+    if int(num_subsets) != num_subsets or num_subsets < 1:
+        raise ValueError(f"num_subsets must be a positive integer, got {num_subsets!r}")
+    if int(max_subset_size) != max_subset_size or max_subset_size < 2:
+        raise ValueError(f"max_subset_size must be an integer of at least 2, got "
+                         f"{max_subset_size!r}")
     dim = real.shape[1]
-    m = min(real.shape[0], fake.shape[0], max_subset_size)
+    m = min(real.shape[0], fake.shape[0], int(max_subset_size))
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples in each set, got {real.shape[0]}, {fake.shape[0]}")
     rng = np.random.default_rng(seed)
@@ -94,6 +99,8 @@ def precision_recall(real, fake, k: int = 3, batch: int = 1024) -> tuple[float, 
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"real and fake must be [N, D] with the same D, got {tuple(real.shape)}, "
                          f"{tuple(fake.shape)}")
+    if int(k) != k or k < 1 or int(batch) != batch or batch < 1:
+        raise ValueError(f"k and batch must be positive integers, got k={k!r}, batch={batch!r}")
     if min(real.shape[0], fake.shape[0]) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
     precision = _coverage(real, _kth_neighbour_radii(real, k, batch), fake, batch)
