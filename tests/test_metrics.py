@@ -514,3 +514,21 @@ def test_metric_parameters_are_checked():
             kernel_inception_distance(a, a, **kwargs)
     with pytest.raises(ValueError, match="batch=0"):
         precision_recall(a, a, batch=0)
+
+
+def test_a_conditional_generator_and_a_dataset_with_other_classes_are_refused_first(
+        tmp_path, capsys, monkeypatch):
+    # Was a ValueError from the mapping network after every dataset feature had been
+    # extracted: a traceback from the command line.
+    from batikfast.metrics import compute
+
+    features = str(_saved_small_net(tmp_path))
+    checkpoint = _untrained_checkpoint(tmp_path / "G.pt", c_dim=3, data_size=12, cond=True)
+    extracted = []
+    monkeypatch.setattr(compute, "dataset_features", lambda *args: extracted.append(args))
+    assert compute.main(["--ckpt", str(checkpoint), "--features", features, "--num-gen", "8",
+                         "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: the generator is conditional on 3 classes but the dataset's labels " \
+                  "have 4", err  # the builtin dataset's four motifs
+    assert not extracted

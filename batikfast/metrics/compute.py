@@ -108,6 +108,18 @@ def check_sample_counts(metrics, num_gen: int, num_real: int) -> None:
                              f"images, got {count}")
 
 
+def dataset_labels(G, dataset) -> np.ndarray | None:
+    """The labels that conditional ``G``'s images are drawn with (None when unconditional):
+    one per dataset item, so classes come as often as in the data."""
+    if not G.c_dim:
+        return None
+    labels = np.asarray(dataset.label_table(), dtype=np.float32)
+    if labels.ndim != 2 or labels.shape[1] != G.c_dim:
+        raise ValueError(f"the generator is conditional on {G.c_dim} classes but the dataset's "
+                         f"labels have {labels.shape[1] if labels.ndim == 2 else 0}")
+    return labels
+
+
 def compute_metrics(G, dataset, extractor: FeatureExtractor, metrics=METRICS,
                     num_gen: int = 10000, num_real: int | None = None, batch: int = 64,
                     truncation_psi: float = 1.0, seed: int = 0, device="cpu",
@@ -121,6 +133,7 @@ def compute_metrics(G, dataset, extractor: FeatureExtractor, metrics=METRICS,
     the two objects, so their ids are not reused while it exists.
     """
     check_sample_counts(metrics, num_gen, real_count(dataset, num_real))
+    labels = dataset_labels(G, dataset)
     key = (id(dataset), id(extractor), num_real)
     entry = real_cache.get(key) if real_cache is not None else None
     if entry is not None and entry[0] is dataset and entry[1] is extractor:
@@ -129,9 +142,6 @@ def compute_metrics(G, dataset, extractor: FeatureExtractor, metrics=METRICS,
         real = dataset_features(dataset, extractor, num_real, batch)
         if real_cache is not None:
             real_cache[key] = (dataset, extractor, real)
-    labels = None
-    if G.c_dim:
-        labels = dataset.label_table()
     fake = generator_features(G, extractor, num_gen, batch, truncation_psi, seed, labels, device)
     return metrics_from_features(real, fake, metrics)
 
@@ -182,6 +192,7 @@ def main(argv=None) -> int:
                                seed=config.get("data_seed", 0), size=config.get("data_size", 20000))
         num_real = real_count(dataset, args.num_real)
         check_sample_counts(metrics, args.num_gen, num_real)
+        dataset_labels(G, dataset)
         extractor = load_feature_network(args.features, args.device)
     except (ValueError, OSError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
