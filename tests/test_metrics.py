@@ -532,3 +532,26 @@ def test_a_conditional_generator_and_a_dataset_with_other_classes_are_refused_fi
     assert err == "error: the generator is conditional on 3 classes but the dataset's labels " \
                   "have 4", err  # the builtin dataset's four motifs
     assert not extracted
+
+
+class _SortedFolder:
+    """A dataset as a folder sorted by class reads: ten black images, then ten white ones."""
+
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, index):
+        return np.full((3, 16, 16), 0 if index < 10 else 255, dtype=np.uint8), np.zeros(0)
+
+
+def test_fewer_dataset_images_than_it_holds_are_a_seeded_sample_of_all_of_it(tmp_path):
+    # The first num items were taken: from a folder sorted by class, one class only.
+    extractor = load_feature_network(_saved_small_net(tmp_path))
+    black, white = (extractor(torch.full((1, 3, 16, 16), v, dtype=torch.uint8)).double().numpy()
+                    for v in (0, 255))
+    features = dataset_features(_SortedFolder(), extractor, num=8, batch=3)
+    is_black = np.isclose(features, black).all(axis=1)
+    assert features.shape == (8, 8) and 0 < is_black.sum() < 8
+    assert np.isclose(features[~is_black], white).all()
+    np.testing.assert_array_equal(dataset_features(_SortedFolder(), extractor, num=8), features)
+    assert len(dataset_features(_SortedFolder(), extractor, num=50)) == 20

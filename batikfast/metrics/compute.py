@@ -26,12 +26,18 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def dataset_features(dataset, extractor: FeatureExtractor, num: int | None = None,
-                     batch: int = 64) -> np.ndarray:
-    """Features of the first ``num`` items of ``dataset`` (all when None), as float64 ``[N, D]``."""
-    total = len(dataset) if num is None else min(num, len(dataset))
+                     batch: int = 64, seed: int = 0) -> np.ndarray:
+    """Features of ``num`` items of ``dataset`` (all when None or fewer), float64 ``[N, D]``.
+
+    Fewer than all are a subset drawn with ``seed`` (read in dataset order), not the first
+    ``num``: a folder is sorted by name, so its first items may all be one class or one shoot.
+    """
+    indices = np.arange(len(dataset))
+    if num is not None and num < len(dataset):
+        indices = np.sort(np.random.default_rng(seed).choice(len(dataset), num, replace=False))
     chunks = []
-    for start in range(0, total, batch):
-        images = np.stack([dataset[i][0] for i in range(start, min(start + batch, total))])
+    for start in range(0, len(indices), batch):
+        images = np.stack([dataset[int(i)][0] for i in indices[start:start + batch]])
         chunks.append(extractor(torch.from_numpy(images)).cpu().double().numpy())
     return np.concatenate(chunks)
 
