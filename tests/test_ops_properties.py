@@ -163,3 +163,70 @@ def test_a_clamp_past_the_fp16_range_clamps_nothing_finite(impl):
     (expected_dx,) = torch.autograd.grad(unclamped.float().sum(), x)
     torch.testing.assert_close(y, unclamped)
     torch.testing.assert_close(dx, expected_dx)
+
+
+def _modconv_inputs():
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(2, 3, 4, 4, generator=g).to(DEVICE),
+            torch.randn(5, 3, 3, 3, generator=g).to(DEVICE), torch.randn(2, 3, generator=g).to(DEVICE))
+
+
+def _bad_calls():
+    x4 = torch.ones(2, 3, 4, 4, device=DEVICE)
+    x, w, s = _modconv_inputs()
+    t, schedule = torch.zeros(2, dtype=torch.long), torch.ones(3, device=DEVICE)
+    modconv = lambda impl, **kw: ops.modulated_conv2d(x, w, s, padding=kw.pop("padding", 1), impl=impl, **kw)
+    return {
+        # The fast modulated convolution's single-pass test (up == 1) took True and 1.0 for 1,
+        # and never looked at the resample filter; the reference refused them.
+        "up=True": ("up", lambda impl: modconv(impl, up=True)),
+        "up=1.0": ("up", lambda impl: modconv(impl, up=1.0)),
+        "padding=True": ("padding", lambda impl: modconv(impl, padding=True)),
+        "float64 filter": ("f must be float32", lambda impl: modconv(
+            impl, resample_filter=torch.ones(2, dtype=torch.float64, device=DEVICE))),
+        "3-D filter": ("f must have rank", lambda impl: modconv(
+            impl, resample_filter=torch.ones(2, 2, 2, device=DEVICE))),
+        # float('a') said "could not convert string to float: 'a'"; the reference modulated
+        # convolution skipped alpha altogether when act was linear; a NaN gain gave NaN outputs.
+        "modconv alpha='a'": ("alpha", lambda impl: modconv(impl, alpha="a")),
+        "bias_act gain='a'": ("gain", lambda impl: ops.bias_act(x4, gain="a", impl=impl)),
+        "bias_act gain=[1]": ("gain", lambda impl: ops.bias_act(x4, gain=[1], impl=impl)),
+        "bias_act alpha=nan": ("alpha", lambda impl: ops.bias_act(x4, act="lrelu",
+                                                                   alpha=float("nan"), impl=impl)),
+        "bias_act gain=inf": ("gain", lambda impl: ops.bias_act(x4, gain=float("inf"), impl=impl)),
+        "bias_act clamp='a'": ("clamp", lambda impl: ops.bias_act(x4, clamp="a", impl=impl)),
+        # upsample2d multiplied gain by up ** 2 first: None was a TypeError, 'a' became 'aaaa'.
+        "upsample2d gain=None": ("gain", lambda impl: ops.upsample2d(x4, None, gain=None,
+                                                                     impl=impl)),
+        "upsample2d gain='a'": ("got 'a'", lambda impl: ops.upsample2d(x4, None, gain="a",
+                                                                       impl=impl)),
+        # conv2d_resample resolved impl only on its resampling paths.
+        "conv2d_resample impl='bogus'": ("impl", lambda impl: ops.conv2d_resample(x, w,
+                                                                                  impl="bogus")),
+        # A meta t: the range check read t.min() (RuntimeError from .item()).
+        "meta diffusion_noise": (None, lambda impl: ops.diffusion_noise(
+            x4.to("meta"), t.to("meta"), schedule.to("meta"), schedule.to("meta"), impl=impl)),
+    }
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("case", sorted(_bad_calls()))
+def test_bad_arguments_found_by_fuzzing_are_refused_naming_them_on_every_path(impl, case):
+    require(impl, "modulated_conv2d")
+    naming, call = _bad_calls()[case]
+    if naming is None:  # meta tensors: the reference gives metadata, a fast path says why not
+        if impl == "ref":
+            assert call(impl).device.type == "meta"
+        else:
+            with pytest.raises(RuntimeError, match="meta"):
+                call(impl)
+        return
+    with pytest.raises((ValueError, TypeError), match=naming):
+        call(impl)
+
+
+def test_conv2d_resample_refuses_an_implementation_that_cannot_run_x_on_every_path():
+    x = torch.ones(1, 2, 4, 4, dtype=torch.float64)
+    w = torch.ones(3, 2, 3, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="conv2d_resample: implementation 'cuda' cannot run"):
+        ops.conv2d_resample(x, w, impl="cuda")  # no resampling: was taken silently

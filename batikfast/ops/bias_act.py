@@ -87,15 +87,28 @@ def resolve_activation(act, alpha, gain, clamp):
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     spec = ACTIVATIONS[act]
-    alpha = float(spec.def_alpha if alpha is None else alpha)
-    gain = float(spec.def_gain if gain is None else gain)
+    alpha = _number("alpha", spec.def_alpha if alpha is None else alpha)
+    gain = _number("gain", spec.def_gain if gain is None else gain)
     if clamp is not None:
-        clamp = float(clamp)
+        clamp = _number("clamp", clamp, finite=False)
         if not clamp >= 0:  # NaN included: it would clamp every output to NaN
             if clamp != -1:
                 raise ValueError(f"clamp must be None, -1 or >= 0, got {clamp!r}")
             clamp = None
     return act, alpha, gain, clamp
+
+
+def _number(name: str, value, finite: bool = True) -> float:
+    """``value`` as a float, or a ValueError naming the argument (float() alone said "could not
+    convert string to float: 'a'"; a NaN or infinite alpha or gain made every output NaN)."""
+    try:
+        number = None if isinstance(value, (bool, str)) else float(value)
+    except (TypeError, ValueError, RuntimeError):
+        number = None
+    if number is None or (finite and not math.isfinite(number)):
+        kind = "a finite number" if finite else "a number"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return number
 
 
 def bias_act_reference(x, b, dim, act, alpha, gain, clamp):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from batikfast import backends
 from batikfast.ops._validate import check_same_device, check_tensor, parse_padding
 from batikfast.ops.upfirdn2d import _checked_filter, _filter_size, upfirdn2d
 
@@ -56,6 +57,9 @@ def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor | None = N
         py0, py1 = py0 + (fh - down + 1) // 2, py1 + (fh - down) // 2
     pads = [px0, px1, py0, py1]
     _check_output_size(x, (kw, kh), (fw, fh), up, down, pads)
+    # Resolved on every path: impl='bogus', or one that cannot run x, was refused only where a
+    # resampling pass ran, and taken silently by the plain convolution.
+    impl = backends.resolve("conv2d_resample", x, impl)
     conv = dict(groups=groups, flip_weight=flip_weight)
 
     if kw == 1 and kh == 1 and down > 1 and up == 1:

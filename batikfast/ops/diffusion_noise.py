@@ -98,7 +98,8 @@ def _check_arguments(x, t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, noise_std, 
         raise ValueError(f"seed must be None or an int in [0, 2**62), got {seed!r}")
     # Under torch.compile a data-dependent check would break the graph; on a GPU tensor it costs
     # a device sync (see the docstring).
-    if t.numel() and not torch.compiler.is_compiling():
+    # A meta t has no values to check (t.min() cannot be read: a RuntimeError from .item()).
+    if t.numel() and t.device.type != "meta" and not torch.compiler.is_compiling():
         low, high = int(t.min()), int(t.max())
         if low < 0 or high >= sqrt_alpha_bar.shape[0]:
             raise ValueError(f"t must lie in [0, {sqrt_alpha_bar.shape[0] - 1}] (the schedule's "

@@ -26,9 +26,10 @@ import torch
 
 from batikfast import backends
 from batikfast.ops._autograd import differentiable
-from batikfast.ops._validate import check_same_device, check_tensor
+from batikfast.ops._validate import check_same_device, check_tensor, parse_padding
 from batikfast.ops.bias_act import bias_act, resolve_activation
 from batikfast.ops.conv2d_resample import conv2d_resample
+from batikfast.ops.upfirdn2d import _checked_filter
 
 FUSED_ACTIVATIONS = ("linear", "relu", "lrelu")
 
@@ -61,6 +62,9 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
         [N, O, H', W'] in ``x.dtype``.
     """
     _check_arguments(x, weight, styles, noise, bias)
+    _check_resampling(x, up, down, padding, resample_filter)
+    # Checked on every path (the reference skipped the epilogue's alpha when act was linear).
+    resolved = resolve_activation(act, alpha, gain, clamp)
     chosen = backends.resolve("modulated_conv2d", x, impl)
     if chosen == "ref":
         y = modulated_conv2d_reference(x, weight, styles, noise, up, down, padding,
@@ -68,7 +72,7 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
         if bias is None and act == "linear" and gain is None and clamp is None:
             return y
         return bias_act(y, bias, act=act, alpha=alpha, gain=gain, clamp=clamp, impl="ref")
-    act, alpha, gain, clamp = resolve_activation(act, alpha, gain, clamp)
+    act, alpha, gain, clamp = resolved
     return _modulated_conv2d_fast(x, weight, styles, noise, up, down, padding, resample_filter,
                                   demodulate, flip_weight, bias, act, alpha, gain, clamp, chosen)
 
@@ -92,6 +96,17 @@ def _check_arguments(x, weight, styles, noise, bias) -> None:
     if bias is not None and bias.shape[0] != weight.shape[0]:
         raise ValueError(f"bias must have {weight.shape[0]} elements (output channels), "
                          f"got {bias.shape[0]}")
+
+
+def _check_resampling(x, up, down, padding, resample_filter) -> None:
+    """What the reference's conv2d_resample refuses, refused before dispatch: the fast path's
+    single-pass test (``up == 1``) took True and 1.0 for 1, and never looked at the filter."""
+    for name, factor in (("up", up), ("down", down)):
+        if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {factor!r}")
+    parse_padding(padding)
+    if resample_filter is not None:
+        _checked_filter(resample_filter, x)
 
 
 def _prenormalized(x, weight, styles, demodulate):

@@ -210,6 +210,7 @@ def upsample2d(x, f, up=2, padding=0, flip_filter=False, gain=1, impl=None):
     upx, upy = parse_scaling("up", up)
     padx0, padx1, pady0, pady1 = parse_padding(padding)
     fw, fh = _filter_size(_checked_filter(f, x))
+    _check_gain(gain)  # before it is multiplied: None * 4 was a TypeError, 'a' became 'aaaa'
     pad = [padx0 + (fw + upx - 1) // 2, padx1 + (fw - upx) // 2,
            pady0 + (fh + upy - 1) // 2, pady1 + (fh - upy) // 2]
     return upfirdn2d(x, f, up=(upx, upy), padding=pad, flip_filter=flip_filter,
