@@ -61,6 +61,15 @@ def _worker(rank, port, outdir, mode):
             result = train(config, outdir / "run")  # joins the group made above, then ends it
             torch.save({"step": result["step"], "training": result["training_state"]},
                        outdir / f"result{rank}.pt")
+        elif mode in ("whole", "stop", "resume"):
+            # diffusion with ADA, p updated every 2 steps and path length every 4: a stop at
+            # step 3 falls between updates, with each rank's own w_avg and path-length mean
+            options = dict(steps=6, aug="ada", adjust_interval=2, diffusion_target=-1.0,
+                           batch_gpu=BATCH // WORLD, ddp_timeout_s=60, seed=7)
+            if mode == "stop":
+                options["stop_after_steps"] = 3
+            train(micro_config(**options), outdir / ("whole" if mode == "whole" else "split"),
+                  resume="auto" if mode == "resume" else None)
         elif mode == "dead":
             info = dist_utils.init_distributed("cpu", timeout_s=20)
             if rank == 1:
@@ -137,6 +146,24 @@ def test_two_gloo_ranks_match_one_process_and_share_adaptive_state(tmp_path):
                    run, resume="auto")
     assert result["step"] == 6
     assert "reseeded" in (run / "log.txt").read_text()
+
+
+def test_two_ranks_stopped_and_resumed_equal_an_uninterrupted_two_rank_run_bit_for_bit(tmp_path):
+    """Each rank's own running means (G's w_avg, the path-length mean) and its share of the
+    adaptive-p signs are saved per rank: a resume that gave every rank rank 0's trained
+    other weights than the uninterrupted run."""
+    for mode in ("whole", "stop", "resume"):  # fresh processes: a process group per run
+        assert _run(mode, tmp_path) == [0, 0], _crashes(tmp_path)
+    from tests.test_training import _same_state
+    whole, split = (ckpt.load_checkpoint(ckpt.latest_valid_checkpoint(tmp_path / name))
+                    for name in ("whole", "split"))
+    assert split["progress"]["step"] == whole["progress"]["step"] == 6
+    assert "resumed from" in (tmp_path / "split" / "log.txt").read_text()
+    for key in ("G", "D", "G_ema", "G_opt", "D_opt", "training", "rng"):
+        _same_state(whole[key], split[key], key)
+    # the ranks really differ in what they keep for themselves
+    assert not torch.equal(*(r["w_avg"] for r in whole["rank_state"]))
+    _same_state(whole["rank_state"], split["rank_state"], "rank_state")
 
 
 def test_a_dead_rank_makes_the_others_exit_with_a_clear_message(tmp_path):

@@ -316,7 +316,9 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        rng = dist_utils.all_gather_objects(ckpt.capture_rng_state(), self.info, "RNG gather")
+        ranks = dist_utils.all_gather_objects((ckpt.capture_rng_state(), self._rank_state()),
+                                              self.info, "per-rank state gather")
+        rng, rank_state = [r for r, _ in ranks], [s for _, s in ranks]
         return {
             "format": "batikfast-checkpoint", "version": 1,
             "G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
@@ -325,10 +327,44 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "latent_gen": self.latent_gen.get_state(),
             "rng": rng,
+            "rank_state": rank_state,
             "progress": {"cur_nimg": self.cur_nimg, "step": self.step, "tick": self.tick,
                          "world_size": self.info.world_size},
             "config": json.loads(json.dumps(self.config)),
         }
+
+    def _rank_state(self) -> dict:
+        """What each rank holds for itself beyond its RNG: the running means that its own
+        forward passes update (G's w_avg, the path-length mean; NVIDIA's DDP does not sync them
+        either) and its share of the adaptive-p statistics since the last update. The rest of
+        a checkpoint is rank 0's; these differ between ranks, and a resumed rank that took rank
+        0's would continue another run than the uninterrupted one."""
+        w_avg = getattr(self.G.mapping, "w_avg", None)
+        return {"w_avg": None if w_avg is None else w_avg.detach().cpu().clone(),
+                "pl_mean": self.parts.reg_loss.pl_mean.detach().cpu().clone(),
+                "signs": self.parts.sign_statistics()}
+
+    def _load_rank_state(self, saved: list | None) -> None:
+        """This rank's own part of a checkpoint (see _rank_state). On another number of
+        processes, rank r takes the running means of saved rank r modulo their number, and
+        rank 0 the sum of every saved rank's sign statistics (the others none), so the next
+        all-reduced update of p sees exactly the signs the run had gathered."""
+        if not saved:  # a checkpoint written before per-rank state was saved: rank 0's
+            return
+        same_world = len(saved) == self.info.world_size
+        own = saved[self.info.rank % len(saved)]
+        if own["w_avg"] is not None:
+            for G in (self.G, self.G_ema):  # G_ema copies G's buffers at every step
+                G.mapping.w_avg.copy_(own["w_avg"])
+        self.parts.reg_loss.load_state_dict({"pl_mean": own["pl_mean"]})
+        if same_world:
+            signs = own["signs"]
+        elif self.info.is_main:
+            signs = {key: [sum(s["signs"][key][i] for s in saved) for i in (0, 1)]
+                     for key in own["signs"]}
+        else:
+            signs = {key: [0.0, 0] for key in own["signs"]}
+        self.parts.load_sign_statistics(signs)
 
     def _opt(self, which: str) -> torch.optim.Optimizer:
         return next(p.opt for p in self.phases if p.name.startswith(which))
@@ -350,6 +386,12 @@ class Trainer:
                 f"{source} does not fit the networks of its own configuration "
                 f"({type(error).__name__}: {' '.join(lines[:2])}); it cannot be resumed") \
                 from error
+        try:
+            self._load_rank_state(state.get("rank_state"))
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as error:
+            raise ckpt.CorruptCheckpointError(
+                f"{source} holds a per-rank state that does not fit ({type(error).__name__}: "
+                f"{error}); it cannot be resumed") from error
         progress = state["progress"]
         self.cur_nimg, self.step, self.tick = (int(progress["cur_nimg"]), int(progress["step"]),
                                                int(progress["tick"]))

@@ -204,6 +204,26 @@ class TrainingParts:
                 self.ada_p = min(max(self.ada_p + step * ((error > 0) - (error < 0)), 0.0), 1.0)
                 self.augment_pipe.p = self.ada_p
 
+    def sign_statistics(self) -> dict:
+        """This rank's signs of D's real logits since the last update of p, as
+        ``{"diffusion": [sum, count], "ada": [sum, count]}`` (each rank holds its own share
+        until the all-reduce)."""
+        out = {"ada": [float(self._ada_sign_sum), self._ada_sign_count]}
+        if self.diffusion is not None:
+            state = self.diffusion.state_dict()
+            out["diffusion"] = [float(state["sign_sum"]), int(state["sign_count"])]
+        return out
+
+    def load_sign_statistics(self, signs: dict) -> None:
+        """Set what :meth:`sign_statistics` returned (this rank's share)."""
+        total, count = signs["ada"]
+        self._ada_sign_sum = torch.tensor(float(total), dtype=torch.float64, device=self.device)
+        self._ada_sign_count = int(count)
+        if self.diffusion is not None and "diffusion" in signs:
+            state = self.diffusion.state_dict()
+            state["sign_sum"], state["sign_count"] = signs["diffusion"]
+            self.diffusion.load_state_dict(state)
+
     def pop_stats(self, info) -> dict:
         """Means over the tick (all ranks) of the losses and scores, plus T and p."""
         keys = sorted(self._sums)
