@@ -690,6 +690,22 @@ def test_init_starts_from_another_runs_weights_matched_by_name_and_shape(tmp_pat
                        donor_state["G"]["mapping.fc0.weight"])
 
 
+def test_a_run_started_with_init_resumes_without_its_init_file(tmp_path):
+    """The checkpoint holds the weights: the --init file (a pretrained pickle moved or deleted
+    since, or absent on another node) was read again on every resume, and its absence stopped
+    the run."""
+    donor = train(micro_config(steps=1), tmp_path / "donor")["checkpoint"]
+    init = tmp_path / "pretrained.pt"
+    donor.rename(init)
+    run = tmp_path / "run"
+    train(micro_config(steps=4, stop_after_steps=2, init=str(init)), run)
+    init.unlink()
+    result = train(micro_config(steps=4, init=str(init)), run, resume="auto")
+    assert result["step"] == 4
+    log = (run / "log.txt").read_text()
+    assert log.count("init G from") == 1 and "resumed from" in log
+
+
 def test_a_failed_checkpoint_write_keeps_the_previous_one_and_training_goes_on(tmp_path,
                                                                              monkeypatch):
     trainer = Trainer(micro_config(steps=10), tmp_path, DistInfo())

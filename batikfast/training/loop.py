@@ -126,7 +126,8 @@ class LossScaler:
 
 
 class Trainer:
-    def __init__(self, config: dict, outdir, info: dist_utils.DistInfo, log=None):
+    def __init__(self, config: dict, outdir, info: dist_utils.DistInfo, log=None,
+                 resuming: bool = False):
         self.config = config
         self.outdir = Path(outdir)
         self.info = info
@@ -160,7 +161,9 @@ class Trainer:
         config["G_kwargs"], config["D_kwargs"] = self.G_kwargs, self.D_kwargs
         self.G, self.D = build_networks(self.G_kwargs, self.D_kwargs, self.device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        if config.get("init"):
+        # A resumed run's weights come from its checkpoint: its --init file is not read again
+        # (it may be gone since, or absent on this node, and an NVIDIA pickle is slow to read).
+        if config.get("init") and not resuming:
             self._init_from(config["init"])
         self._broadcast_networks()
         self._seed(config["seed"] * info.world_size + info.rank)
@@ -866,7 +869,7 @@ def _train(config: dict, outdir: Path, resume, info, given=None) -> dict:
         except ConfigError as error:
             raise ConfigError(f"cannot resume {source} on {info.world_size} processes: "
                               f"{error}") from error
-    trainer = Trainer(config, outdir, info)
+    trainer = Trainer(config, outdir, info, resuming=state is not None)
     if info.is_main:
         rundir.save_config(outdir, config)
     warning = dist_utils.elastic_restart_warning()
