@@ -9,8 +9,8 @@ tensorboard is installed), reals.png, fakes*.png grids from the EMA generator, a
 written, checksummed checkpoints (checkpoint-<step>.pt). ``--resume auto`` continues from the
 newest valid checkpoint in --outdir (a fresh start when there is none); the run's saved
 configuration is kept, except for options given on the command line that do not change the model
-or the maths (kimg, snap, workers, compile, backend, ...). Defaults follow the batik paper
-(--cfg paper256).
+or the maths (kimg, snap, workers, compile, backend, ...), and --data, where the run's images
+are now (a dataset moved since). Defaults follow the batik paper (--cfg paper256).
 """
 from __future__ import annotations
 

@@ -578,6 +578,30 @@ def test_resume_keeps_the_runs_own_run_time_options_unless_given_on_the_command_
     assert "resumed from" in log and "keeping the checkpoint's" not in log
 
 
+def test_a_run_resumes_from_a_dataset_moved_since_when_given_its_new_data_path(tmp_path,
+                                                                              capsys):
+    """A dataset moved (or mounted elsewhere on the node that resumes): --data on the command
+    line was ignored ("keeping the checkpoint's data") and the resume failed on the old path,
+    with no way to continue the run."""
+    cli = _train_cli()
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    run = tmp_path / "run"
+    common = ["--outdir", str(run), "--cfg", "tiny", "--resolution", "16", "--batch", "4",
+              "--batch-gpu", "4", "--workers", "0", "--device", "cpu", "--tick", "0.004"]
+    assert cli.main([*common, "--data", str(images), "--kimg", "0.008"]) == 0
+    moved = images.rename(tmp_path / "moved")
+    assert cli.main([*common, "--resume", "auto", "--kimg", "0.016"]) == 2
+    assert "does not exist" in capsys.readouterr().err  # the run's own path, now gone
+    assert cli.main([*common, "--resume", "auto", "--kimg", "0.016", "--data", str(moved)]) == 0
+    assert "reading the images from data=" in capsys.readouterr().out
+    state = _weights(ckpt.latest_valid_checkpoint(run))
+    assert state["progress"]["step"] == 4 and state["config"]["data"] == str(moved)
+
+
 def test_resuming_on_another_number_of_processes_checks_the_checkpoints_batch(tmp_path,
                                                                             monkeypatch):
     from batikfast.training import loop

@@ -48,7 +48,7 @@ from batikfast.training.model import build_networks, build_training_objects
 RUNTIME_KEYS = ("kimg", "snap", "image_snap", "tick_kimg", "workers", "compile", "cudagraphs",
                 "backend", "keep_checkpoints", "metrics", "metrics_features", "metrics_num",
                 "device", "ddp_timeout_s", "max_nan_skips", "deterministic", "batch_gpu",
-                "stop_after_steps")
+                "stop_after_steps", "data")
 
 
 # (statistic, label) shown on each progress line; stats.jsonl and TensorBoard get all of them.
@@ -857,6 +857,10 @@ def _train(config: dict, outdir: Path, resume, info, given=None) -> dict:
             # stop_after_steps belongs to one invocation: a saved one would end the resumed run
             chosen = given is None or key in given or key == "stop_after_steps"
             if key in RUNTIME_KEYS:
+                if key == "data" and chosen and saved.get(key) != value and info.is_main:
+                    # where the images are now: a moved dataset, another node's mount point
+                    print(f"resuming: reading the images from data={value!r} (the checkpoint's "
+                          f"run read {saved.get(key)!r})")
                 if chosen or key not in saved:
                     saved[key] = value
             elif (chosen and key in saved and saved[key] != value and info.is_main
