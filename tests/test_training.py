@@ -783,6 +783,31 @@ def test_a_full_disk_under_the_log_stats_and_image_grids_does_not_end_the_run(
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
 
 
+def test_the_options_file_is_replaced_atomically_and_a_failed_write_does_not_stop_the_run(
+        tmp_path, monkeypatch):
+    """Each resume rewrites training_options.json: written in place, a kill or a full disk
+    in the middle left it truncated, and the OSError ended the run with a traceback."""
+    from batikfast.training import rundir
+    run = tmp_path / "run"
+    train(micro_config(steps=1), run)
+    before = (run / "training_options.json").read_text()
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        if str(dst).endswith("training_options.json"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(rundir.os, "replace", full_disk)
+    with pytest.raises(OSError):
+        rundir.save_config(run, {"kimg": 2})
+    assert (run / "training_options.json").read_text() == before
+    assert [p.name for p in run.iterdir() if "training_options" in p.name] == [
+        "training_options.json"]
+    assert train(micro_config(steps=2), run, resume="auto")["step"] == 2
+    assert "training_options.json not written" in (run / "log.txt").read_text()
+
+
 def test_backend_option_selects_the_op_implementation(tmp_path):
     import batikfast
     try:

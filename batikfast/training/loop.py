@@ -875,7 +875,11 @@ def _train(config: dict, outdir: Path, resume, info, given=None) -> dict:
                               f"{error}") from error
     trainer = Trainer(config, outdir, info, resuming=state is not None)
     if info.is_main:
-        rundir.save_config(outdir, config)
+        try:
+            rundir.save_config(outdir, config)
+        except OSError as error:  # every checkpoint holds the config too: not worth the run
+            trainer.log(f"warning: training_options.json not written ({error}); each "
+                        "checkpoint holds the configuration")
     warning = dist_utils.elastic_restart_warning()
     if warning:
         trainer.log(f"warning: {warning}")

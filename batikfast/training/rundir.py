@@ -120,9 +120,12 @@ class RunLogger:
                 pass
 
 
-def save_config(outdir, config: dict) -> None:
-    (Path(outdir) / "training_options.json").write_text(json.dumps(config, indent=2,
-                                                                   sort_keys=True))
+def save_config(outdir, config: dict) -> Path:
+    """``training_options.json``, replaced atomically: a run killed while writing it (each
+    resume rewrites it) leaves the previous one, never a truncated file."""
+    text = json.dumps(config, indent=2, sort_keys=True)
+    return _write_atomically(Path(outdir) / "training_options.json",
+                             lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def image_grid(images: np.ndarray | torch.Tensor, columns: int | None = None) -> np.ndarray:
