@@ -3,6 +3,11 @@
 //   forward:  y  = clamp(act(x + b) * gain, -clamp, clamp)
 //   backward: dx = dy * gain * act^(order)(x + b) * [|act(x + b) * gain| <= clamp]
 //
+// Non-finite values follow torch's backward formulas, which the reference is differentiated
+// with (see chain() and backward_one()): the clamp selects dy or 0 before the activation's
+// derivative multiplies it, relu's backward selects dy or 0, and the second derivative of the
+// piecewise-linear activations is exactly 0.
+//
 // Memory-bound: each thread moves 16-byte vectors in a grid-stride loop and does the math in
 // fp32. The bias channel of an element is found with one 64-bit division per vector and then
 // stepped, so any `dim` (including the last one, whose channel changes every element) works
@@ -67,11 +72,11 @@ __device__ __forceinline__ float derivative(float z, float alpha, int order) {
     const float d1 = 4.f * e / ((1.f + e) * (1.f + e));  // 1 - tanh(z)^2
     return first ? d1 : -2.f * tanhf(z) * d1;
   }
-  if (ACT == ELU) return z > 0.f ? (first ? 1.f : 0.f) : expf(z);
-  if (ACT == SELU) {
-    if (z > 0.f) return first ? kSeluScale : 0.f;
-    return kSeluScale * kSeluAlpha * expf(z);
-  }
+  // torch's elu double backward multiplies by (z < 0): the second derivative at 0 is 0. At a
+  // NaN z both are NaN, as torch's vectorised CPU kernel gives (its scalar loop passes dy).
+  const bool right_branch = z > 0.f || (!first && z == 0.f);
+  if (ACT == ELU) return right_branch ? (first ? 1.f : 0.f) : expf(z);
+  if (ACT == SELU) return right_branch ? (first ? kSeluScale : 0.f) : kSeluScale * kSeluAlpha * expf(z);
   const float sp = sigmoidf(z), sm = sigmoidf(-z);  // s and 1 - s
   if (ACT == SIGMOID) return first ? sp * sm : -sp * sm * tanhf(0.5f * z);  // 1 - 2s = -tanh(z/2)
   if (ACT == SOFTPLUS) return first ? sp : sp * sm;
@@ -118,11 +123,29 @@ __device__ __forceinline__ T forward_one(T x, float bias, const Params& p) {
   return from_float<T>(y);
 }
 
+// upstream * act^(order)(z) as torch's backward formulas give it for non-finite values: relu's
+// selects (0 at z <= 0 even for a NaN or inf upstream, which a NaN z passes), and the
+// piecewise-linear activations have no second derivative (exactly 0, not 0 * NaN).
+template <int ACT>
+__device__ __forceinline__ float chain(float upstream, float z, float alpha, int order) {
+  if (ACT == LINEAR || ACT == RELU || ACT == LRELU) {
+    if (order == 2) return 0.f;
+    if (ACT == RELU) return z <= 0.f ? 0.f : upstream;
+  }
+  return upstream * derivative<ACT>(z, alpha, order);
+}
+
 template <typename T, int ACT>
 __device__ __forceinline__ T backward_one(T dy, T x, float bias, const Params& p) {
   const float z = to_float(x) + bias;
-  if (!inside_clamp<T>(activate<ACT>(z, p.alpha) * p.gain, p.clamp)) return from_float<T>(0.f);
-  return from_float<T>(to_float(dy) * p.gain * derivative<ACT>(z, p.alpha, p.order));
+  float upstream = to_float(dy);
+  // torch's clamp backward selects dy or 0 (also at a NaN output) and the activation's
+  // derivative multiplies that, so a NaN z still gives 0 * NaN = NaN for the smooth ones.
+  // The second order gets ddx * dy in one: torch keeps a NaN of ddx outside the clamp and
+  // drops one of dy. Which it was is lost, so the NaN is kept.
+  if (!inside_clamp<T>(activate<ACT>(z, p.alpha) * p.gain, p.clamp))
+    upstream = p.order == 1 ? 0.f : upstream * 0.f;
+  return from_float<T>(chain<ACT>(upstream * p.gain, z, p.alpha, p.order));
 }
 
 template <typename T, int ACT, bool BACKWARD>

@@ -9,6 +9,12 @@
 ``bias_act_backward`` computes ``dx = dy * gain * act^(order)(z) * (|act(z) * gain| <= clamp)``
 for ``order`` 1 or 2 (the caller reduces dx to the bias gradient and wires autograd).
 
+Non-finite values follow torch's backward formulas, which the reference differentiates with: the
+clamp selects dy or 0 before the activation's derivative multiplies it (so a NaN z under a clamp
+still gives 0 * NaN = NaN for the smooth activations), relu selects dy or 0 (a NaN z passes dy,
+a NaN dy at z <= 0 gives 0), and the second derivative of linear, relu and lrelu is exactly 0.
+See ``_chain``.
+
 Layout. The kernel walks the tensor's storage, not its logical shape: any dense layout
 (contiguous, channels-last, any permutation of axes) is read and written in place of a copy,
 and the output takes the input's strides. Seen through memory, the bias axis splits storage
@@ -104,17 +110,20 @@ def _act_and_derivative(z, alpha, ACT: tl.constexpr, ORDER: tl.constexpr):
         first = value * (1.0 - value)
         second = first * (1.0 - 2.0 * value)
     elif ACT == 5:  # elu (alpha is not used, as in NVIDIA's bias_act)
+        # As torch's elu_backward: the first derivative takes the z <= 0 branch at 0, the
+        # second is 0 there (torch multiplies it by z < 0). Both are NaN at a NaN z (as torch's
+        # vectorised CPU kernel gives; its scalar loop and CUDA pass dy instead).
         negative = tl.minimum(z, 0.0, propagate_nan=_NAN)
         e = _exp(negative)
         value = tl.where(z > 0.0, z, _expm1(negative))
         first = tl.where(z > 0.0, 1.0, e)
-        second = tl.where(z > 0.0, 0.0, e)
-    elif ACT == 6:  # selu
+        second = tl.where(z >= 0.0, 0.0, e)
+    elif ACT == 6:  # selu, branches as elu's
         negative = tl.minimum(z, 0.0, propagate_nan=_NAN)
         e = _exp(negative)
         value = _SELU_SCALE * tl.where(z > 0.0, z, _SELU_ALPHA * _expm1(negative))
         first = tl.where(z > 0.0, _SELU_SCALE, _SELU_SCALE * _SELU_ALPHA * e)
-        second = tl.where(z > 0.0, 0.0, _SELU_SCALE * _SELU_ALPHA * e)
+        second = tl.where(z >= 0.0, 0.0, _SELU_SCALE * _SELU_ALPHA * e)
     elif ACT == 7:  # softplus = max(z, 0) + log1p(exp(-|z|)): no overflow for large z
         value = tl.maximum(z, 0.0) + _log1p(_exp(-tl.abs(z)))
         first = _sigmoid(z)
@@ -131,6 +140,19 @@ def _act_and_derivative(z, alpha, ACT: tl.constexpr, ORDER: tl.constexpr):
     else:
         derivative = second
     return value, derivative
+
+
+@triton.jit
+def _chain(upstream, z, derivative, ACT: tl.constexpr, ORDER: tl.constexpr):
+    """upstream * act^(ORDER)(z) with torch's non-finite behaviour: relu's backward selects
+    (0 at z <= 0 even for a NaN or inf upstream; a NaN z passes it), and the second derivative
+    of the piecewise-linear activations is exactly 0 (torch's backward has none)."""
+    if ORDER == 2 and ACT <= 2:  # linear, relu, lrelu
+        return tl.zeros(z.shape, tl.float32)
+    elif ACT == 1:
+        return tl.where(z <= 0.0, 0.0, upstream)
+    else:
+        return upstream * derivative
 
 
 @triton.jit
@@ -164,9 +186,15 @@ def _bias_act_kernel(x_ptr, b_ptr, dy_ptr, out_ptr, rows, inner, channels, alpha
                              propagate_nan=_NAN)
     else:
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        out = dy * (derivative * gain)
         if HAS_CLAMP:
-            out = tl.where(tl.abs(value * gain) <= clamp, out, 0.0)
+            inside = tl.abs(value * gain) <= clamp  # False at a NaN output, as torch's
+            if ORDER == 1:
+                dy = tl.where(inside, dy, 0.0)
+            else:
+                # The second order gets ddx * dy in one: torch keeps a NaN of ddx outside the
+                # clamp and drops one of dy. Which it was is lost, so the NaN is kept.
+                dy = tl.where(inside, dy, dy * 0.0)
+        out = _chain(dy * gain, z, derivative, ACT, ORDER)
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -77,6 +77,9 @@ def _bias_act_truth(x, b, dim, act, alpha, gain, clamp, dy=None, order=0):
         if value.requires_grad:  # a constant derivative (linear) has no graph left
             (grad,) = torch.autograd.grad(value.sum(), z, create_graph=True, allow_unused=True)
         value = torch.zeros_like(z) if grad is None else grad
+    if order == 2 and act in ("elu", "selu"):
+        # torch's elu double backward multiplies by (z < 0): 0 at z = 0, the reference's value.
+        value = value * (z != 0)
     y = (y * gain).detach()
     if order == 0:
         out = y if clamp is None else y.clamp(-clamp, clamp)
@@ -107,7 +110,7 @@ def test_bias_act_forward_and_derivatives_match_float64_for_every_activation(sha
                                                                            dtype):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dim, act)).encode()))
     x = _randn(shape, dtype, gen, scale=2.0)
-    x.view(-1)[::7] = 0  # the kinks: derivatives at exactly 0 take the z <= 0 branch
+    x.view(-1)[::7] = 0  # the kinks: first derivatives at exactly 0 take the z <= 0 branch
     b = _randn((shape[dim],), torch.float32, gen)
     dy = _randn(shape, dtype, gen)
     alpha, gain = 0.2, 1.7
@@ -174,6 +177,21 @@ def test_bias_act_keeps_a_nan_input_nan_as_torch_does(act, clamp):
     if clamp is not None:
         truth = truth.clamp(-clamp, clamp)
     assert torch.equal(y.isnan(), truth.isnan()), (act, clamp, y, truth)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("clamp", [None, 0.9])
+@pytest.mark.parametrize("act", ACTS)
+def test_bias_act_nan_and_inf_in_inputs_and_gradients_follow_the_reference(act, clamp, dtype):
+    # The Triton test's cases and rules (see tests/test_triton_bias_act.py), through ops.bias_act
+    # with impl="cuda" against impl="ref" on the GPU. The kernel zeroed the gradient wherever the
+    # clamp mask was off, a NaN z included (torch: 0 * act'(NaN) = NaN for the smooth
+    # activations), took relu's derivative at a NaN z as 0 (torch passes dy) and multiplied a
+    # NaN dy by relu's 0 (torch selects 0); its second derivative of linear, relu and lrelu was
+    # NaN for a NaN ddx or dy (torch: exactly 0) and of elu / selu 1 at z = 0 (torch: 0).
+    from tests.test_triton_bias_act import NONFINITE_CLAMP, check_nonfinite_values_follow_the_reference
+    assert clamp in (None, NONFINITE_CLAMP)
+    check_nonfinite_values_follow_the_reference("cuda", act, clamp, dtype, torch.device("cuda"))
 
 
 def test_bias_act_rejects_a_bias_of_the_wrong_size_and_a_bad_activation():

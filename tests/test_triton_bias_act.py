@@ -286,3 +286,144 @@ def test_bias_act_matches_float64_on_stylegan_sized_layers(dtype):
     assert_close(y, truth_forward(xc, bc, 1, "lrelu", 0.2, math.sqrt(2), 256.0),
                  same_dtype_forward(xc, bc, 1, "lrelu", 0.2, math.sqrt(2), 256.0), dtype,
                  "stylegan layer")
+
+
+# ---- non-finite inputs and gradients: the fast paths follow the reference -------------------
+#
+# The reference (ops.bias_act with impl="ref") is torch: y = clamp(act(x + b) * gain) and its
+# derivatives are whatever torch's backward formulas give. For non-finite values they are:
+#   first order, dx = B(G, z) with G = where(|y| <= clamp, dy, 0) * gain (clamp_backward picks
+#     dy or 0: a NaN dy outside the clamp, or any dy at a NaN y, becomes 0), then B is the
+#     activation's backward: relu `y <= 0 ? 0 : G` (a NaN z passes G), lrelu `z > 0 ? G :
+#     G * alpha`, elu / selu `z <= 0 ? G * c * exp(z) : G * scale` (a NaN z passes G * scale),
+#     softplus `z > 20 ? G : G * sigmoid(z)`, and plain products G * act'(z) for linear, tanh,
+#     sigmoid and swish. So a NaN z gives G for relu, G * alpha for lrelu, G * scale for elu
+#     and selu, NaN for tanh, sigmoid, softplus and swish, and, under a clamp, 0 for the
+#     piecewise-linear activations but still NaN for the smooth ones (0 * NaN). elu and selu
+#     at a NaN z are torch's one ambiguity: its vectorised CPU kernel gives NaN, its scalar
+#     loop (and CUDA) G * scale, so the same tensor holds both; the fast paths give NaN.
+#   second order (the grad of dx . ddx with respect to x) is exactly 0 for linear, relu and
+#     lrelu whatever ddx and dy hold (torch's backward has no derivative there), else a product
+#     of ddx, G and act''(z), NaN when any factor is (for elu / selu act'' is 0 at z = 0).
+# Finite values are compared with the reference run in float64 on the same inputs (in low
+# precision torch's own tanh' = 1 - tanh^2 is off by 20% at z = 3).
+# The fast paths compute the second order from the single product ddx * dy, so they cannot
+# tell a NaN in ddx (which torch keeps outside the clamp) from one in dy (which it drops): they
+# keep it. The second-order outputs may therefore hold a NaN that the reference has not, but
+# only where the clamp cuts the output; every other value agrees, NaN for NaN and inf for inf.
+
+NONFINITE_Z = [float("nan"), float("inf"), -float("inf"), 0.0, 0.5, -0.5, 3.0, -3.0, 25.0, -25.0]
+# (x, b) columns where the bias brings the non-finite value.
+NONFINITE_BIAS_COLUMNS = [(1.0, float("nan")), (-1.0, float("inf")), (2.0, -float("inf"))]
+NONFINITE_UPSTREAM = [(dy, ddx) for dy in (1.3, 0.0, float("nan"), float("inf"), -float("inf"))
+                      for ddx in (0.7, float("nan"), float("inf"))]
+NONFINITE_CLAMP = 0.9  # no output lies within a few bf16 steps of it
+NONFINITE_RTOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _nonfinite_inputs(dtype, device):
+    rows = len(NONFINITE_UPSTREAM)
+    x_row = NONFINITE_Z + [x for x, _ in NONFINITE_BIAS_COLUMNS]
+    b = [0.0] * len(NONFINITE_Z) + [b for _, b in NONFINITE_BIAS_COLUMNS]
+    x = torch.tensor([x_row] * rows, dtype=dtype, device=device)
+    dy = torch.tensor([[dy] * len(x_row) for dy, _ in NONFINITE_UPSTREAM], dtype=dtype,
+                      device=device)
+    ddx = torch.tensor([[ddx] * len(x_row) for _, ddx in NONFINITE_UPSTREAM], dtype=dtype,
+                       device=device)
+    return x, torch.tensor(b, dtype=dtype, device=device), dy, ddx
+
+
+def _all_orders(impl, x, b, dy, ddx, act, clamp):
+    """y, dx = d(y . dy)/dx, and d(dx . ddx)/dx and /d(dy), through autograd."""
+    x = x.clone().requires_grad_(True)
+    dy = dy.clone().requires_grad_(True)
+    y = ops.bias_act(x, b, dim=1, act=act, clamp=clamp, impl=impl)
+    (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+    d_x = d_dy = None
+    if dx.requires_grad:
+        d_x, d_dy = torch.autograd.grad(dx, [x, dy], ddx, allow_unused=True)
+    # No graph (linear without a clamp) or an unused input: that derivative is exactly 0.
+    d_x = torch.zeros_like(x) if d_x is None else d_x
+    d_dy = torch.zeros_like(x) if d_dy is None else d_dy
+    return {"y": y, "dx": dx, "d(dx.ddx)/dx": d_x, "d(dx.ddx)/d(dy)": d_dy}
+
+
+def _describe(where, x, b, dy, ddx):
+    row, col = where
+    return (f"x={x[row, col].item()} b={b[col].item()} dy={dy[row, col].item()} "
+            f"ddx={ddx[row, col].item()}")
+
+
+def assert_nonfinite_agreement(fast, ref, ref64, dtype, what, inputs, extra_nan_allowed=None,
+                               nan_required=None):
+    """NaN where the reference is NaN (any non-finite where an upstream gradient is infinite,
+    as inf * 0 and rounding decide between inf and NaN there), inf of the same sign where it
+    is inf, values close to the float64 reference elsewhere. A NaN the reference lacks only
+    where extra_nan_allowed; a NaN wherever nan_required."""
+    x, b, dy, ddx = inputs
+    fast, ref, ref64 = (t.detach().double().cpu() for t in (fast, ref, ref64))
+    inf_upstream = (~torch.isfinite(dy) | ~torch.isfinite(ddx)).cpu()
+    lenient = inf_upstream & ~torch.isfinite(ref)
+    required = torch.zeros_like(ref, dtype=torch.bool)
+    if nan_required is not None:
+        required = nan_required.cpu().expand_as(ref)
+    checks = [
+        ("NaN where the reference is NaN", ref.isnan() & ~lenient & ~fast.isnan()),
+        ("NaN at a NaN z (of torch's two answers, the one that keeps it)",
+         required & ~fast.isnan()),
+        ("non-finite where the reference is", lenient & torch.isfinite(fast)),
+        ("inf where the reference is inf", ref.isinf() & ~lenient & ~required & (fast != ref)),
+    ]
+    extra = fast.isnan() & ~ref.isnan() & ~lenient & ~required
+    if extra_nan_allowed is not None:
+        extra &= ~extra_nan_allowed.cpu()
+    checks.append(("no NaN where the reference has none", extra))
+    for rule, bad in checks:
+        if bad.any():
+            where = bad.nonzero()[0].tolist()
+            raise AssertionError(f"{what}: {rule}; {bad.sum().item()} elements, e.g. at "
+                                 f"{_describe(where, x, b, dy, ddx)}: got "
+                                 f"{fast[tuple(where)].item()}, reference "
+                                 f"{ref[tuple(where)].item()}")
+    both = torch.isfinite(fast) & torch.isfinite(ref) & ~required
+    rtol = NONFINITE_RTOL[dtype]
+    close = (fast - ref64).abs() <= rtol * (ref64.abs() + 1)
+    if (both & ~close).any():
+        where = (both & ~close).nonzero()[0].tolist()
+        raise AssertionError(f"{what}: value at {_describe(where, x, b, dy, ddx)}: got "
+                             f"{fast[tuple(where)].item()}, float64 reference "
+                             f"{ref64[tuple(where)].item()}")
+
+
+def check_nonfinite_values_follow_the_reference(impl, act, clamp, dtype, device):
+    """The shared body of the Triton and CUDA tests (run by each for its own impl)."""
+    inputs = _nonfinite_inputs(dtype, device)
+    fast = _all_orders(impl, *inputs, act, clamp)
+    ref = _all_orders("ref", *inputs, act, clamp)
+    ref64 = _all_orders("ref", *(t.double() for t in inputs), act, clamp)
+    x, b = inputs[:2]
+    clamped = None
+    if clamp is not None:
+        pre_clamp = ops.bias_act(x, b, dim=1, act=act, impl="ref")
+        clamped = ~(pre_clamp.abs() <= clamp)  # NaN included
+    nan_z = None
+    if act in ("elu", "selu"):
+        nan_z = (x + b).isnan()
+    for what in fast:
+        allowed = clamped if what.startswith("d(dx") else None
+        assert_nonfinite_agreement(fast[what], ref[what], ref64[what], dtype,
+                                   f"{impl} {act} clamp={clamp} {dtype}: {what}", inputs,
+                                   extra_nan_allowed=allowed,
+                                   nan_required=nan_z if what != "y" else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("clamp", [None, NONFINITE_CLAMP])
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_bias_act_nan_and_inf_in_inputs_and_gradients_follow_the_reference(act, clamp, dtype):
+    # The kernels zeroed the gradient wherever the clamp mask was off, a NaN z included
+    # (torch gives NaN for the smooth activations there: 0 * act'(NaN)), took the derivative
+    # of relu at a NaN z as 0 (torch passes dy), multiplied a NaN or inf dy by relu's
+    # derivative 0 (torch selects 0), gave linear, relu and lrelu a NaN second derivative
+    # for a NaN ddx or dy (torch: exactly 0) and elu / selu one of 1 at z = 0 (torch: 0).
+    check_nonfinite_values_follow_the_reference("triton", act, clamp, dtype, DEVICE)
