@@ -34,6 +34,7 @@ from ._checks import check_device, interpreter_tiles, interpreting, launch_devic
 
 ACT_CODES = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "elu": 5, "selu": 6,
              "softplus": 7, "swish": 8}
+_PIECEWISE_LINEAR = (ACT_CODES["linear"], ACT_CODES["relu"], ACT_CODES["lrelu"])
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SELU_SCALE = tl.constexpr(1.0507009873554805)
 _SELU_ALPHA = tl.constexpr(1.6732632423543772)
@@ -147,7 +148,7 @@ def _chain(upstream, z, derivative, ACT: tl.constexpr, ORDER: tl.constexpr):
     """upstream * act^(ORDER)(z) with torch's non-finite behaviour: relu's backward selects
     (0 at z <= 0 even for a NaN or inf upstream; a NaN z passes it), and the second derivative
     of the piecewise-linear activations is exactly 0 (torch's backward has none)."""
-    if ORDER == 2 and ACT <= 2:  # linear, relu, lrelu
+    if ORDER == 2 and ACT <= 2:  # linear, relu, lrelu (the wrapper launches none of these)
         return tl.zeros(z.shape, tl.float32)
     elif ACT == 1:
         return tl.where(z <= 0.0, 0.0, upstream)
@@ -318,6 +319,10 @@ def bias_act_backward(dy, x, b, dim, act, alpha, gain, clamp, order):
     if dy.stride() != x.stride():
         # One walk through storage serves both tensors: dy is copied into x's layout.
         dy = torch.empty_strided(x.shape, x.stride(), dtype=dy.dtype, device=dy.device).copy_(dy)
+    if order == 2 and ACT_CODES[act] in _PIECEWISE_LINEAR:
+        # Their second derivative is 0 everywhere, NaN and inf inputs included (as torch's
+        # backward formulas): a fill, not a kernel that reads x and dy to multiply by 0.
+        return dx.zero_()
     if b is not None:
         b = b.contiguous()
     return _launch(x, b, dy, dx, dim, act, alpha, gain, clamp, order)
