@@ -534,6 +534,26 @@ def test_diffusion_noise_kernels_take_float64_noise_like_the_reference(impl):
                                                          impl="ref"))
     assert torch.autograd.grad(fast.sum(), noise)[0].dtype == torch.float64
 
+
+@pytest.mark.parametrize("impl", FAST)
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_diffusion_noise_gives_float32_noise_under_a_16_bit_x_an_unrounded_gradient(impl,
+                                                                                    x_dtype):
+    # The reference computes in float32, so the noise's gradient is dy * scale in float32; the
+    # fast paths computed it in x's dtype and rounded it (1 ulp of bf16 off).
+    require(impl, "diffusion_noise", x_dtype)
+    sab = torch.linspace(1, 0.1, 10, device=DEVICE)
+    s1mab = (1 - sab.square()).sqrt()
+    x = rand(2, 3, 5, seed=15, dtype=x_dtype)
+    noise = rand(2, 3, 5, seed=16).requires_grad_(True)
+    upstream = rand(2, 3, 5, seed=17, dtype=x_dtype)
+    t = torch.tensor([3, 8], device=DEVICE)
+    grads = [torch.autograd.grad(ops.diffusion_noise(x, t, sab, s1mab, noise_std=0.3,
+                                                     noise=noise, impl=impl), noise,
+                                 upstream)[0] for impl in (impl, "ref")]
+    assert grads[0].dtype == torch.float32
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=0)
+
 @pytest.mark.parametrize("impl", FAST)
 def test_diffusion_noise_kernels_draw_reproducible_standard_normal_noise(impl):
     require(impl, "diffusion_noise")

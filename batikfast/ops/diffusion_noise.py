@@ -136,6 +136,7 @@ def _(x, x_scale, noise_scale, noise, seed, impl):
 
 def _diffusion_noise_setup(ctx, inputs, output):
     x, x_scale, noise_scale, noise, seed, ctx.impl = inputs
+    ctx.noise_dtype = noise.dtype if noise is not None else None
     # x and the noise only for the schedule's gradient (references kept, no copies).
     schedule_needs_grad = x_scale.requires_grad or (noise_scale is not None
                                                     and noise_scale.requires_grad)
@@ -155,8 +156,10 @@ def _diffusion_noise_backward(ctx, dy):
         eps = noise if noise is not None else _drawn_noise(x, seed, ctx.impl)
         d_noise_scale = _per_sample_dot(dy, eps)
     if ctx.needs_input_grad[3] and noise_scale is not None:
-        d_noise = _diffusion_noise_fast(dy, noise_scale, None, None, unused_seed,
-                                                      ctx.impl)
+        # In the noise's own precision: a float32 noise under a 16-bit x gets dy * scale
+        # unrounded, as the reference's float32 arithmetic gives it.
+        d_noise = _diffusion_noise_fast(dy.to(ctx.noise_dtype), noise_scale, None, None,
+                                        unused_seed, ctx.impl)
     return d_x, d_x_scale, d_noise_scale, d_noise, None, None
 
 
