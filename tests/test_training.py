@@ -264,6 +264,34 @@ def test_a_diverged_run_stops_at_the_next_tick_even_with_rare_adaptive_updates(t
     assert trainer.step == 2
 
 
+def test_a_run_resumed_in_a_streak_of_non_finite_steps_counts_on_from_the_checkpoint(tmp_path):
+    """The streak restarted at 0 on resume: a run stopped and resumed within a streak took
+    max_nan_skips more bad steps to stop, and one that hit NaN around each checkpoint never
+    stopped. A checkpoint of a run that did not save the streak resumes it as 0."""
+    config = micro_config(steps=20, max_nan_skips=4)
+    first, poison, loader = _poisoned_trainer(config, tmp_path / "first")
+    first.train_step(loader)  # step 0 is good
+    poison["on"] = True
+    first.train_step(loader)
+    first.train_step(loader)  # steps 1 and 2 skipped
+    saved = first.save_checkpoint(final=True)  # what SIGTERM does
+    state = ckpt.load_checkpoint(saved)
+    assert state["progress"]["nan_streak"] == 2
+
+    resumed, poison, _ = _poisoned_trainer(config, tmp_path / "resumed")
+    resumed.load_state_dict(state, str(saved))
+    assert resumed.nan_streak == 2
+    poison["on"] = True
+    with pytest.raises(TrainingDiverged, match="4 consecutive steps"):
+        resumed.run()
+    assert resumed.step == 5  # steps 3 and 4 were the streak's third and fourth
+
+    del state["progress"]["nan_streak"]  # as written before the streak was saved
+    older, _, _ = _poisoned_trainer(config, tmp_path / "older")
+    older.load_state_dict(state, str(saved))
+    assert older.nan_streak == 0 and older.step == 3
+
+
 def test_a_non_finite_forward_pass_leaves_no_nan_in_w_avg_or_the_path_length_mean(tmp_path):
     """Seen with a diverging run: the step was skipped, but the NaN that G's mapping wrote into
     its running w_avg stayed (in G_ema and in the 'last good checkpoint' too), and a NaN path

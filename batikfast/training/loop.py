@@ -331,8 +331,10 @@ class Trainer:
             "latent_gen": self.latent_gen.get_state(),
             "rng": rng,
             "rank_state": rank_state,
+            # the streak too: resumed at 0, a run that keeps diverging around its
+            # checkpoints would never reach max_nan_skips
             "progress": {"cur_nimg": self.cur_nimg, "step": self.step, "tick": self.tick,
-                         "world_size": self.info.world_size},
+                         "nan_streak": self.nan_streak, "world_size": self.info.world_size},
             "config": json.loads(json.dumps(self.config)),
         }
 
@@ -398,6 +400,7 @@ class Trainer:
         progress = state["progress"]
         self.cur_nimg, self.step, self.tick = (int(progress["cur_nimg"]), int(progress["step"]),
                                                int(progress["tick"]))
+        self.nan_streak = int(progress.get("nan_streak", 0))  # older checkpoints lack it
         rng = state["rng"]
         if len(rng) == self.info.world_size:
             ckpt.restore_rng_state(rng[self.info.rank])
