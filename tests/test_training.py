@@ -729,6 +729,36 @@ def test_metrics_num_sets_the_images_per_evaluation(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_dataset_too_small_for_the_metrics_is_an_error_before_training(tmp_path, capsys):
+    """The metrics read min(metrics_num, dataset size) real images: a dataset of 3 images and
+    precision/recall (k=3) trained until its first checkpoint, then ended with a traceback
+    from the metrics. A dataset smaller than metrics_num (but large enough) is said at start."""
+    from batikfast.metrics import SmallFeatureNet
+    features = tmp_path / "features.pt"
+    SmallFeatureNet(channels=(4, 8), resolution=16).save(features)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    run = tmp_path / "run"
+    assert _train_cli().main(
+        ["--outdir", str(run), "--cfg", "tiny", "--resolution", "16", "--batch", "4",
+         "--batch-gpu", "4", "--workers", "0", "--device", "cpu", "--kimg", "0.008",
+         "--tick", "0.004", "--data", str(images), "--no-mirror", "--metrics", "fid,pr",
+         "--metrics-features", str(features), "--metrics-num", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --metrics fid,pr cannot be evaluated on the 3 images of "
+                          f"{str(images)!r}: precision/recall (k=3) needs more than 3 dataset "
+                          "images, got 3") and "\n" not in err, err
+    assert not ckpt.list_checkpoints(run) and "tick 0" not in (run / "log.txt").read_text()
+    # x-flipped, the same folder holds 6 images: enough, and fewer than the 8 asked for
+    Trainer(micro_config(data=str(images), mirror=True, metrics=["fid", "pr"], metrics_num=8,
+                         metrics_features=str(features)), run, DistInfo())
+    assert ("metrics: --metrics-num 8 but the dataset has 6 images (x-flips included); each "
+            "evaluation uses all 6 and 8 generated images") in (run / "log.txt").read_text()
+
+
 def test_init_starts_from_another_runs_weights_matched_by_name_and_shape(tmp_path):
     donor = train(micro_config(steps=1), tmp_path / "donor")["checkpoint"]
     donor_state = _weights(donor)

@@ -156,6 +156,7 @@ class Trainer:
             raise DatasetError(f"the dataset is {self.dataset.resolution}x{self.dataset.resolution} "
                              f"but --cfg {config['cfg']} trains at {config['resolution']}")
         self._check_stored_resolution()
+        self._check_metrics_sample_counts()
         c_dim = self.dataset.label_dim
         self.G_kwargs, self.D_kwargs = network_kwargs(config, c_dim, self.dataset.num_channels)
         config["G_kwargs"], config["D_kwargs"] = self.G_kwargs, self.D_kwargs
@@ -200,6 +201,30 @@ class Trainer:
         self.log(f"the dataset's images are {stored}x{stored}, resized to {resolution}x"
                  f"{resolution} at every read (tools/make_dataset.py --resolution {resolution} "
                  "stores them at that size once)")
+
+    def _check_metrics_sample_counts(self) -> None:
+        """The metrics read at most ``metrics_num`` dataset images, all of them when it has
+        fewer: a dataset too small for a metric stops the run now, not with a traceback at its
+        first checkpoint, hours later. Every rank opened the same dataset, so every rank
+        raises alike. One smaller than metrics_num but large enough is said once, as
+        ``python -m batikfast.metrics`` warns about --num-real."""
+        metrics, num = self.config["metrics"], self.config["metrics_num"]
+        if not metrics:
+            return
+        from batikfast.metrics.compute import check_sample_counts, real_count
+
+        size = len(self.dataset)
+        flips = " (x-flips included)" if self.dataset.xflip else ""
+        try:
+            check_sample_counts(metrics, num, real_count(self.dataset, num))
+        except ValueError as error:
+            raise ConfigError(
+                f"--metrics {','.join(metrics)} cannot be evaluated on the {size} images"
+                f"{flips} of {self.config['data']!r}: {error} (a larger dataset, or leave that "
+                "metric out of --metrics)") from error
+        if size < num:
+            self.log(f"metrics: --metrics-num {num} but the dataset has {size} images{flips}; "
+                     f"each evaluation uses all {size} and {num} generated images")
 
     def log(self, message: str) -> None:
         self.logger.print(message)
