@@ -4,9 +4,11 @@ checkpoints that resume on another number of processes, and a clear exit when a 
 The ranks are pinned to the CPU (``init_distributed("cpu")``, ``device="cpu"`` in the configs)
 and check that they got gloo and CPU tensors, so the test means the same on a GPU machine (two
 ranks there must not share one GPU through NCCL)."""
+import json
 import multiprocessing
 import os
 import socket
+import sys
 import traceback
 from pathlib import Path
 
@@ -70,6 +72,16 @@ def _worker(rank, port, outdir, mode):
                 options["stop_after_steps"] = 3
             train(micro_config(**options), outdir / ("whole" if mode == "whole" else "split"),
                   resume="auto" if mode == "resume" else None)
+        elif mode == "tensorboard":
+            from tests.test_training import fake_tensorboard_module
+
+            tensorboard = sys.modules["torch.utils.tensorboard"] = fake_tensorboard_module()
+            train(micro_config(steps=2, batch_gpu=BATCH // WORLD, ddp_timeout_s=60),
+                  outdir / "run")
+            writers = [{"log_dir": w.log_dir, "closed": w.closed,
+                        "steps": sorted({step for *_, step in w.scalars})}
+                       for w in tensorboard.SummaryWriter.made]
+            (outdir / f"tensorboard{rank}.json").write_text(json.dumps(writers))
         elif mode == "dead":
             info = dist_utils.init_distributed("cpu", timeout_s=20)
             if rank == 1:
@@ -164,6 +176,14 @@ def test_two_ranks_stopped_and_resumed_equal_an_uninterrupted_two_rank_run_bit_f
     # the ranks really differ in what they keep for themselves
     assert not torch.equal(*(r["w_avg"] for r in whole["rank_state"]))
     _same_state(whole["rank_state"], split["rank_state"], "rank_state")
+
+
+def test_only_rank_0_writes_tensorboard_scalars_and_it_closes_its_writer(tmp_path):
+    assert _run("tensorboard", tmp_path) == [0, 0], _crashes(tmp_path)
+    writers = [json.loads((tmp_path / f"tensorboard{rank}.json").read_text())
+               for rank in range(WORLD)]
+    assert writers == [[{"log_dir": str(tmp_path / "run"), "closed": True,
+                         "steps": [BATCH, 2 * BATCH]}], []]
 
 
 def test_a_dead_rank_makes_the_others_exit_with_a_clear_message(tmp_path):

@@ -806,6 +806,73 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_training_goes_on(t
     assert ckpt.latest_valid_checkpoint(tmp_path) == good
 
 
+class FakeSummaryWriter:
+    """Stands in for TensorBoard's SummaryWriter (optional, maybe not installed): records the
+    writers made (``made``, per install) and what each was given."""
+    made: list = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        self.made.append(self)
+
+    def add_scalar(self, tag, value, global_step):
+        self.scalars.append((tag, value, global_step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def fake_tensorboard_module():
+    """A ``torch.utils.tensorboard`` whose SummaryWriter is a FakeSummaryWriter with its own
+    list of writers made (``module.SummaryWriter.made``), to put in sys.modules."""
+    import types
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = type("SummaryWriter", (FakeSummaryWriter,), {"made": []})
+    return module
+
+
+def _stats_lines(run):
+    return [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+
+
+def test_tensorboard_gets_each_ticks_scalars_of_stats_jsonl_and_is_closed_at_the_end(
+        tmp_path, monkeypatch):
+    tensorboard = fake_tensorboard_module()
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    writers = tensorboard.SummaryWriter.made
+    run = tmp_path / "run"
+    train(micro_config(steps=3), run)  # a tick per step
+    [writer] = writers
+    assert writer.log_dir == str(run) and writer.closed
+    stats = _stats_lines(run)
+    assert [line["nimg"] for line in stats] == [BATCH, 2 * BATCH, 3 * BATCH]
+    # each scalar as stats.jsonl has it, at the images seen so far
+    assert writer.scalars == [(tag, value, line["nimg"]) for line in stats
+                              for tag, value in line.items() if tag not in ("nimg", "timestamp")]
+    assert {"Progress/kimg", "Timing/sec_per_kimg", "Timing/images_per_s",
+            "Resources/gpu_mem_gib", "Loss/G/loss", "Loss/D/loss", "Diffusion/T",
+            "Diffusion/p"} <= {tag for tag, _, step in writer.scalars if step == 3 * BATCH}
+    assert "TensorBoard" not in (run / "log.txt").read_text()
+    # a run refused at its setup closes its writer too
+    with pytest.raises(ValueError, match="metrics_features"):
+        train(micro_config(metrics=["fid"], metrics_features=str(tmp_path / "none.pt")),
+              tmp_path / "refused")
+    assert len(writers) == 2 and writers[1].closed
+
+
+def test_without_tensorboard_a_run_trains_and_says_once_that_scalars_are_off(tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    run = tmp_path / "run"
+    assert train(micro_config(steps=2), run)["step"] == 2
+    log = (run / "log.txt").read_text()
+    assert log.count("TensorBoard scalars off: tensorboard is not installed") == 1, log
+    assert [line["nimg"] for line in _stats_lines(run)] == [BATCH, 2 * BATCH]
+
+
 def test_a_full_disk_under_the_log_stats_and_image_grids_does_not_end_the_run(
         tmp_path, monkeypatch, capsys):
     """Seen with a 70 MiB tmpfs filled mid-run: the checkpoint writes failed as designed, but

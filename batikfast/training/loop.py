@@ -132,7 +132,8 @@ class Trainer:
         self.outdir = Path(outdir)
         self.info = info
         self.device = info.device
-        self.logger = rundir.RunLogger(self.outdir, enabled=info.is_main) if log is None else log
+        owns_logger = log is None
+        self.logger = rundir.RunLogger(self.outdir, enabled=info.is_main) if owns_logger else log
         self.stop_signal: str | None = None
         self.cur_nimg = 0
         self.step = 0
@@ -141,6 +142,16 @@ class Trainer:
         # (step, kimg, phase names, 0-d fault flags on the device) not yet read by the host
         self._unreported_faults: list[tuple[int, float, list[str], list[torch.Tensor]]] = []
         self.last_checkpoint: Path | None = None
+        try:
+            self._set_up(resuming)
+        except BaseException:
+            if owns_logger:  # a run refused at its setup leaves no file or writer open
+                self.logger.close()
+            raise
+
+    def _set_up(self, resuming: bool) -> None:
+        """Data, networks, optimisers and the checks that stop a run before it trains."""
+        config, info = self.config, self.info
         self._setup_determinism()
         import batikfast
 

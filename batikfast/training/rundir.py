@@ -61,15 +61,25 @@ class RunLogger:
             self.outdir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.outdir / "log.txt", "a", encoding="utf-8") if enabled else None
         self._jsonl = open(self.outdir / "stats.jsonl", "a", encoding="utf-8") if enabled else None
-        self._tb = None
         self._failing: set = set()
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self._tb = self._open_tensorboard() if enabled and tensorboard else None
 
-                self._tb = SummaryWriter(str(self.outdir))
-            except Exception:  # tensorboard is optional
-                self._tb = None
+    def _open_tensorboard(self):
+        """TensorBoard's writer, or None: tensorboard is optional, and the log says once why
+        its scalars are off (a user looking for them would otherwise find nothing, and no
+        reason)."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(str(self.outdir))
+        except Exception as error:  # absent, too old, a broken install (protobuf's, say)
+            missing = isinstance(error, ModuleNotFoundError) and "tensorboard" in (error.name
+                                                                                  or "")
+            detail = (str(error).strip().splitlines() or [""])[0]
+            reason = ("tensorboard is not installed" if missing else
+                      f"tensorboard cannot be used ({type(error).__name__}: {detail})")
+        self.print(f"TensorBoard scalars off: {reason}; stats.jsonl holds every scalar")
+        return None
 
     def _write(self, handle, text: str) -> None:
         """Append ``text`` to ``handle``. A full disk (or a folder gone read-only) must not end
