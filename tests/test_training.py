@@ -292,6 +292,35 @@ def test_a_run_resumed_in_a_streak_of_non_finite_steps_counts_on_from_the_checkp
     assert older.nan_streak == 0 and older.step == 3
 
 
+def test_ten_non_finite_steps_in_a_row_end_train_py_with_exit_3_and_finite_checkpoints(
+        tmp_path, monkeypatch, capsys):
+    """The README's promise at the command line: the default max_nan_skips, exit status 3,
+    and checkpoints (pruned to the newest, written within the streak) that are all intact."""
+    from batikfast.training import loop
+    reduce_and_step = loop.Trainer._reduce_and_step
+
+    def non_finite_from_step_2(self, phase):
+        if self.step >= 2 and phase.name == "Dmain":
+            next(self.D.parameters()).grad.fill_(float("inf"))
+        return reduce_and_step(self, phase)
+
+    monkeypatch.setattr(loop.Trainer, "_reduce_and_step", non_finite_from_step_2)
+    run = tmp_path / "run"
+    assert _train_cli().main(
+        ["--outdir", str(run), "--cfg", "tiny", "--resolution", "16", "--batch", "4",
+         "--batch-gpu", "4", "--workers", "0", "--device", "cpu", "--kimg", "0.1",
+         "--tick", "0.004", "--snap", "1"]) == 3
+    err = capsys.readouterr().err
+    assert "error: 10 consecutive steps with non-finite gradients (last in phases Dmain at " \
+           "step 11)" in err, err
+    kept = ckpt.list_checkpoints(run)
+    assert kept[0].name == ckpt.checkpoint_name(11) and str(kept[0]) in err
+    for path in kept:
+        state = ckpt.load_checkpoint(path)  # verified
+        for net in ("G", "D", "G_ema"):
+            assert all(torch.isfinite(v).all() for v in state[net].values()), (path, net)
+
+
 def test_a_non_finite_forward_pass_leaves_no_nan_in_w_avg_or_the_path_length_mean(tmp_path):
     """Seen with a diverging run: the step was skipped, but the NaN that G's mapping wrote into
     its running w_avg stayed (in G_ema and in the 'last good checkpoint' too), and a NaN path
@@ -692,6 +721,19 @@ def test_a_run_rolled_back_to_an_older_checkpoint_keeps_its_own_checkpoints(tmp_
     assert sorted(p.name for p in run.glob("abandoned-*")) == [
         f"abandoned-{ckpt.checkpoint_name(step)}" for step in (4, 5, 6)]
     assert "set aside 3 checkpoint(s) beyond step 1" in (run / "log.txt").read_text()
+
+
+def test_a_fresh_start_in_a_used_folder_sets_the_earlier_runs_checkpoints_aside(tmp_path):
+    """Its own checkpoints, at lower steps than the earlier run's, would be pruned as written,
+    and --resume auto would continue the earlier run."""
+    run = tmp_path / "run"
+    train(micro_config(steps=3, snap=1), run)
+    result = train(micro_config(steps=1, snap=1, seed=1), run)
+    assert ckpt.latest_valid_checkpoint(run) == result["checkpoint"]
+    assert _weights(result["checkpoint"])["config"]["seed"] == 1  # this run's
+    assert sorted(p.name for p in run.glob("abandoned-*")) == [
+        f"abandoned-{ckpt.checkpoint_name(step)}" for step in (1, 2, 3)]
+    assert "set aside 3 checkpoint(s) beyond step 0" in (run / "log.txt").read_text()
 
 
 def test_bad_metrics_options_stop_the_run_before_training_not_at_its_first_checkpoint(
