@@ -456,7 +456,8 @@ def test_run_killed_with_sigkill_resumes_from_its_last_valid_checkpoint(tmp_path
     assert _weights(final)["progress"]["step"] == step + 2
 
 
-def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])  # a scheduler's, Ctrl-C's
+def test_sigterm_and_sigint_save_a_checkpoint_and_exit_0(tmp_path, stop):
     outdir = tmp_path / "run"
     process = subprocess.Popen(_cli(outdir, "--kimg", "10", "--snap", "1000"), env=_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -464,13 +465,13 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
         assert _wait_for(lambda: "tick 1 " in (outdir / "log.txt").read_text()
                          if (outdir / "log.txt").exists() else False, 240, process)
         assert not ckpt.list_checkpoints(outdir)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         output, _ = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, output
-    assert "stopped by SIGTERM" in output
+    assert f"stopped by {stop.name}" in output
     assert ckpt.latest_valid_checkpoint(outdir) is not None
 
 
