@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, checksums, weights-only loading, RNG capture, choosing one to resume."""
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,6 +78,30 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
     monkeypatch.undo()
     torch.testing.assert_close(ckpt.load_checkpoint(path)["G"]["w"], torch.full((3, 3), 1.0))
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files by /proc")
+def test_a_checkpoint_is_complete_on_disk_before_its_rename_and_the_rename_is_synced(
+        tmp_path, monkeypatch):
+    """Without the file's fsync, a power cut after the rename can leave a checkpoint of the
+    final name with no data; without the folder's, the rename itself can be lost."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "fsync", fsync)
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    path = ckpt.save_checkpoint(_state(), tmp_path / ckpt.checkpoint_name(1))
+    [(_, tmp, final)] = [e for e in events if e[0] == "replace"]
+    assert final == str(path) and Path(tmp).parent == tmp_path
+    assert events == [("fsync", tmp), ("replace", tmp, final), ("fsync", str(tmp_path))]
 
 
 def test_full_disk_is_reported_before_writing(tmp_path, monkeypatch):
