@@ -62,24 +62,11 @@ def parse_args(argv=None):
             args.precision = ["fp32"]
     args.cfg = args.cfg or "paper256"
     args.batch = args.batch or 64
-    try:
-        from batikfast.training.config import PRESETS
-    except Exception:  # the networks are missing: run() records that for every setup
-        PRESETS = None
-    if PRESETS is not None and args.cfg not in PRESETS:
+    from batikfast.training.config import PRESETS
+    if args.cfg not in PRESETS:
         # otherwise every setup fails alike and the results file is overwritten with errors
         parser.error(f"--cfg must be one of {sorted(PRESETS)}, got {args.cfg!r}")
     return args
-
-
-def networks_available() -> str | None:
-    try:
-        from batikfast.training.config import make_config, network_kwargs  # noqa: F401
-        from batikfast.training.model import build_networks  # noqa: F401
-    except Exception as error:
-        return f"the networks or their config are not available yet ({type(error).__name__}: " \
-               f"{error})"
-    return None
 
 
 def build(args, device, precision):
@@ -130,7 +117,6 @@ def run(args, device, timer, rows: list) -> list[dict]:
     """Appends to ``rows`` as it goes, so an interrupted run keeps what it measured."""
     import batikfast
     from benchmarks.run import _describe_error, unavailable_reason
-    missing = networks_available()
     started = time.perf_counter()
     for precision, compile_mode, backend in itertools.product(
             args.precision, args.compile_modes, args.backends):
@@ -138,7 +124,7 @@ def run(args, device, timer, rows: list) -> list[dict]:
                     batch=args.batch)
         setup_rows = [dict(base, network=n, mode=m) for n in args.networks for m in args.modes]
         rows.extend(setup_rows)
-        reason = missing or unavailable_reason(backend, device, torch.float32)
+        reason = unavailable_reason(backend, device, torch.float32)
         if reason or (args.budget is not None and time.perf_counter() - started > args.budget):
             # Printed as well as recorded: an asked-for setup never vanishes from the terminal.
             for row in setup_rows:

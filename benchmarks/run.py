@@ -130,16 +130,10 @@ def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype) -> s
     """Why ``impl`` cannot run here, asked of batikfast.backends; None when it can."""
     if impl in ("ref", "compiled"):
         return None
+    from batikfast import backends
     try:
-        from batikfast import backends
-    except Exception as error:
-        return f"batikfast.backends does not import ({type(error).__name__}: {error})"
-    ask = getattr(backends, "unavailable_reason", None)
-    if ask is None:
-        return None  # let the op's own error say why
-    try:
-        return ask(impl, device, dtype)
-    except Exception as error:
+        return backends.unavailable_reason(impl, device, dtype)
+    except Exception as error:  # a probe that fails (loading the extension) is a reason too
         return f"{type(error).__name__}: {error}"
 
 
@@ -152,9 +146,6 @@ def _describe_error(error: BaseException) -> str:
         message = message[:297] + "..."
     if name == "BackendUnavailableError" or "cannot run this call" in message:
         return f"unavailable: {message}"
-    missing = getattr(error, "name", None) or ""
-    if isinstance(error, ModuleNotFoundError) and missing.startswith("batikfast"):
-        return f"unavailable: {missing} does not exist yet"
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return "error: out of GPU memory"
     return f"error: {name}: {message}"

@@ -38,7 +38,6 @@ PRECISIONS = {"fp32": "fp32", "mixed": "fp16", "bf16": "bf16"}
 # --compile-modes: the training options each one sets (see measure_setup)
 COMPILE_MODES = {"eager": dict(compile=False), "compiled": dict(compile=True),
                  "cudagraphs": dict(compile=True, cudagraphs=True)}
-MISSING_LOOP = "the training loop (batikfast.training.loop.Trainer) is not available yet"
 
 
 def parse_args(argv=None):
@@ -80,24 +79,10 @@ def parse_args(argv=None):
         if args.precision == ["mixed", "fp32"]:
             args.precision = ["fp32"]
     args.cfg = args.cfg or "paper256"
-    try:
-        from batikfast.training.config import PRESETS
-    except Exception:  # the loop is missing: run() records that for every setup
-        PRESETS = None
-    if PRESETS is not None and args.cfg not in PRESETS:
+    from batikfast.training.config import PRESETS
+    if args.cfg not in PRESETS:
         parser.error(f"--cfg must be one of {sorted(PRESETS)}, got {args.cfg!r}")
     return args
-
-
-def loop_available() -> str | None:
-    """None when the real loop can be driven, else why not."""
-    try:
-        from batikfast.training.loop import Trainer  # noqa: F401
-        from batikfast.training.config import make_config  # noqa: F401
-        from batikfast.training.distributed import DistInfo  # noqa: F401
-    except Exception as error:
-        return f"{MISSING_LOOP} ({type(error).__name__}: {error})"
-    return None
 
 
 class _QuietLog:
@@ -233,15 +218,12 @@ def measurement_order(args) -> list[tuple[str, str, str]]:
 def run(args, device, rows: list | None = None) -> list[dict]:
     """Appends to ``rows`` as it goes, so an interrupted run keeps what it measured."""
     rows = [] if rows is None else rows
-    missing = loop_available()
     started = time.perf_counter()
     for precision, compile_mode, backend in measurement_order(args):
         row = dict(config=f"{backend} {compile_mode} {precision}", backend=backend,
                    compile=compile_mode, precision=precision, cfg=args.cfg)
         rows.append(row)
-        if missing:
-            row["status"] = f"unavailable: {missing}"
-        elif args.budget is not None and time.perf_counter() - started > args.budget:
+        if args.budget is not None and time.perf_counter() - started > args.budget:
             row["status"] = "skipped: time budget"
         elif compile_mode == "cudagraphs" and device.type != "cuda":
             row["status"] = f"skipped: CUDA graphs need a GPU, not {device.type}"
@@ -370,9 +352,6 @@ def main(argv=None) -> dict:
     print(f"batikfast training step ({args.cfg}) on {meta['device']} ({meta['timing']}); "
           f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
           f"commit {meta['git_commit']}")
-    missing = loop_available()
-    if missing:
-        print(f"  {missing}: nothing to time yet")
     rows = []
     try:
         run(args, device, rows)

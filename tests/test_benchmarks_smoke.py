@@ -357,14 +357,6 @@ def test_train_step_speedups_compare_with_eager_and_compiled_reference_of_same_p
     assert "| Gmain | Dmain | other |" in text
 
 
-def test_train_step_records_why_when_the_training_loop_is_missing(monkeypatch):
-    import torch
-    from benchmarks import train_step
-    monkeypatch.setattr(train_step, "loop_available", lambda: "no loop here")
-    rows = train_step.run(train_step.parse_args(["--quick"]), torch.device("cpu"))
-    assert rows and all(r["status"] == "unavailable: no loop here" for r in rows)
-
-
 def test_train_step_says_before_an_interpreted_triton_setup_that_it_takes_minutes(
         monkeypatch, capsys):
     import torch
@@ -465,7 +457,6 @@ def test_train_step_halves_the_round_when_the_whole_batch_runs_out_of_gpu_memory
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return dict(status="ok", sec_per_kimg=1.0, images_per_s=1000.0, steps=32,
                     warmup_steps=16, warmup_s=1.0, peak_gpu_mem_gib=70.0)
-    monkeypatch.setattr(train_step, "loop_available", lambda: None)
     monkeypatch.setattr(train_step, "measure_setup", fake_measure)
     args = train_step.parse_args(["--backends", "ref", "--compile-modes", "eager",
                                   "--precision", "mixed", "--batch", "64"])
@@ -490,13 +481,15 @@ def test_networks_report_compares_each_setup_with_the_reference_of_its_precision
     assert "| G | fwd+bwd | mixed | cuda | eager | 50.0 [50.0-50.0] | 1280 | 2.00x | 1.60x |" in text
 
 
-def test_networks_benchmark_says_why_a_backend_cannot_run(monkeypatch):
+def test_networks_benchmark_says_why_a_backend_cannot_run():
     import torch
+    from batikfast import backends
     from benchmarks import networks
-    monkeypatch.setattr(networks, "networks_available", lambda: "no networks here")
+    cpu = torch.device("cpu")
+    why = backends.unavailable_reason("cuda", cpu, torch.float32)
     rows = []
-    networks.run(networks.parse_args(["--quick"]), torch.device("cpu"), None, rows)
-    assert rows and all(r["status"] == "unavailable: no networks here" for r in rows)
+    networks.run(networks.parse_args(["--quick", "--backends", "cuda"]), cpu, None, rows)
+    assert why and rows and all(r["status"] == f"unavailable: {why}" for r in rows)
 
 
 def test_pytest_benchmark_entries_name_existing_paper256_cases():
@@ -748,16 +741,15 @@ def test_an_interrupted_op_run_keeps_what_the_case_in_flight_had_measured(tmp_pa
     assert "interrupted (Ctrl-C or a time limit)" in (tmp_path / "ops.md").read_text()
 
 
-def test_networks_benchmark_prints_the_setups_it_could_not_run_or_skipped(monkeypatch, capsys):
+def test_networks_benchmark_prints_the_setups_it_could_not_run_or_skipped(capsys):
     """Unavailable and budget-skipped setups were written to the JSON but never printed: a run
     asking for the CUDA backend on a machine without it printed nothing at all for it."""
     import torch
     from benchmarks import networks
-    monkeypatch.setattr(networks, "networks_available", lambda: "no networks here")
-    networks.run(networks.parse_args(["--quick"]), torch.device("cpu"), None, [])
+    networks.run(networks.parse_args(["--quick", "--backends", "cuda"]), torch.device("cpu"),
+                 None, [])
     out = capsys.readouterr().out
-    assert "G fwd ref eager fp32" in out and "unavailable: no networks here" in out
-    monkeypatch.setattr(networks, "networks_available", lambda: None)
+    assert "G fwd cuda eager fp32" in out and "unavailable: the CUDA extension needs" in out
     rows = []
     args = networks.parse_args(["--quick", "--budget", "1e-9", "--networks", "D"])
     networks.run(args, torch.device("cpu"), None, rows)
