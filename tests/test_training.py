@@ -400,6 +400,26 @@ def test_full_disk_is_a_clear_error_before_training(tmp_path, monkeypatch):
         train(micro_config(), tmp_path / "run")
 
 
+def test_a_folder_with_room_for_one_checkpoint_but_not_two_is_refused_before_training(
+        tmp_path, monkeypatch):
+    """The size asked for left out the networks' buffers, each tensor's record in the file and
+    the RNG states (micro networks: 120 kB asked, 267 kB written), and the free space the
+    writer keeps: a folder that passed could not hold the second checkpoint."""
+    from batikfast.training import rundir
+    config = micro_config(steps=1)
+    written = train(config, tmp_path / "sized")["checkpoint"].stat().st_size  # Adam's moments
+    two = 2 * written + ckpt.SPACE_MARGIN  # the second is written beside the first
+
+    def free_space(nbytes):
+        monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: type("U", (), {"free": nbytes}))
+
+    free_space(two - 1)
+    with pytest.raises(OutputDirError, match="checkpoints need about"):
+        Trainer(config, tmp_path / "run", DistInfo())
+    free_space(int(two * 1.25))  # and not much more than that is asked for
+    Trainer(config, tmp_path / "run", DistInfo())
+
+
 def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert _train_main(["--outdir", str(tmp_path / "run"), "--cfg", "tiny", "--data",

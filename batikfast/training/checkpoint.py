@@ -45,6 +45,7 @@ class UnsupportedCheckpointError(CheckpointError):
 
 
 FORMAT_VERSION = 1  # the header's format number and the state's "version" this code reads
+SPACE_MARGIN = 1 << 20  # free space a write leaves, so a checkpoint never fills the disk
 TRAINING_KEYS = ("G", "D", "G_ema", "G_opt", "D_opt", "training", "scaler", "latent_gen", "rng",
                  "progress", "config")
 
@@ -74,7 +75,7 @@ def serialize(state: dict) -> bytes:
     return MAGIC + f" sha256={digest} size={len(payload)}\n".encode() + payload
 
 
-def atomic_write_bytes(path, data: bytes, space_margin: int = 1 << 20) -> Path:
+def atomic_write_bytes(path, data: bytes, space_margin: int = SPACE_MARGIN) -> Path:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
     path = Path(path)
     folder = path.parent
