@@ -1228,7 +1228,6 @@ def test_training_step_benchmark_has_a_cudagraphs_variant_skipped_without_a_gpu(
     assert args.compile_modes == ["eager", "compiled", "cudagraphs"]
     assert train_step.parse_args(["--quick"]).compile_modes == ["eager"]
     measured = []
-    monkeypatch.setattr(train_step, "loop_available", lambda: None)
     monkeypatch.setattr(train_step, "_measure_with_retries",
                         lambda args, device, backend, mode, precision, row: measured.append(mode))
     args = train_step.parse_args(["--backends", "ref", "--precision", "fp32", "--compile-modes",
