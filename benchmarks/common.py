@@ -1,4 +1,5 @@
-"""What every benchmark script shares: environment, run metadata, the timer, output folders.
+"""What every benchmark script shares: environment, argument checks and defaults, what a
+failed or impossible measurement is called, run metadata, the timer, output folders and files.
 
 Import this module before anything imports triton: without a GPU it sets
 ``TRITON_INTERPRET=1`` so the Triton kernels run (slowly) in the interpreter on the CPU.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.textfmt import CPU_LABEL, fmt_float  # noqa: F401  (re-exported)
+from benchmarks.textfmt import CPU_LABEL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -38,6 +39,11 @@ SCHEMA_VERSION = 1
 
 def default_device() -> torch.device:
     return torch.device("cuda" if HAS_GPU else "cpu")
+
+
+def chosen_device(device_arg_text: str | None) -> torch.device:
+    """The device of ``--device`` (checked by :func:`device_arg`), else the default."""
+    return torch.device(device_arg_text) if device_arg_text else default_device()
 
 
 # --------------------------------------------------------------------------- arguments
@@ -89,6 +95,99 @@ def device_arg(text: str) -> str:
             raise argparse.ArgumentTypeError(
                 f"{text}: only {torch.cuda.device_count()} GPU(s) are visible")
     return text
+
+
+def check_preset(parser: argparse.ArgumentParser, cfg: str) -> None:
+    """An unknown ``--cfg`` is an argument error: otherwise every setup fails alike and the
+    results file is overwritten with errors."""
+    from batikfast.training.config import PRESETS
+    if cfg not in PRESETS:
+        parser.error(f"--cfg must be one of {sorted(PRESETS)}, got {cfg!r}")
+
+
+# What --quick narrows the setups of networks.py and train_step.py to, for the options left at
+# their defaults: the eager fp32 reference (whole networks in interpreted Triton take minutes).
+QUICK_SETUPS = dict(backends=["ref"], compile_modes=["eager"], precision=["fp32"])
+
+
+def settle_preset_and_setups(parser: argparse.ArgumentParser, args) -> None:
+    """``--cfg`` defaulted (paper256; tiny with ``--quick``) and checked, and with ``--quick``
+    the QUICK_SETUPS for the options the command line left at their defaults."""
+    if args.quick:
+        args.cfg = args.cfg or "tiny"
+        for option, quick_choice in QUICK_SETUPS.items():
+            if getattr(args, option) == parser.get_default(option):
+                setattr(args, option, quick_choice)
+    args.cfg = args.cfg or "paper256"
+    check_preset(parser, args.cfg)
+
+
+def script_timer(args, device: torch.device, warmup_ms: float = 25.0) -> Timer:
+    """The scripts' timer, :func:`repeat_ms` of repeats; on the CPU a single repeat may do, as
+    one interpreted Triton call can take seconds."""
+    return Timer(device, warmup_ms=warmup_ms, rep_ms=repeat_ms(args),
+                 min_repeats=1 if device.type == "cpu" else 10)
+
+
+def repeat_ms(args) -> float:
+    """Milliseconds of timed repeats per measurement: ``--rep-ms``, else 100 (20 with --quick)."""
+    return args.rep_ms or (20.0 if args.quick else 100.0)
+
+
+# --------------------------------------------------------------------------- what ran, what failed
+
+def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``impl`` cannot run here, asked of batikfast.backends; None when it can. The
+    compiled reference ("compiled") runs wherever the reference does."""
+    if impl in ("ref", "compiled"):
+        return None
+    from batikfast import backends
+    try:
+        return backends.unavailable_reason(impl, device, dtype)
+    except Exception as error:  # a probe that fails (loading the extension) is a reason too
+        return f"{type(error).__name__}: {error}"
+
+
+def describe_error(error: BaseException) -> str:
+    """A failed measurement's status, on one line: "n/a: ..." for a mode the op does not have,
+    "unavailable: ..." for an implementation that cannot run the call, else "error: ..."."""
+    from benchmarks.opcases import NotApplicable
+    name = type(error).__name__
+    message = " ".join(str(error).split())
+    if isinstance(error, NotApplicable):
+        return f"n/a: {message}"
+    if len(message) > 300:
+        message = message[:297] + "..."
+    if name == "BackendUnavailableError" or "cannot run this call" in message:
+        return f"unavailable: {message}"
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return "error: out of GPU memory"
+    return f"error: {name}: {message}"
+
+
+def relative_errors(pairs: list) -> list[float]:
+    """Per (got, want) pair of tensors: largest |got - want| over max |want|.
+
+    A tensor whose reference is (near) zero, such as a bias gradient the penalty does not
+    reach, is scaled by a thousandth of the largest reference value of all pairs instead of
+    by ~0.
+    """
+    pairs = [(got.detach().float(), want.detach().float()) for got, want in pairs]
+    floor = max(max(want.abs().max().item() for _, want in pairs) * 1e-3, 1e-12)
+    return [(got - want).abs().max().item() / max(want.abs().max().item(), floor)
+            for got, want in pairs]
+
+
+def relative_error(outputs, reference) -> float | None:
+    """The worst of :func:`relative_errors` over the output tensors (or one tensor); None
+    when either side has nothing to compare."""
+    if outputs is None or reference is None:
+        return None
+    if isinstance(outputs, torch.Tensor):
+        outputs, reference = [outputs], [reference]
+    pairs = [(got, want) for got, want in zip(outputs, reference)
+             if got is not None and want is not None]
+    return max(relative_errors(pairs)) if pairs else None
 
 
 # --------------------------------------------------------------------------- metadata
@@ -197,6 +296,33 @@ def _refuse_other_device(path: Path, device: torch.device) -> None:
                 f"--outdir {str(path)!r} already holds {name} measured on {there}; this run is "
                 f"on {here} and would mix its results with those (and overwrite them): "
                 "choose another folder")
+
+
+def write_report(outdir: Path, name: str, payload: dict, markdown_text: str) -> str:
+    """``<name>.json`` and ``<name>.md`` written into ``outdir``; returns "wrote <both>"."""
+    json_path, markdown_path = outdir / f"{name}.json", outdir / f"{name}.md"
+    write_json(json_path, payload)
+    markdown_path.write_text(markdown_text)
+    return f"wrote {json_path}, {markdown_path}"
+
+
+def run_until_interrupted(measure, meta: dict, rows: list,
+                          taken: str = "the measurements taken so far") -> bool:
+    """Calls ``measure()``, which appends to ``rows`` as it goes; True when it was interrupted.
+
+    Ctrl-C, or the SIGINT gpu_check.sh sends at its time limit, ends it early: the run is
+    marked interrupted, the rows it left unfinished say so, and what was measured is kept to
+    be written.
+    """
+    try:
+        measure()
+    except KeyboardInterrupt:
+        meta["interrupted"] = True
+        print(f"\ninterrupted: writing {taken}")
+        for row in rows:
+            row.setdefault("status", "interrupted")
+        return True
+    return False
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -21,7 +21,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import Timer, default_device, fmt_float  # noqa: E402
+from benchmarks.common import describe_error, unavailable_reason  # noqa: E402
+from benchmarks.textfmt import fmt_float, fmt_speedup, fmt_spread  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -51,21 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", type=common.device_arg, default=None)
     parser.add_argument("--outdir", default=None)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.cfg = args.cfg or "tiny"
-        args.batch = args.batch or 4
-        if args.backends == ["ref", "triton", "cuda"]:
-            args.backends = ["ref"]  # whole networks in interpreted Triton take many minutes
-        if args.compile_modes == ["eager", "compiled"]:
-            args.compile_modes = ["eager"]
-        if args.precision == ["mixed", "fp32"]:
-            args.precision = ["fp32"]
-    args.cfg = args.cfg or "paper256"
-    args.batch = args.batch or 64
-    from batikfast.training.config import PRESETS
-    if args.cfg not in PRESETS:
-        # otherwise every setup fails alike and the results file is overwritten with errors
-        parser.error(f"--cfg must be one of {sorted(PRESETS)}, got {args.cfg!r}")
+    args.batch = args.batch or (4 if args.quick else 64)
+    common.settle_preset_and_setups(parser, args)
     return args
 
 
@@ -116,7 +104,6 @@ def make_callables(G, D, config, batch, device, compiled):
 def run(args, device, timer, rows: list) -> list[dict]:
     """Appends to ``rows`` as it goes, so an interrupted run keeps what it measured."""
     import batikfast
-    from benchmarks.run import _describe_error, unavailable_reason
     started = time.perf_counter()
     for precision, compile_mode, backend in itertools.product(
             args.precision, args.compile_modes, args.backends):
@@ -147,11 +134,11 @@ def run(args, device, timer, rows: list) -> list[dict]:
                                ms_p80=timing.p80_ms, images_per_s=args.batch
                                / (timing.median_ms * 1e-3))
                 except Exception as error:
-                    row["status"] = _describe_error(error)
+                    row["status"] = describe_error(error)
                 _print_row(row)
         except Exception as error:
             for row in setup_rows:
-                row.setdefault("status", _describe_error(error))
+                row.setdefault("status", describe_error(error))
                 _print_row(row)
         finally:
             batikfast.set_backend(None)
@@ -179,8 +166,7 @@ def _print_row(row):
     if row.get("status") != "ok":
         print(f"  {_label(row):<36} {row.get('status')}", flush=True)
         return
-    print(f"  {_label(row):<36} {fmt_float(row['ms']):>8} ms "
-          f"[{fmt_float(row['ms_p20'])}-{fmt_float(row['ms_p80'])}]  "
+    print(f"  {_label(row):<36} {fmt_float(row['ms']):>8} ms [{fmt_spread(row)}]  "
           f"{row['images_per_s']:.0f} img/s  (first call {row['first_call_s']} s)", flush=True)
 
 
@@ -198,37 +184,27 @@ def markdown(payload) -> str:
         if row.get("status") != "ok":
             out.append("| " + " | ".join(cells) + f" | {row.get('status')} | | | |")
             continue
-        cells += [f"{fmt_float(row['ms'])} [{fmt_float(row['ms_p20'])}-"
-                  f"{fmt_float(row['ms_p80'])}]", f"{row['images_per_s']:.0f}",
-                  f"{row['speedup_vs_ref']:.2f}x" if row.get("speedup_vs_ref") else "-",
-                  f"{row['speedup_vs_compiled']:.2f}x" if row.get("speedup_vs_compiled") else "-"]
+        cells += [f"{fmt_float(row['ms'])} [{fmt_spread(row)}]", f"{row['images_per_s']:.0f}",
+                  fmt_speedup(row.get("speedup_vs_ref")),
+                  fmt_speedup(row.get("speedup_vs_compiled"))]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device) if args.device else default_device()
-    timer = Timer(device, rep_ms=args.rep_ms or (20.0 if args.quick else 100.0),
-                  min_repeats=1 if device.type == "cpu" else 10)
+    device = common.chosen_device(args.device)
+    timer = common.script_timer(args, device)
     outdir = common.output_dir(args.outdir, device)  # proven writable before measuring
     meta = common.run_metadata(device)
     meta.update(cfg=args.cfg, batch=args.batch, timing=timer.method)
     print(f"batikfast networks ({args.cfg}, batch {args.batch}) on {meta['device']} "
           f"({meta['timing']})")
     rows = []
-    try:
-        run(args, device, timer, rows)
-    except KeyboardInterrupt:  # gpu_check.sh's time limit sends SIGINT: keep what was measured
-        meta["interrupted"] = True
-        print("\ninterrupted: writing the measurements taken so far")
-        for row in rows:
-            row.setdefault("status", "interrupted")
+    if common.run_until_interrupted(lambda: run(args, device, timer, rows), meta, rows):
         _add_speedups(rows)
     payload = dict(meta=meta, results=rows)
-    common.write_json(outdir / "networks.json", payload)
-    (outdir / "networks.md").write_text(markdown(payload))
-    print(f"wrote {outdir / 'networks.json'}, {outdir / 'networks.md'}")
+    print(common.write_report(outdir, "networks", payload, markdown(payload)))
     return payload
 
 

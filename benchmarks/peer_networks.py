@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,13 +34,15 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import Timer, default_device, fmt_float  # noqa: E402
+from benchmarks.common import (Timer, describe_error, relative_errors,  # noqa: E402
+                               unavailable_reason)
+from benchmarks.textfmt import (fixed_columns, fmt_float, fmt_speedup, fmt_spread,  # noqa: E402
+                                nvidia_comparison_cell)
 
 import torch  # noqa: E402
 
 import batikfast  # noqa: E402
-from benchmarks.peer_nvidia import Nvidia  # noqa: E402
-from benchmarks.run import _describe_error, unavailable_reason  # noqa: E402
+from benchmarks.peer_nvidia import Nvidia, table_columns  # noqa: E402
 
 MEASUREMENTS = ("G:fwd", "G:fwd+bwd", "D:fwd", "D:fwd+bwd")
 DEFAULT_MEASUREMENTS = ("G:fwd", "G:fwd+bwd", "D:fwd+bwd")
@@ -86,8 +87,7 @@ def parse_args(argv=None):
 def _check_config(parser, args) -> None:
     """Refuse a preset or batch that would make every row an error (and overwrite the results)."""
     from batikfast.training.config import PRESETS
-    if args.cfg not in PRESETS:
-        parser.error(f"--cfg must be one of {sorted(PRESETS)}, got {args.cfg!r}")
+    common.check_preset(parser, args.cfg)
     group = PRESETS[args.cfg]["mbstd_group"]
     for batch in args.batch:
         # Both minibatch-std layers split the batch into groups of min(group, batch).
@@ -237,7 +237,7 @@ def run(args, nvidia: NvidiaNetworks, device: torch.device, timer: Timer,
                     try:
                         nets = build_pair(nvidia, args.cfg, precision, device)
                     except Exception as error:  # once per precision, not once per row
-                        build_error = _describe_error(error)
+                        build_error = describe_error(error)
                 if build_error is not None:
                     _skip(rows, base, build_error)
                     continue
@@ -295,15 +295,10 @@ def _run_measurement(args, nvidia, nets, device, timer, base, rows: list) -> Non
 def deviations(outputs, reference, names) -> dict:
     """The largest deviation from NVIDIA's tensors, where it is, and the output's own.
 
-    As run.py's check: per tensor, largest |got - want| over max |want|, with a floor of a
-    thousandth of the largest reference value so a gradient near zero is not divided by ~0.
+    Per tensor as the op benchmarks measure it (:func:`benchmarks.common.relative_errors`).
     A sum with much cancellation (the gradient of a noise strength) deviates most in fp16.
     """
-    pairs = [(got.detach().float(), want.detach().float())
-             for got, want in zip(outputs, reference)]
-    floor = max(max(want.abs().max().item() for _, want in pairs) * 1e-3, 1e-12)
-    errors = [(got - want).abs().max().item() / max(want.abs().max().item(), floor)
-              for got, want in pairs]
+    errors = relative_errors(list(zip(outputs, reference)))
     worst = max(range(len(errors)), key=errors.__getitem__)
     return dict(max_rel_err_vs_nvidia=errors[worst], worst_tensor=names[worst],
                 output_rel_err_vs_nvidia=errors[0])
@@ -320,7 +315,7 @@ def _measure(row: dict, networks: tuple, base: dict, device, timer):
         row["first_call_s"] = round(time.perf_counter() - begin, 2)
         timing = timer(fn)
     except Exception as error:
-        row["status"] = _describe_error(error)
+        row["status"] = describe_error(error)
         return None
     row.update(status="ok", ms=timing.median_ms, ms_p20=timing.p20_ms, ms_p80=timing.p80_ms,
                repeats=timing.repeats, images_per_s=base["batch"] / (timing.median_ms * 1e-3))
@@ -337,16 +332,14 @@ _WIDTHS = (10, 6, 5, 16, 9, 17, 9, 8)
 
 def _print_header():
     names = ("network", "prec", "batch", "impl", "ms", "p20-p80", "x nvidia", "first s")
-    print(" ".join(f"{n:<{w}}" for n, w in zip(names, _WIDTHS)) + " err-vs-nvidia / status")
+    print(fixed_columns(names, _WIDTHS) + " err-vs-nvidia / status")
 
 
 def _print_row(row):
     ok = row.get("status") == "ok"
-    speedup = row.get("speedup_vs_nvidia")
     values = (row["measurement"], row["precision"], row["batch"], row["impl"],
-              fmt_float(row["ms"]) if ok else "-",
-              f"{fmt_float(row['ms_p20'])}-{fmt_float(row['ms_p80'])}" if ok else "-",
-              f"{speedup:.2f}x" if speedup else "-",
+              fmt_float(row["ms"]) if ok else "-", fmt_spread(row) if ok else "-",
+              fmt_speedup(row.get("speedup_vs_nvidia")),
               row.get("first_call_s", "-") if ok else "-")
     if not ok:
         tail = row.get("status")
@@ -355,8 +348,7 @@ def _print_row(row):
                 f"(output {row['output_rel_err_vs_nvidia']:.0e})")
     else:  # NVIDIA's row: the header printed the whole reason
         tail = row.get("path_note", "")[:60]
-    print(" ".join(f"{str(v)[:w]:<{w}}" for v, w in zip(values, _WIDTHS)) + f" {tail}",
-          flush=True)
+    print(fixed_columns(values, _WIDTHS) + f" {tail}", flush=True)
 
 
 # --------------------------------------------------------------------------- report
@@ -378,7 +370,7 @@ def markdown(payload: dict) -> str:
             "deviation from NVIDIA's tensors (output, and in fwd+bwd every gradient) relative "
             "to each one's largest value, naming the tensor when above 1e-2, and the output's "
             "own deviation.", ""]
-    impls = list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "all")) or ["all"]
+    impls = table_columns(rows)
     skipped = sum(r["impl"] == "all" and r.get("status", "").startswith("skipped")
                   for r in rows)
     if skipped:
@@ -392,27 +384,11 @@ def markdown(payload: dict) -> str:
         out += [f"## {precision}, batch {batch}", "",
                 "| network | " + " | ".join(impls) + " |", "|---|" + "---|" * len(impls)]
         for measurement, cells in by_measurement.items():
-            out.append(f"| {measurement} | "
-                       + " | ".join(_cell(cells.get(i) or cells.get("all")) for i in impls)
-                       + " |")
+            out.append(f"| {measurement} | " + " | ".join(
+                nvidia_comparison_cell(cells.get(i) or cells.get("all"), with_spread=True)
+                for i in impls) + " |")
         out.append("")
     return "\n".join(out) + "\n"
-
-
-def _cell(row) -> str:
-    if row is None:
-        return "-"
-    if row.get("status") != "ok":
-        return row.get("status", "-").split(":")[0]
-    text = f"{fmt_float(row['ms'])} ms [{fmt_float(row['ms_p20'])}-{fmt_float(row['ms_p80'])}]"
-    if row.get("speedup_vs_nvidia"):
-        text += f"<br>{row['speedup_vs_nvidia']:.2f}x"
-    err = row.get("max_rel_err_vs_nvidia")
-    if err is not None and not math.isnan(err):
-        text += f"<br>err {err:.0e}" if err <= 1e-2 else \
-            f"<br>**err {err:.1e}** ({row['worst_tensor']})"
-        text += f"<br>output err {row['output_rel_err_vs_nvidia']:.0e}"
-    return text
 
 
 COMPARED = ("batikfast's D is its t-free configuration (t_dim=0, NVIDIA's StyleGAN2 D); the "
@@ -439,21 +415,18 @@ def training_settings():
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device) if args.device else default_device()
+    device = common.chosen_device(args.device)
     outdir = common.output_dir(args.outdir, device)  # proven writable before measuring
     with training_settings():
         payload = measure(args, device)
-    common.write_json(outdir / "peer_networks.json", payload)
-    (outdir / "peer_networks.md").write_text(markdown(payload))
-    print(f"\nwrote {outdir / 'peer_networks.json'}, {outdir / 'peer_networks.md'}")
+    print("\n" + common.write_report(outdir, "peer_networks", payload, markdown(payload)))
     return payload
 
 
 def measure(args, device: torch.device) -> dict:
     """{"meta": ..., "results": rows}, the rows measured so far when interrupted."""
     nvidia = NvidiaNetworks(args.nvidia_path, device)
-    timer = Timer(device, rep_ms=args.rep_ms or (20.0 if args.quick else 100.0),
-                  min_repeats=1 if device.type == "cpu" else 10)
+    timer = common.script_timer(args, device)
     meta = common.run_metadata(device)
     meta.update(benchmark="peer_networks", timing=timer.method, budget_s=args.budget,
                 cfg=args.cfg, nvidia_path=str(args.nvidia_path), nvidia_flavour=nvidia.flavour,
@@ -463,13 +436,7 @@ def measure(args, device: torch.device) -> dict:
           f"({meta['timing']})")
     print("  NVIDIA path: {} ({})".format(*meta["nvidia_network_path"]))
     rows = []
-    try:
-        run(args, nvidia, device, timer, rows)
-    except KeyboardInterrupt:  # gpu_check.sh's time limit sends SIGINT: keep what was measured
-        meta["interrupted"] = True
-        print("\ninterrupted: writing the measurements taken so far")
-        for row in rows:
-            row.setdefault("status", "interrupted")
+    common.run_until_interrupted(lambda: run(args, nvidia, device, timer, rows), meta, rows)
     return dict(meta=meta, results=rows)
 
 

@@ -17,7 +17,6 @@ NVIDIA's result: a check that the two compute the same thing.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 import types
@@ -28,12 +27,14 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import DTYPES, Timer, default_device, fmt_float  # noqa: E402
+from benchmarks.common import (DTYPES, Timer, describe_error, relative_error,  # noqa: E402
+                               unavailable_reason)
+from benchmarks.textfmt import (fixed_columns, fmt_float, fmt_speedup, fmt_spread,  # noqa: E402
+                                nvidia_comparison_cell)
 
 import torch  # noqa: E402
 
 from benchmarks import opcases, shapes  # noqa: E402
-from benchmarks.run import _describe_error, _relative_error, unavailable_reason  # noqa: E402
 
 PEER_OPS = ("bias_act", "upfirdn2d", "modulated_conv2d", "conv2d_resample")
 OURS = ("ref", "triton", "cuda")
@@ -234,7 +235,7 @@ def _run_case(args, nvidia, device, timer, case, batch, dtype, mode, base):
         fn = opcases.make_callable(case, inputs, kind, mode, call=nvidia.call)
         peer_outputs = _measure(timer, device, peer, fn)
     except Exception as error:
-        peer["status"] = _describe_error(error)
+        peer["status"] = describe_error(error)
     for impl in args.backends:
         row = dict(base, impl=f"batikfast-{impl}")
         rows.append(row)
@@ -245,9 +246,9 @@ def _run_case(args, nvidia, device, timer, case, batch, dtype, mode, base):
         try:
             outputs = _measure(timer, device, row, opcases.make_callable(case, inputs, impl, mode))
         except Exception as error:
-            row["status"] = _describe_error(error)
+            row["status"] = describe_error(error)
             continue
-        row["max_rel_err_vs_nvidia"] = _relative_error(outputs, peer_outputs)
+        row["max_rel_err_vs_nvidia"] = relative_error(outputs, peer_outputs)
         if peer.get("status") == "ok":
             row["speedup_vs_nvidia"] = peer["ms"] / row["ms"]
     for row in rows:
@@ -263,22 +264,19 @@ _WIDTHS = (18, 5, 7, 16, 8, 15, 9, 8, 8)
 
 def _print_header():
     names = ("case", "dtype", "mode", "impl", "ms", "p20-p80", "x nvidia", "GB/s", "TFLOP/s")
-    print(" ".join(f"{n:<{w}}" for n, w in zip(names, _WIDTHS)) + " err-vs-nvidia / status")
+    print(fixed_columns(names, _WIDTHS) + " err-vs-nvidia / status")
 
 
 def _print_row(row):
     ok = row.get("status") == "ok"
-    speedup = row.get("speedup_vs_nvidia")
     values = (row["case"], row["dtype"], row["mode"], row["impl"],
-              fmt_float(row.get("ms")) if ok else "-",
-              f"{fmt_float(row['ms_p20'])}-{fmt_float(row['ms_p80'])}" if ok else "-",
-              f"{speedup:.2f}x" if speedup else "-",
+              fmt_float(row.get("ms")) if ok else "-", fmt_spread(row) if ok else "-",
+              fmt_speedup(row.get("speedup_vs_nvidia")),
               fmt_float(row.get("gbps")) if ok else "-", fmt_float(row.get("tflops")))
     tail = row.get("status") if not ok else (
         f"{row['max_rel_err_vs_nvidia']:.1e}" if row.get("max_rel_err_vs_nvidia") is not None
         else row.get("path_note", ""))
-    print(" ".join(f"{str(v)[:w]:<{w}}" for v, w in zip(values, _WIDTHS)) + f" {tail}",
-          flush=True)
+    print(fixed_columns(values, _WIDTHS) + f" {tail}", flush=True)
 
 
 def markdown(payload: dict) -> str:
@@ -297,9 +295,7 @@ def markdown(payload: dict) -> str:
     for row in rows:
         key = (row["shape_set"], row["batch"], row["dtype"], row["mode"])
         groups.setdefault(key, []).append(row)
-    # "all" marks a case --budget skipped for every implementation: its cells say so, and
-    # with nothing measured at all the table keeps one column (it had none, and broke).
-    impls = list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "all")) or ["all"]
+    impls = table_columns(rows)
     skipped = sum(r["impl"] == "all" for r in rows)
     if skipped:
         out += [f"{skipped} case(s) skipped: time budget of {meta.get('budget_s')} s reached.", ""]
@@ -311,34 +307,28 @@ def markdown(payload: dict) -> str:
             by_case.setdefault(row["case"], {})[row["impl"]] = row
         for case, cells in by_case.items():
             shape = next(iter(cells.values()))["shape"]
-            out.append(f"| {case} | {shape} | "
-                       + " | ".join(_cell(cells.get(i) or cells.get("all")) for i in impls)
-                       + " |")
+            out.append(f"| {case} | {shape} | " + " | ".join(
+                nvidia_comparison_cell(cells.get(i) or cells.get("all")) for i in impls) + " |")
         out.append("")
     return "\n".join(out) + "\n"
 
 
-def _cell(row) -> str:
-    if row is None:
-        return "-"
-    if row.get("status") != "ok":
-        return row.get("status", "-").split(":")[0]
-    text = f"{fmt_float(row['ms'])} ms"
-    if row.get("speedup_vs_nvidia"):
-        text += f"<br>{row['speedup_vs_nvidia']:.2f}x"
-    err = row.get("max_rel_err_vs_nvidia")
-    if err is not None and not math.isnan(err):
-        text += f"<br>err {err:.0e}" if err <= 1e-2 else f"<br>**err {err:.1e}**"
-    return text
+def table_columns(rows: list[dict]) -> list[str]:
+    """The implementations that head the peer reports' columns, in the order they ran.
+
+    "all" marks a row that stands for every implementation (a case --budget skipped; in the
+    network comparison also a precision whose networks could not be built): its cells say so,
+    and with nothing else in the results the table keeps that one column (it had none, and
+    broke)."""
+    return list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "all")) or ["all"]
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device) if args.device else default_device()
+    device = common.chosen_device(args.device)
     outdir = common.output_dir(args.outdir, device)  # proven writable before measuring
     nvidia = Nvidia(args.nvidia_path, device)
-    timer = Timer(device, rep_ms=args.rep_ms or (20.0 if args.quick else 100.0),
-                  min_repeats=1 if device.type == "cpu" else 10)
+    timer = common.script_timer(args, device)
     meta = common.run_metadata(device)
     meta.update(timing=timer.method, budget_s=args.budget, nvidia_path=str(args.nvidia_path),
                 nvidia_flavour=nvidia.flavour, nvidia_paths=nvidia.paths)
@@ -346,15 +336,9 @@ def main(argv=None) -> dict:
     for op, (kind, why) in nvidia.paths.items():
         print(f"  NVIDIA {op}: {kind} ({why})")
     rows = []
-    try:
-        run(args, nvidia, device, timer, rows)
-    except KeyboardInterrupt:  # gpu_check.sh's time limit sends SIGINT: keep what was measured
-        meta["interrupted"] = True
-        print("\ninterrupted: writing the measurements taken so far")
+    common.run_until_interrupted(lambda: run(args, nvidia, device, timer, rows), meta, rows)
     payload = dict(meta=meta, results=rows)
-    common.write_json(outdir / "peer_nvidia.json", payload)
-    (outdir / "peer_nvidia.md").write_text(markdown(payload))
-    print(f"\nwrote {outdir / 'peer_nvidia.json'}, {outdir / 'peer_nvidia.md'}")
+    print("\n" + common.write_report(outdir, "peer_nvidia", payload, markdown(payload)))
     return payload
 
 

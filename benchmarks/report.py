@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
 
-from benchmarks.textfmt import CPU_LABEL, fmt_float, fmt_pct, fmt_speedup
+from benchmarks.textfmt import (CPU_LABEL, fixed_columns, fmt_float, fmt_ms_and_spread,
+                                fmt_pct, fmt_speedup, fmt_spread, status_word)
 
 IMPL_ORDER = ("ref", "ref+compile", "triton", "cuda")
 _COLUMNS = (("case", 18), ("dtype", 5), ("mode", 8), ("impl", 11), ("ms", 8), ("p20-p80", 15),
             ("xeager", 6), ("xcomp", 6), ("GB/s", 8), ("TFLOP/s", 8), ("%roof", 5), ("err", 7))
+_WIDTHS = [width for _, width in _COLUMNS]
 
 
 def _err(value) -> str:
@@ -15,7 +17,7 @@ def _err(value) -> str:
 
 
 def print_header() -> None:
-    line = " ".join(f"{name:<{width}}" for name, width in _COLUMNS)
+    line = fixed_columns([name for name, _ in _COLUMNS], _WIDTHS)
     print(line + " status")
     print("-" * len(line))
 
@@ -25,12 +27,12 @@ def print_row(row: dict) -> None:
     values = [
         row["case"], row["dtype"], row["mode"], row["impl"],
         fmt_float(row.get("ms")) if ok else "-",
-        f"{fmt_float(row['ms_p20'])}-{fmt_float(row['ms_p80'])}" if ok else "-",
+        fmt_spread(row) if ok else "-",
         fmt_speedup(row.get("speedup_vs_ref")), fmt_speedup(row.get("speedup_vs_compiled")),
         fmt_float(row.get("gbps")) if ok else "-", fmt_float(row.get("tflops")),
         fmt_pct(row.get("frac_roofline")), _err(row.get("max_rel_err")),
     ]
-    line = " ".join(f"{str(v)[:w]:<{w}}" for v, (_, w) in zip(values, _COLUMNS))
+    line = fixed_columns(values, _WIDTHS)
     status = "" if ok else row.get("status", "")
     print(f"{line} {status}".rstrip(), flush=True)
 
@@ -111,8 +113,8 @@ def _cell(row) -> str:
     if row is None:
         return "-"
     if row.get("status") != "ok":
-        return row.get("status", "-").split(":")[0]
-    parts = [f"{fmt_float(row['ms'])} ms [{fmt_float(row['ms_p20'])}-{fmt_float(row['ms_p80'])}]"]
+        return status_word(row)
+    parts = [fmt_ms_and_spread(row)]
     if row["impl"] != "ref" and row.get("speedup_vs_ref") is not None:
         parts.append(f"{row['speedup_vs_ref']:.2f}x eager")
     if row["impl"] not in ("ref", "ref+compile") and row.get("speedup_vs_compiled") is not None:

@@ -25,7 +25,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402  (sets TRITON_INTERPRET before triton loads)
-from benchmarks.common import DTYPES, Timer, default_device  # noqa: E402
+from benchmarks.common import (DTYPES, Timer, describe_error, relative_error,  # noqa: E402
+                               unavailable_reason)
 
 import torch  # noqa: E402
 
@@ -126,50 +127,6 @@ def _raise_compile_limits() -> None:
             setattr(config, name, max(getattr(config, name), 4096))
 
 
-def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why ``impl`` cannot run here, asked of batikfast.backends; None when it can."""
-    if impl in ("ref", "compiled"):
-        return None
-    from batikfast import backends
-    try:
-        return backends.unavailable_reason(impl, device, dtype)
-    except Exception as error:  # a probe that fails (loading the extension) is a reason too
-        return f"{type(error).__name__}: {error}"
-
-
-def _describe_error(error: BaseException) -> str:
-    name = type(error).__name__
-    message = " ".join(str(error).split())
-    if isinstance(error, opcases.NotApplicable):
-        return f"n/a: {message}"
-    if len(message) > 300:
-        message = message[:297] + "..."
-    if name == "BackendUnavailableError" or "cannot run this call" in message:
-        return f"unavailable: {message}"
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return "error: out of GPU memory"
-    return f"error: {name}: {message}"
-
-
-def _relative_error(outputs, reference) -> float | None:
-    """Largest |got - want| over max |want|, per output tensor, worst over the tensors.
-
-    A tensor whose reference is (near) zero, such as a bias gradient the penalty does not
-    reach, is scaled by a thousandth of the largest reference value instead of by ~0.
-    """
-    if outputs is None or reference is None:
-        return None
-    if isinstance(outputs, torch.Tensor):
-        outputs, reference = [outputs], [reference]
-    pairs = [(got.detach().float(), want.detach().float())
-             for got, want in zip(outputs, reference) if got is not None and want is not None]
-    if not pairs:
-        return None
-    floor = max(max(want.abs().max().item() for _, want in pairs) * 1e-3, 1e-12)
-    return max((got - want).abs().max().item() / max(want.abs().max().item(), floor)
-               for got, want in pairs)
-
-
 class Runner:
     """Walks shape sets x batches x dtypes x cases x modes x implementations."""
 
@@ -228,14 +185,14 @@ class Runner:
                                                      channels_last=self.args.channels_last)
                     outputs = self.measure(row, case, inputs, impl, mode)
                 except Exception as error:  # one broken kernel must not end the whole run
-                    row["status"] = _describe_error(error)
+                    row["status"] = describe_error(error)
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
                     continue
                 if impl == "ref":
                     reference_outputs = outputs
                 elif opcases.OPS[case.op].deterministic:
-                    row["max_rel_err"] = _relative_error(outputs, reference_outputs)
+                    row["max_rel_err"] = relative_error(outputs, reference_outputs)
         except KeyboardInterrupt:
             # The implementations this case already measured are kept (they were dropped with
             # the case: minutes of interpreted Triton, or a compile, lost to a time limit).
@@ -282,16 +239,12 @@ class Runner:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device) if args.device else default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no GPU visible to torch")
+    device = common.chosen_device(args.device)  # --device was checked by common.device_arg
     if "compiled" in args.backends:
         _raise_compile_limits()
     if args.no_tf32:
         torch.backends.cudnn.allow_tf32 = False
-    rep_ms = args.rep_ms or (20.0 if args.quick else 100.0)
-    timer = Timer(device, warmup_ms=rep_ms / 4, rep_ms=rep_ms,
-                  min_repeats=1 if device.type == "cpu" else 10)
+    timer = common.script_timer(args, device, warmup_ms=common.repeat_ms(args) / 4)
     # Proven writable before the first measurement, not after the last one.
     outdir = common.output_dir(args.outdir, device)
     meta = common.run_metadata(device)
@@ -321,14 +274,13 @@ def main(argv=None) -> dict:
     meta["skipped_for_budget"] = runner.skipped
     meta["elapsed_s"] = round(time.perf_counter() - runner.started, 1)
     payload = dict(meta=meta, ceilings=ceilings, results=rows)
-    common.write_json(outdir / "ops.json", payload)
-    (outdir / "ops.md").write_text(report.markdown(payload))
+    written = common.write_report(outdir, "ops", payload, report.markdown(payload))
     from benchmarks import plot
     try:
         png_note = plot.plot_ops(payload, outdir / "ops.png")
     except Exception as error:  # the data is saved; a chart can be redrawn with plot.py
         png_note = f"no PNG chart ({type(error).__name__}: {error})"
-    print(f"\nwrote {outdir / 'ops.json'}, {outdir / 'ops.md'}; {png_note}")
+    print(f"\n{written}; {png_note}")
     if runner.skipped:
         print(f"{runner.skipped} measurements skipped: --budget {args.budget} s reached")
     if args.train_step and meta.get("interrupted"):

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from benchmarks import opcases, shapes
-from benchmarks.common import HAS_GPU, default_device
-from benchmarks.run import unavailable_reason
+from benchmarks.common import HAS_GPU, default_device, unavailable_reason
 
 pytest.importorskip("pytest_benchmark")
 

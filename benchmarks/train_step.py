@@ -30,7 +30,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import default_device, fmt_float  # noqa: E402
+from benchmarks.common import describe_error  # noqa: E402
+from benchmarks.textfmt import fmt_float, fmt_speedup  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -70,18 +71,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", type=common.device_arg, default=None)
     parser.add_argument("--outdir", default=None)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.cfg = args.cfg or "tiny"
-        if args.backends == ["ref", "triton", "cuda"]:
-            args.backends = ["ref"]
-        if args.compile_modes == list(COMPILE_MODES):
-            args.compile_modes = ["eager"]
-        if args.precision == ["mixed", "fp32"]:
-            args.precision = ["fp32"]
-    args.cfg = args.cfg or "paper256"
-    from batikfast.training.config import PRESETS
-    if args.cfg not in PRESETS:
-        parser.error(f"--cfg must be one of {sorted(PRESETS)}, got {args.cfg!r}")
+    common.settle_preset_and_setups(parser, args)
     return args
 
 
@@ -243,7 +233,6 @@ def _measure_with_retries(args, device, backend, compile_mode, precision, row) -
     """Measure one setup; out of GPU memory with the whole batch in one round, halve the
     round (gradient accumulation, as the loop does) down to 8 images and say so."""
     from batikfast.training.config import PRESETS
-    from benchmarks.run import _describe_error
     batch_gpu = args.batch_gpu
     while True:
         out_of_memory = False
@@ -253,9 +242,9 @@ def _measure_with_retries(args, device, backend, compile_mode, precision, row) -
                                          workdir, batch_gpu))
             except torch.cuda.OutOfMemoryError as error:
                 out_of_memory = True
-                row["status"] = _describe_error(error)
+                row["status"] = describe_error(error)
             except Exception as error:
-                row["status"] = _describe_error(error)
+                row["status"] = describe_error(error)
         gc.collect()
         if device.type == "cuda":
             with contextlib.suppress(Exception):
@@ -284,10 +273,9 @@ def _print_row(row):
     if row.get("status") != "ok":
         print(f"  {row['config']:<24} {row.get('status')}", flush=True)
         return
-    mem = row.get("peak_gpu_mem_gib")
     print(f"  {row['config']:<24} {row['images_per_s']:8.1f} img/s  "
           f"{row['sec_per_kimg']:8.2f} s/kimg  "
-          f"peak {fmt_float(mem) if mem is not None else '-'} GiB  "
+          f"peak {fmt_float(row.get('peak_gpu_mem_gib'))} GiB  "
           f"({row['steps']} steps after {row['warmup_steps']} warm-up, {row['warmup_s']} s)",
           flush=True)
 
@@ -307,13 +295,11 @@ def markdown(payload) -> str:
             continue
         if row.get("note"):
             row = dict(row, config=f"{row['config']} ({row['note']})")
-        mem = row.get("peak_gpu_mem_gib")
         out.append(
             f"| {row['config']} | {row['images_per_s']:.1f} | {row['sec_per_kimg']:.2f} | "
-            + (f"{row['speedup_vs_ref']:.2f}x" if row.get("speedup_vs_ref") else "-") + " | "
-            + (f"{row['speedup_vs_compiled']:.2f}x" if row.get("speedup_vs_compiled") else "-")
-            + f" | {fmt_float(mem) if mem is not None else '-'} | {row['steps']} "
-            f"({row['warmup_s']} s) |")
+            f"{fmt_speedup(row.get('speedup_vs_ref'))} | "
+            f"{fmt_speedup(row.get('speedup_vs_compiled'))} | "
+            f"{fmt_float(row.get('peak_gpu_mem_gib'))} | {row['steps']} ({row['warmup_s']} s) |")
     with_phases = [r for r in rows if r.get("phase_fractions")]
     if with_phases:
         names = list(dict.fromkeys(p for r in with_phases for p in r["phase_fractions"]))
@@ -331,7 +317,7 @@ def markdown(payload) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device) if args.device else default_device()
+    device = common.chosen_device(args.device)
     outdir = common.output_dir(args.outdir, device)  # proven writable before measuring
     meta = common.run_metadata(device)
     data = "the built-in dataset through the real loader" if args.real_data else \
@@ -353,23 +339,17 @@ def main(argv=None) -> dict:
           f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
           f"commit {meta['git_commit']}")
     rows = []
-    try:
-        run(args, device, rows)
-    except KeyboardInterrupt:  # gpu_check.sh's time limit sends SIGINT: keep what was measured
-        meta["interrupted"] = True
-        print("\ninterrupted: writing the setups measured so far")
-        for row in rows:
-            row.setdefault("status", "interrupted")
-        _add_speedups([r for r in rows if r.get("status") == "ok"])
+    if common.run_until_interrupted(lambda: run(args, device, rows), meta, rows,
+                                    taken="the setups measured so far"):
+        _add_speedups(rows)
     payload = dict(meta=meta, results=rows)
-    common.write_json(outdir / "train_step.json", payload)
-    (outdir / "train_step.md").write_text(markdown(payload))
+    written = common.write_report(outdir, "train_step", payload, markdown(payload))
     from benchmarks import plot
     try:
         note = plot.plot_train_step(payload, outdir / "train_step.png")
     except Exception as error:  # the data is saved; a chart can be redrawn with plot.py
         note = f"no PNG chart ({type(error).__name__}: {error})"
-    print(f"wrote {outdir / 'train_step.json'}, {outdir / 'train_step.md'}; {note}")
+    print(f"{written}; {note}")
     return payload
 
 

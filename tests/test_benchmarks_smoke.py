@@ -439,11 +439,11 @@ def test_double_backward_mode_times_nonlinear_ops_and_says_linear_ones_have_none
 
 def test_relative_error_is_not_inflated_by_an_all_zero_reference_gradient():
     import torch
-    from benchmarks.run import _relative_error
+    from benchmarks.common import relative_error
     want = [torch.tensor([100.0, -50.0]), torch.zeros(3)]
     got = [torch.tensor([100.0, -50.01]), torch.full((3,), 1e-5)]
-    assert _relative_error(got, want) == pytest.approx(1e-4, rel=1e-3)
-    assert _relative_error([torch.tensor([2.0])], [torch.tensor([1.0])]) == pytest.approx(1.0)
+    assert relative_error(got, want) == pytest.approx(1e-4, rel=1e-3)
+    assert relative_error([torch.tensor([2.0])], [torch.tensor([1.0])]) == pytest.approx(1.0)
 
 
 def test_train_step_halves_the_round_when_the_whole_batch_runs_out_of_gpu_memory(monkeypatch):
