@@ -53,6 +53,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "common.h"
 
@@ -150,6 +151,7 @@ struct Params {
   int I, H, W, O, Ho, Wo, KH, KW, pad;
   int I_pad;                            // tap-major weight: I rounded up to 16 bytes, zero-filled
   int splits;                           // blocks sharing one output tile along the reduction
+  int o_begin;                          // first output channel of this launch (see plan)
   int act;
   float alpha, gain, clamp;
 };
@@ -232,7 +234,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   const int tid = threadIdx.x;
   const int m_local = tid % BM;
   const int a_group = tid / BM;
-  const int o0 = blockIdx.y * BN;
+  const int o0 = p.o_begin + static_cast<int>(blockIdx.y) * BN;
   const int khw = p.KH * p.KW;
 
   // This thread's row m, decoded once.
@@ -494,42 +496,80 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   }
 }
 
+// CUDA's grid limits: 2**31 - 1 blocks along x, 65535 along y and z.
+constexpr int64_t kMaxGridX = INT32_MAX;
+constexpr int64_t kMaxGridY = 65535;
+
 struct Launch {
   dim3 grid;
   int splits;
+  int o_begin;  // first output channel of the launch
 };
 
-// Splits the reduction when the output tiles alone would leave SMs idle (the 4x4 and 8x8
-// layers: few rows, K = 9 * 512), keeping at least 8 reduction steps per block.
-template <int BM, int BN, int BK>
-Launch plan(int64_t M, int O, int I, int khw, int64_t sms) {
-  Launch l;
-  l.grid = dim3(static_cast<unsigned>((M + BM - 1) / BM), static_cast<unsigned>((O + BN - 1) / BN), 1);
-  const int64_t tiles = static_cast<int64_t>(l.grid.x) * l.grid.y;
-  const int64_t steps = static_cast<int64_t>((I + BK - 1) / BK) * khw;
+// The launches of one convolution with BM x BN tiles and `steps` reduction steps: row tiles on
+// grid axis x, output-channel tiles on y, reduction splits on z. More than 65535 channel tiles
+// (over 2M output channels with BN = 32) do not fit axis y, so they go in several launches of
+// at most 65535 tiles each; the StyleGAN layers take one.
+//
+// The reduction is split when the output tiles alone would leave SMs idle (the 4x4 and 8x8
+// layers: few rows, K = 9 * 512), keeping at least 8 reduction steps per block; that needs
+// fewer tiles than SMs, so a split convolution is always a single launch.
+std::vector<Launch> plan(int64_t M, int64_t O, int64_t steps, int64_t sms, int BM, int BN) {
+  const int64_t m_tiles = (M + BM - 1) / BM;
+  const int64_t o_tiles = (O + BN - 1) / BN;
+  TORCH_CHECK(m_tiles <= kMaxGridX, "modulated_conv2d_forward: ", M,
+              " output pixels (N * Ho * Wo) need ", m_tiles, " blocks of ", BM,
+              " on grid axis x, more than CUDA's ", kMaxGridX);
+  const int64_t tiles = m_tiles * o_tiles;
   int64_t splits = 1;
   if (tiles < sms) splits = std::min<int64_t>({(2 * sms + tiles - 1) / tiles, steps / 8, 16});
-  l.splits = static_cast<int>(std::max<int64_t>(splits, 1));
-  l.grid.z = l.splits;
-  return l;
+  splits = std::max<int64_t>(splits, 1);
+  std::vector<Launch> launches;
+  for (int64_t first = 0; first < o_tiles; first += kMaxGridY) {
+    Launch l;
+    l.grid = dim3(static_cast<unsigned>(m_tiles),
+                  static_cast<unsigned>(std::min(o_tiles - first, kMaxGridY)),
+                  static_cast<unsigned>(splits));
+    l.splits = static_cast<int>(splits);
+    l.o_begin = static_cast<int>(first * BN);
+    launches.push_back(l);
+  }
+  return launches;
 }
 
 template <typename T, int BM, int BN, int WARPS_M, int WARPS_N, bool kTapMajor>
 void launch_tile(Params<T> p, int64_t sms, const at::Tensor& like, cudaStream_t stream) {
   using Cfg = Tile<T, BM, BN, WARPS_M, WARPS_N>;
-  const Launch l = plan<BM, BN, Cfg::BK>(p.M, p.O, p.I, p.KH * p.KW, sms);
-  p.splits = l.splits;
-  at::Tensor partials, arrivals;
-  if (l.splits > 1) {
-    const int64_t tiles = static_cast<int64_t>(l.grid.x) * l.grid.y;
-    partials = at::empty({l.splits * tiles * BM * BN}, like.options().dtype(at::kFloat));
-    arrivals = at::zeros({tiles}, like.options().dtype(at::kInt));
-    p.partials = partials.data_ptr<float>();
-    p.arrivals = arrivals.data_ptr<int>();
+  const int64_t steps = static_cast<int64_t>((p.I + Cfg::BK - 1) / Cfg::BK) * p.KH * p.KW;
+  for (const Launch& l : plan(p.M, p.O, steps, sms, BM, BN)) {
+    p.splits = l.splits;
+    p.o_begin = l.o_begin;
+    at::Tensor partials, arrivals;
+    if (l.splits > 1) {
+      const int64_t tiles = static_cast<int64_t>(l.grid.x) * l.grid.y;
+      partials = at::empty({l.splits * tiles * BM * BN}, like.options().dtype(at::kFloat));
+      arrivals = at::zeros({tiles}, like.options().dtype(at::kInt));
+      p.partials = partials.data_ptr<float>();
+      p.arrivals = arrivals.data_ptr<int>();
+    }
+    modulated_conv2d_kernel<T, BM, BN, WARPS_M, WARPS_N, kTapMajor>
+        <<<l.grid, Cfg::kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  modulated_conv2d_kernel<T, BM, BN, WARPS_M, WARPS_N, kTapMajor>
-      <<<l.grid, Cfg::kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// plan() as a CPU op, so tests can check the launches of shapes too large to allocate: the
+// flat list (grid x, grid y, grid z, first output channel) of each launch.
+std::vector<int64_t> launch_plan(int64_t rows, int64_t out_channels, int64_t steps,
+                                 int64_t multiprocessors, int64_t block_m, int64_t block_n) {
+  TORCH_CHECK(rows >= 1 && out_channels >= 1 && steps >= 1 && multiprocessors >= 1 &&
+                  block_m >= 1 && block_n >= 1,
+              "_modulated_conv2d_launch_plan: every argument must be >= 1");
+  std::vector<int64_t> flat;
+  for (const Launch& l : plan(rows, out_channels, steps, multiprocessors, static_cast<int>(block_m),
+                              static_cast<int>(block_n)))
+    flat.insert(flat.end(), {l.grid.x, l.grid.y, l.grid.z, l.o_begin});
+  return flat;
 }
 
 // weight as [O, KH, KW, I_pad] in x's dtype, channels zero-padded to a multiple of 16 bytes:
@@ -665,10 +705,12 @@ Shape validate(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& 
     TORCH_CHECK(t.dim() == 1 && t.size(0) == s.O, "modulated_conv2d_forward: bias must be [", s.O,
                 "], got shape ", t.sizes());
   }
-  TORCH_CHECK(std::max({s.N, s.I, s.O, s.H, s.W, s.KH, s.KW, s.Ho, s.Wo}) <= INT32_MAX &&
-                  s.I * s.KH * s.KW <= INT32_MAX - 64,
-              "modulated_conv2d_forward: sizes too large (each dimension and I*kh*kw must fit in "
-              "32 bits), got x ", x.sizes(), ", weight ", weight.sizes());
+  // O and I * kh * kw keep room for the channel index of a tile's last column or step.
+  TORCH_CHECK(std::max({s.N, s.I, s.H, s.W, s.KH, s.KW, s.Ho, s.Wo}) <= INT32_MAX &&
+                  s.O <= INT32_MAX - 128 && s.I * s.KH * s.KW <= INT32_MAX - 64,
+              "modulated_conv2d_forward: sizes too large (each dimension must fit in 32 bits, "
+              "O and I*kh*kw with a tile to spare), got x ", x.sizes(), ", weight ",
+              weight.sizes());
   return s;
 }
 
@@ -728,6 +770,7 @@ at::Tensor modulated_conv2d_forward(const at::Tensor& x, const at::Tensor& weigh
     p.partials = nullptr;
     p.arrivals = nullptr;
     p.splits = 1;
+    p.o_begin = 0;
     p.act = act_code;
     p.alpha = static_cast<float>(alpha);
     p.gain = static_cast<float>(gain);
@@ -754,6 +797,9 @@ TORCH_LIBRARY_FRAGMENT(batikfast_cuda, m) {
   m.def("modulated_conv2d_forward(Tensor x, Tensor weight, Tensor in_scale, Tensor? out_scale, "
         "Tensor? noise, Tensor? bias, str act, float alpha, float gain, float clamp, int padding) "
         "-> Tensor");
+  m.def("_modulated_conv2d_launch_plan(int rows, int out_channels, int steps, "
+        "int multiprocessors, int block_m, int block_n) -> int[]",
+        &batikfast::launch_plan);
 }
 
 TORCH_LIBRARY_IMPL(batikfast_cuda, CUDA, m) {
