@@ -70,3 +70,19 @@ def launch_device(t: torch.Tensor):
     if t.device.type != "cuda":
         return contextlib.nullcontext()
     return torch.cuda.device(t.device)
+
+
+# CUDA launches at most 2**31 - 1 blocks along grid axis x; the Triton kernels here use a 1-D
+# grid, which gets every tensor a GPU can hold well inside it (each program covers hundreds of
+# elements or more), so this only guards against sizes past any GPU's memory.
+MAX_GRID_X = 2 ** 31 - 1
+
+
+def grid_x(op: str, programs: int, work: str) -> tuple[int]:
+    """The 1-D grid ``(programs,)``; a ValueError naming ``op`` and ``work`` (what the programs
+    cover) when CUDA could not launch that many: better than a launch failure or a grid wrapped
+    by some driver version."""
+    if programs > MAX_GRID_X:
+        raise ValueError(f"{op}: {work} need {programs} programs on grid axis x, more than "
+                         f"CUDA's {MAX_GRID_X}; split the call")
+    return (programs,)

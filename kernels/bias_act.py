@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._checks import check_device, interpreter_tiles, interpreting, launch_device
+from ._checks import check_device, grid_x, interpreter_tiles, interpreting, launch_device
 
 ACT_CODES = {"linear": 0, "relu": 1, "lrelu": 2, "tanh": 3, "sigmoid": 4, "elu": 5, "selu": 6,
              "softplus": 7, "swish": 8}
@@ -233,6 +233,21 @@ def output_strides(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def _tile(inner: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_I) for storage rows of ``inner`` elements."""
+    # 4096 elements per program (16 per thread with 8 warps) amortise the per-program index
+    # arithmetic; the interpreter gets small tiles so tiny test tensors span several programs.
+    block = 64 if interpreter_tiles() else 4096
+    block_i = min(triton.next_power_of_2(inner), block)
+    return block // block_i, block_i
+
+
+def launch_grid(rows: int, inner: int, block_r: int, block_i: int) -> tuple[int]:
+    """One program per [BLOCK_R, BLOCK_I] tile of storage seen as [rows, inner], on axis x."""
+    programs = triton.cdiv(rows, block_r) * triton.cdiv(inner, block_i)
+    return grid_x("bias_act", programs, f"{rows * inner} elements ({rows} rows of {inner})")
+
+
 def _launch(x, b, dy, out, dim, act, alpha, gain, clamp, order) -> torch.Tensor:
     numel = x.numel()
     if numel == 0:
@@ -244,14 +259,9 @@ def _launch(x, b, dy, out, dim, act, alpha, gain, clamp, order) -> torch.Tensor:
         # Without a bias (or with one bias value) the whole tensor is one row.
         inner, channels = numel, 1
     rows = numel // inner
-    # 4096 elements per program (16 per thread with 8 warps) amortise the per-program index
-    # arithmetic; the interpreter gets small tiles so tiny test tensors span several programs.
-    block = 64 if interpreter_tiles() else 4096
-    block_i = min(triton.next_power_of_2(inner), block)
-    block_r = block // block_i
-    grid = (triton.cdiv(rows, block_r) * triton.cdiv(inner, block_i),)
+    block_r, block_i = _tile(inner)
     with launch_device(x):
-        _bias_act_kernel[grid](
+        _bias_act_kernel[launch_grid(rows, inner, block_r, block_i)](
             x, b if b is not None else x, dy if dy is not None else x, out,
             rows, inner, channels, float(alpha), float(gain),
             float(clamp) if clamp is not None else 0.0,

@@ -59,11 +59,26 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ._checks import check_device, interpreter_tiles, launch_device
+from ._checks import check_device, grid_x, interpreter_tiles, launch_device
 from ._checks import interpreting as _interpreting
 
 _ACT_CODES = {"linear": 0, "relu": 1, "lrelu": 2}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _pixel_offsets(n, oy, ox, stride_n, stride_h, stride_w):
+    """n * stride_n + oy * stride_h + ox * stride_w in int64. oy and ox are int32 (cheap
+    division and border tests), but their products with the row and pixel strides overflow
+    int32 once one sample holds 2**31 elements (a 2048x2048 image of 512 channels)."""
+    return n * stride_n + oy.to(tl.int64) * stride_h + ox.to(tl.int64) * stride_w
+
+
+@triton.jit
+def _tap_offset(ky, kx, stride_h, stride_w):
+    """ky * stride_h + kx * stride_w in int64, once per reduction step (scalars): the weight's
+    and a sample's tap offsets overflow int32 beyond 2**31 elements."""
+    return ky.to(tl.int64) * stride_h + kx.to(tl.int64) * stride_w
 
 
 @triton.jit
@@ -108,7 +123,7 @@ def _modulated_conv2d_fwd_kernel(
     pix = (rows - n * pixels).to(tl.int32)
     oy = pix // Wo
     ox = pix - oy * Wo
-    x_row = x_ptr + n * stride_xn + (oy - padding) * stride_xh + (ox - padding) * stride_xw
+    x_row = x_ptr + _pixel_offsets(n, oy - padding, ox - padding, stride_xn, stride_xh, stride_xw)
     first_sample = (pid_m * BLOCK_M) // pixels
 
     ks = tl.arange(0, BLOCK_K)
@@ -129,14 +144,15 @@ def _modulated_conv2d_fwd_kernel(
             chan_ok = tl.full((BLOCK_K,), True, tl.int1)
         else:
             chan_ok = chan < I
-        a = tl.load(x_row[:, None] + (ky * stride_xh + kx * stride_xw)
+        a = tl.load(x_row[:, None] + _tap_offset(ky, kx, stride_xh, stride_xw)
                     + chan[None, :].to(tl.int64) * stride_xc,
                     mask=inside[:, None] & chan_ok[None, :], other=0.0)
         if SCALE_SAMPLES > 1:
             s = _load_styles(in_scale_ptr, n, row_ok, first_sample, N, chan, chan_ok, stride_sn,
                              stride_si, SCALE_SAMPLES)
             a = (a.to(tl.float32) * s).to(w_ptr.dtype.element_ty)
-        b = tl.load(w_ptr + ky * stride_wh + kx * stride_ww + chan[:, None].to(tl.int64) * stride_wi
+        b = tl.load(w_ptr + _tap_offset(ky, kx, stride_wh, stride_ww)
+                    + chan[:, None].to(tl.int64) * stride_wi
                     + cols[None, :] * stride_wo,
                     mask=chan_ok[:, None] & col_ok[None, :], other=0.0)
         if SCALE_SAMPLES == 1:
@@ -154,7 +170,7 @@ def _modulated_conv2d_fwd_kernel(
         acc *= tl.load(out_scale_ptr + n[:, None] * stride_on + cols[None, :] * stride_oo,
                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     if HAS_NOISE:
-        acc += tl.load(noise_ptr + n * stride_nn + oy * stride_nh + ox * stride_nw,
+        acc += tl.load(noise_ptr + _pixel_offsets(n, oy, ox, stride_nn, stride_nh, stride_nw),
                        mask=row_ok, other=0.0).to(tl.float32)[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -168,7 +184,7 @@ def _modulated_conv2d_fwd_kernel(
         acc = tl.minimum(tl.maximum(acc, -clamp, propagate_nan=tl.PropagateNan.ALL), clamp,
                          propagate_nan=tl.PropagateNan.ALL)
 
-    row_offsets = n * stride_yn + oy * stride_yh + ox * stride_yw
+    row_offsets = _pixel_offsets(n, oy, ox, stride_yn, stride_yh, stride_yw)
     col_offsets = cols.to(tl.int64) * stride_yc
     out = acc.to(y_ptr.dtype.element_ty)
     if STORE_ROWS_FASTEST:
@@ -327,6 +343,7 @@ def modulated_conv2d_forward(x, weight, in_scale, out_scale, noise, bias, act, a
     if out_h < 1 or out_w < 1:
         raise ValueError(f"padding={padding} with a {kh}x{kw} kernel leaves no output pixel for a "
                          f"{height}x{width} input")
+    _check_pixel_index(height, width, out_h, out_w, padding)
     if noise is not None:
         if not isinstance(noise, torch.Tensor) or noise.device != x.device:
             raise ValueError(f"noise must be a tensor on {x.device}, got {_describe(noise)}")
@@ -357,6 +374,13 @@ def modulated_conv2d_forward(x, weight, in_scale, out_scale, noise, bias, act, a
     return y
 
 
+def launch_grid(rows: int, out_channels: int, config: _Config) -> tuple[int]:
+    """One program per (row tile, output-channel tile), all on grid axis x."""
+    tiles = triton.cdiv(rows, config.block_m) * triton.cdiv(out_channels, config.block_n)
+    return grid_x("modulated_conv2d_forward", tiles,
+                  f"{rows} output pixels (N * Ho * Wo) by {out_channels} output channels")
+
+
 def _launch(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, clamp, padding,
             config: _Config) -> None:
     batch, in_channels, height, width = x.shape
@@ -371,8 +395,7 @@ def _launch(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, cl
         else (0, 0, 0)
     pixels = out_h * out_w
     scale_samples = (pixels - math.gcd(config.block_m, pixels) + config.block_m - 1) // pixels + 1
-    grid = (triton.cdiv(rows, config.block_m) * triton.cdiv(out_channels, config.block_n),)
-    _modulated_conv2d_fwd_kernel[grid](
+    _modulated_conv2d_fwd_kernel[launch_grid(rows, out_channels, config)](
         x, w_kkio, in_scale if in_scale is not None else dummy,
         out_scale if out_scale is not None else dummy,
         noise if noise is not None else dummy,
@@ -392,6 +415,19 @@ def _launch(x, w_kkio, in_scale, out_scale, noise, bias, y, act, alpha, gain, cl
         STORE_ROWS_FASTEST=y.stride(1) != 1 and y.stride(3) == 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+# The kernel indexes the pixels of one image in int32 (a 64-bit division per row would cost more
+# than the addresses it computes); its offsets are int64.
+_MAX_PIXEL_INDEX = 2 ** 31 - 1
+
+
+def _check_pixel_index(height, width, out_h, out_w, padding) -> None:
+    if out_h * out_w > _MAX_PIXEL_INDEX or max(height, width) + 2 * padding > _MAX_PIXEL_INDEX:
+        raise ValueError(f"modulated_conv2d_forward: a {height}x{width} input with padding "
+                         f"{padding} ({out_h}x{out_w} output pixels) exceeds the kernel's 32-bit "
+                         f"pixel index (at most {_MAX_PIXEL_INDEX} pixels per image and padded "
+                         f"side); split the image")
 
 
 def _describe(value) -> str:

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_device, interpreter_tiles, launch_device
+from ._checks import check_device, grid_x, interpreter_tiles, launch_device
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -179,6 +179,30 @@ def _check_args(x, f, factors, pads) -> None:
             raise ValueError(f"{name} must be an int, got {value!r}")
 
 
+# The kernel's phase arithmetic runs on int32 coordinates of the zero-inserted, padded image
+# (int64 division and remainder per element would cost more than the taps); its offsets are int64.
+_MAX_COORDINATE = 2 ** 31 - 1
+
+
+def _check_coordinates(axis: str, size: int, up: int, pad0: int, pad1: int, taps: int) -> None:
+    """Raise unless every coordinate the kernel computes along ``axis`` fits int32: up to
+    size * up + pad0 + pad1 (the padded image) plus two phases of slack."""
+    extent = size * up + abs(pad0) + abs(pad1) + taps + 2 * up
+    if extent > _MAX_COORDINATE:
+        raise ValueError(f"upfirdn2d: {axis} = {size} up-sampled by {up} and padded by "
+                         f"[{pad0}, {pad1}] spans {extent} coordinates, more than the kernel's "
+                         f"32-bit {_MAX_COORDINATE}")
+
+
+def launch_grid(planes: int, out_h: int, out_w: int, tile: tuple[int, int, int, int]) -> tuple[int]:
+    """One program per [PLANES * PLANE_ROWS, BLOCK_W] tile (``tile`` as ``_tile`` gives it),
+    all on grid axis x."""
+    tile_planes, plane_rows, block_w, _ = tile
+    programs = (triton.cdiv(planes, tile_planes) * triton.cdiv(out_h, plane_rows)
+                * triton.cdiv(out_w, block_w))
+    return grid_x("upfirdn2d", programs, f"{planes} planes of {out_h}x{out_w} outputs")
+
+
 def _tile(out_h: int, out_w: int) -> tuple[int, int, int, int]:
     """(PLANES, PLANE_ROWS, BLOCK_W, num_warps) for out_h x out_w output planes."""
     if interpreter_tiles():
@@ -219,6 +243,8 @@ def upfirdn2d(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_fil
         raise ValueError(f"padding {[padx0, padx1, pady0, pady1]} with a {fw}x{fh} filter leaves "
                          f"no output pixel for a {in_w}x{in_h} image up-sampled by "
                          f"{[upx, upy]}")
+    _check_coordinates("H", in_h, upy, pady0, pady1, fh)
+    _check_coordinates("W", in_w, upx, padx0, padx1, fw)
     y = torch.empty((batch, channels, out_h, out_w), dtype=x.dtype, device=x.device)
     planes = batch * channels
     if planes == 0:
@@ -230,11 +256,10 @@ def upfirdn2d(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_fil
     plane_stride = x.stride(1) if channels > 1 else x.stride(0)
     skip_x = (max(padx0, 0) + upx - 1) // upx
     skip_y = (max(pady0, 0) + upy - 1) // upy
-    tile_planes, plane_rows, block_w, num_warps = _tile(out_h, out_w)
-    grid = (triton.cdiv(planes, tile_planes) * triton.cdiv(out_h, plane_rows)
-            * triton.cdiv(out_w, block_w),)
+    tile = _tile(out_h, out_w)
+    tile_planes, plane_rows, block_w, num_warps = tile
     with launch_device(x):
-        _upfirdn2d_kernel[grid](
+        _upfirdn2d_kernel[launch_grid(planes, out_h, out_w, tile)](
             x, f, y, planes, in_h, in_w, out_h, out_w,
             plane_stride, x.stride(2), x.stride(3), *f.stride(),
             skip_x * upx - padx0, skip_y * upy - pady0, skip_x, skip_y, float(gain),
