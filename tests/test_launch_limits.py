@@ -4,15 +4,15 @@ op raises an error naming the argument and the limit before it launches.
 
 The launches are checked on sizes alone, without allocating: the Triton launch grids are pure
 functions of the shape, and the CUDA modulated convolution's launch plan is a CPU op of the
-extension. The inputs that must be refused are expanded (stride-0) tensors, which take no
-memory. The Triton offset helpers run in the interpreter on values past 2**31. Launching at
-those sizes needs a GPU (the last tests).
+extension. The inputs that must be refused take no memory: expanded (stride-0) tensors, tiny
+ones with a huge padding, fake CUDA tensors. The Triton offset helpers run in the interpreter
+on values past 2**31. Launching at those sizes needs a GPU (the last tests).
 
 Audit of the launches not tested here: the CUDA bias_act, diffusion noise and direct upfirdn2d
 kernels use grid-stride loops over at most 8 blocks per SM; the tiled CUDA upfirdn2d kernel
-puts at most 65535 planes on axis y and loops over the rest, and refuses more than 2**31 - 1
-tiles on axis x; the Triton diffusion-noise grid is one program per 4096 (256 interpreted)
-elements, under 2**31 - 1 up to 8 * 10**12 elements.
+puts at most 65535 planes on axis y and loops over the rest, and leaves more than 2**31 - 1
+tiles (axis x) to the direct kernel; the Triton diffusion-noise grid is one program per 4096
+(256 interpreted) elements, under 2**31 - 1 up to 8 * 10**12 elements.
 """
 import os
 import re
