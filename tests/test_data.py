@@ -1,7 +1,11 @@
 """Datasets: folders, zips, labels, x-flips, bad files, the procedural batik set, the sampler."""
+import contextlib
 import json
+import os
+import re
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -468,3 +472,382 @@ def test_a_truncated_image_read_in_a_worker_does_not_stop_the_loader(tmp_path):
     for _ in range(3):  # every image, the truncated one included, is asked for
         images, _ = next(loader)
         assert images.shape == (4, 3, 16, 16)
+
+
+# ---- bad data, end to end: through the dataset and through loader worker processes ---------
+
+@contextlib.contextmanager
+def _warnings_logged_to(path):
+    """Every warning of this process and of the loader workers it forks in the block, one line
+    each in ``path``: pytest records warnings in the memory of the process that raised them,
+    where a worker's would be lost to the test."""
+    def log(message, category, filename, lineno, file=None, line=None):
+        with open(path, "a") as handle:
+            handle.write(f"{category.__name__}: {message}\n")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = log
+        yield
+
+
+def _read_all_through_workers(ds, log_path, num_workers=2, batch=4):
+    """Every item of ``ds`` (x-flips included) as the training loop reads it, in stream order:
+    a loader with worker processes, enough batches for two epochs."""
+    with _warnings_logged_to(log_path):
+        loader = make_loader(ds, batch_gpu=batch, num_workers=num_workers, seed=1)
+        images = torch.cat([next(loader)[0] for _ in range(-(-2 * len(ds) // batch))])
+        del loader  # its workers stop before the warnings go back to pytest
+    return images
+
+
+def _logged(log_path):
+    return log_path.read_text() if log_path.exists() else ""
+
+
+def _solid(path, colour, size=(16, 16), mode="RGB", **save):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour).save(path, **save)
+
+
+def test_images_of_every_mode_and_frame_count_are_converted_through_loader_workers(tmp_path):
+    """Palette (with and without transparency), greyscale with alpha, 1-bit, 16-bit, CMYK,
+    animated GIFs and multi-page TIFFs (their first frame), upper-case extensions, other sizes
+    and shapes: each becomes the 3x16x16 image a viewer shows, in workers as in the process."""
+    folder = tmp_path / "photos"
+    expected = {}
+    _solid(folder / "a_palette.png", (200, 0, 0), mode="RGB")
+    Image.open(folder / "a_palette.png").convert("P", palette=Image.Palette.ADAPTIVE).save(
+        folder / "a_palette.png")
+    expected["a_palette.png"] = (200, 0, 0)
+    transparent = Image.new("P", (16, 16), 1)
+    transparent.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    transparent.save(folder / "b_palette_transparent.png", transparency=1)
+    expected["b_palette_transparent.png"] = (255, 255, 255)  # over white
+    _solid(folder / "c_grey_alpha.png", (50, 255), mode="LA")
+    expected["c_grey_alpha.png"] = (50, 50, 50)
+    _solid(folder / "d_one_bit.bmp", 1, mode="1")
+    expected["d_one_bit.bmp"] = (255, 255, 255)
+    Image.fromarray(np.full((16, 16), 65535, np.uint16)).save(folder / "e_sixteen_bit.png")
+    expected["e_sixteen_bit.png"] = (255, 255, 255)
+    _solid(folder / "f_cmyk.jpg", (0, 0, 0, 255), mode="CMYK")
+    expected["f_cmyk.jpg"] = (0, 0, 0)
+    frames = [Image.new("RGB", (16, 16), (0, 0, 255 - 80 * i)).convert(
+        "P", palette=Image.Palette.ADAPTIVE) for i in range(3)]
+    frames[0].save(folder / "g_animated.gif", save_all=True, append_images=frames[1:])
+    expected["g_animated.gif"] = (0, 0, 255)
+    pages = [Image.new("RGB", (16, 16), (0, 80 * i, 0)) for i in range(1, 4)]
+    pages[0].save(folder / "h_pages.tif", save_all=True, append_images=pages[1:])
+    expected["h_pages.tif"] = (0, 80, 0)
+    _solid(folder / "I_UPPER.PNG", (1, 2, 3))
+    expected["I_UPPER.PNG"] = (1, 2, 3)
+    _solid(folder / "j_wide.jpeg", (0, 128, 0), size=(40, 24), quality=100)
+    expected["j_wide.jpeg"] = (0, 128, 0)
+    _solid(folder / "k_large.webp", (9, 9, 9), size=(64, 64), lossless=True)
+    expected["k_large.webp"] = (9, 9, 9)
+    ds = ImageFolderDataset(folder, resolution=16, xflip=True)
+    assert ds.filenames == sorted(expected)
+    for index, name in enumerate(ds.filenames):
+        image = ds[index][0]
+        assert image.shape == (3, 16, 16), name
+        np.testing.assert_allclose(image.reshape(3, -1).mean(1), expected[name], atol=1.5,
+                                   err_msg=name)
+    read = _read_all_through_workers(ds, tmp_path / "warnings.log")
+    assert read.shape == (2 * 2 * len(expected), 3, 16, 16)
+    colours = {tuple(np.round(image.float().mean((1, 2)).numpy()).astype(int))
+               for image in read}
+    assert colours == {tuple(np.round(ds[i][0].reshape(3, -1).mean(1)).astype(int))
+                       for i in range(len(expected))}
+    assert _logged(tmp_path / "warnings.log") == ""
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_files_that_are_not_usable_images_are_skipped_naming_them_through_loader_workers(
+        tmp_path):
+    """Junk and empty files named like images and tiny images are skipped at the scan; truncated
+    images and float images outside [0, 1] when a worker first decodes them, each with a
+    warning naming it and the next image in its place. Other files (notes, dataset.json) are not
+    images; hidden files and macOS metadata (.DS_Store, ._* forks) are not read, said once."""
+    folder = tmp_path / "photos"
+    for index in range(4):
+        _solid(folder / f"good{index}.png", (10 + index, 0, 0), size=(32, 32))
+    (folder / "junk.png").write_bytes(b"<html>not found</html>")
+    (folder / "empty.jpg").write_bytes(b"")
+    _solid(folder / "tiny.png", (0, 0, 0), size=(4, 4))
+    _png(folder / "truncated.png", size=(32, 32))
+    _truncate(folder / "truncated.png")
+    Image.fromarray(np.full((32, 32), 255.0, np.float32)).save(folder / "float_255.tif")
+    (folder / "notes.txt").write_text("where these came from")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder / "._good0.png").write_bytes(b"\0\5\26\7AppleDouble resource fork")
+    log = tmp_path / "warnings.log"
+    with _warnings_logged_to(log):
+        ds = ImageFolderDataset(folder, resolution=32)
+    scan = _logged(log).splitlines()
+    assert [line.split("'")[1] for line in scan if "skipping" in line] == [
+        "empty.jpg", "junk.png", "tiny.png"]
+    assert scan[0].startswith("RuntimeWarning: not reading 1 hidden or macOS metadata files "
+                              "named like images") and "'._good0.png'" in scan[0]
+    assert len(scan) == 4
+    log.unlink()
+    images = _read_all_through_workers(ds, log)
+    assert set(images[:, 0, 0, 0].tolist()) == {10, 11, 12, 13}
+    read = _logged(log)
+    float_reason = r"its float pixels span \[255, 255\], outside \[0, 1\]"
+    for name, reason in (("truncated.png", "cannot decode it"), ("float_255.tif", float_reason)):
+        assert re.search(rf"skipping image '{name}' in .*: {reason}.*using the next image", read), \
+            read
+    assert "Traceback" not in read
+
+
+def test_symbolic_links_are_followed_once_and_a_broken_one_is_skipped_naming_it(tmp_path):
+    """A dataset folder assembled from links (to files, to class folders elsewhere) is read as
+    its copy would be; a link back to an ancestor is not a loop, and a broken link is named."""
+    elsewhere = tmp_path / "elsewhere"
+    _solid(elsewhere / "kawung" / "k.png", (30, 0, 0))
+    _solid(elsewhere / "single.png", (40, 0, 0))
+    folder = tmp_path / "photos"
+    _solid(folder / "a.png", (20, 0, 0))
+    (folder / "b_file_link.png").symlink_to(elsewhere / "single.png")
+    (folder / "kawung").symlink_to(elsewhere / "kawung")
+    (folder / "kawung_again").symlink_to(elsewhere / "kawung")  # one folder, read once
+    (folder / "loop").symlink_to(folder)
+    (folder / "c_broken.png").symlink_to(tmp_path / "moved_away.png")
+    log = tmp_path / "warnings.log"
+    with _warnings_logged_to(log):
+        ds = ImageFolderDataset(folder, resolution=16)
+    assert ds.filenames == ["a.png", "b_file_link.png", "kawung/k.png"]
+    assert _logged(log).splitlines() == [
+        f"RuntimeWarning: skipping image 'c_broken.png' in {str(folder)!r}: it is a broken "
+        f"symbolic link (to {str(tmp_path / 'moved_away.png')!r})"]
+    images = _read_all_through_workers(ds, tmp_path / "workers.log")
+    assert sorted(set(images[:, 0, 0, 0].tolist())) == [20, 30, 40]
+
+
+def test_images_deleted_or_truncated_after_the_scan_are_skipped_naming_them_in_workers(
+        tmp_path):
+    """Files that change between the scan and their first read (a sync still running, a
+    cleanup) are skipped in the worker that reads them, naming them, as corrupt ones are."""
+    folder = tmp_path / "photos"
+    for index in range(6):
+        _png(folder / f"{index}.png", size=(16, 16), colour=index * 10)
+    ds = ImageFolderDataset(folder)
+    (folder / "2.png").unlink()
+    _truncate(folder / "4.png")
+    log = tmp_path / "warnings.log"
+    images = _read_all_through_workers(ds, log)
+    assert set(images[:, 0, 0, 0].tolist()) == {0, 10, 30, 50}
+    read = _logged(log)
+    assert re.search(r"skipping image '2.png' in .*: cannot read it \(No such file or directory; "
+                     r"it was readable when the dataset was opened\); using the next image", read)
+    assert re.search(r"skipping image '4.png' in .*: cannot decode it", read), read
+    assert set(re.findall(r"skipping image '([^']*)'", read)) == {"2.png", "4.png"}
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_a_dataset_gone_while_workers_read_it_is_one_error_naming_it(tmp_path, kind):
+    """A dataset moved, deleted or unmounted under a run is one DatasetError naming it (what
+    train.py prints as one line), not a warning for each of its images and then a worker
+    traceback."""
+    folder = tmp_path / "photos"
+    for index in range(40):
+        _png(folder / f"{index:02d}.png", size=(8, 8), seed=index)
+    path = folder
+    if kind == "zip":
+        path = tmp_path / "d.zip"
+        _make_dataset_tool().make_dataset(folder, path, resolution=8, log=lambda m: None)
+    ds = ImageFolderDataset(path)
+    (tmp_path / "moved").mkdir()
+    path.rename(tmp_path / "moved" / path.name)
+    log = tmp_path / "warnings.log"
+    with pytest.raises(DatasetError) as caught:
+        _read_all_through_workers(ds, log)
+    assert str(caught.value).startswith(
+        f"the dataset {str(path)!r} is gone (moved, deleted or unmounted since it was opened): "
+        "cannot read '")
+    assert "\n" not in str(caught.value)
+    assert "skipping" not in _logged(log)
+
+
+def test_a_dataset_error_in_a_loader_worker_is_raised_as_its_one_line_message(tmp_path):
+    """With resizing off, an image replaced by one of another size after the scan is an error
+    naming it; raised in a worker, the DataLoader wraps it in the worker's traceback, which
+    train.py would print where it prints one line."""
+    for index in range(3):
+        _png(tmp_path / f"{index}.png", size=(16, 16))
+    ds = ImageFolderDataset(tmp_path, resize=False)
+    _png(tmp_path / "1.png", size=(12, 12))
+    with pytest.raises(DatasetError) as caught:
+        _read_all_through_workers(ds, tmp_path.parent / f"{tmp_path.name}.log", num_workers=1)
+    assert str(caught.value) == f"image '1.png' in {str(tmp_path)!r} is 12x12, not 16x16"
+
+
+def test_zip_members_that_are_folders_metadata_outside_the_archive_or_repeated_are_named(
+        tmp_path):
+    """Folders are not images; __MACOSX and hidden members are metadata, counted once; a member
+    whose path leaves the archive is skipped naming it; a repeated name is read once (its last
+    copy, as zipfile reads it), naming it; through loader workers the rest reads back."""
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w") as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate it writes
+        z.writestr("folder.png/", b"")
+        z.writestr("a.png", png_bytes(Image.new("RGB", (8, 8), (10, 0, 0))))
+        z.writestr("__MACOSX/._a.png", b"\0\5\26\7AppleDouble")
+        z.writestr("sub/.hidden.png", png_bytes(Image.new("RGB", (8, 8), (99, 0, 0))))
+        z.writestr("../outside.png", png_bytes(Image.new("RGB", (8, 8), (99, 0, 0))))
+        z.writestr("/absolute.png", png_bytes(Image.new("RGB", (8, 8), (99, 0, 0))))
+        z.writestr("twice.png", png_bytes(Image.new("RGB", (8, 8), (98, 0, 0))))
+        z.writestr("twice.png", png_bytes(Image.new("RGB", (8, 8), (20, 0, 0))))
+    log = tmp_path / "warnings.log"
+    with _warnings_logged_to(log):
+        ds = ImageFolderDataset(archive)
+    assert ds.filenames == ["a.png", "twice.png"]
+    where = repr(str(archive))
+    assert _logged(log).splitlines() == [
+        f"RuntimeWarning: skipping image '../outside.png' in {where}: its path leaves the archive "
+        "(absolute or through '..'), which no archive of a dataset holds",
+        f"RuntimeWarning: skipping image '/absolute.png' in {where}: its path leaves the archive "
+        "(absolute or through '..'), which no archive of a dataset holds",
+        f"RuntimeWarning: skipping image 'twice.png' in {where}: 1 earlier member(s) of the same "
+        "name (the archive holds it 2 times; the last is read)",
+        f"RuntimeWarning: not reading 2 hidden or macOS metadata files named like images in "
+        f"{where} (names starting with '.', __MACOSX folders), e.g. '__MACOSX/._a.png'"]
+    images = _read_all_through_workers(ds, tmp_path / "workers.log")
+    assert sorted(set(images[:, 0, 0, 0].tolist())) == [10, 20]
+    assert _logged(tmp_path / "workers.log") == ""
+
+
+def _write_labels(folder, labels, names=("a.png", "b.png", "c.png")):
+    for index, name in enumerate(names):
+        _solid(folder / name, (index, 0, 0), size=(8, 8))
+    if not isinstance(labels, (str, bytes)):
+        labels = json.dumps(labels)
+    (folder / "dataset.json").write_bytes(labels.encode() if isinstance(labels, str) else labels)
+
+
+@pytest.mark.parametrize("labels, message", [
+    ("{'labels': []}", r" is not valid JSON: Expecting property name"),
+    (b'{"labels": "\xff"}', r" is not valid JSON: 'utf-8' codec can't decode byte 0xff"),
+    ([["a.png", 0]], r" is a JSON array, not an object \(dataset.json holds \{\"labels\": "
+                     r"\[\[\"relative/path.png\", label\], ...\]\}"),
+    ({"labels": {"a.png": 0}}, r": \"labels\" is a JSON object, not an array"),
+    ({"labels": [["a.png", 0], ["b.png"]]}, r": entry 1 of \"labels\" is \[\"b.png\"\], not a "
+                                            r"\[path, label\] pair"),
+    ({"labels": [["a.png", 0], ["b.png", 1], ["c.png", 0], ["a.png", 1]]},
+     r" gives 'a.png' two labels, 0 and 1"),
+    ({"labels": [["a.png", 0], ["b.png", 1]]}, r" has no label for 'c.png' \(1 images without"),
+    ({"labels": [["a.png", 0], ["b.png", None], ["c.png", 1]]},
+     r" gives 'b.png' the label null: a label is a class index \(an integer >= 0\) or a vector "
+     r"\(a list of finite numbers\)$"),
+    ({"labels": [["a.png", 0], ["b.png", -1], ["c.png", 1]]}, r" gives 'b.png' the label -1"),
+    ({"labels": [["a.png", 0], ["b.png", True], ["c.png", 1]]}, r" gives 'b.png' the label true"),
+    ({"labels": [["a.png", "kawung"], ["b.png", 1], ["c.png", 1]]},
+     r" gives 'a.png' the label \"kawung\""),
+    ({"labels": [["a.png", 0], ["b.png", 1.5], ["c.png", 1]]},
+     r" gives 'b.png' the label 1.5: .*\(a continuous value goes in a list: \[1.5\]\)"),
+    ({"labels": [["a.png", [0.5]], ["b.png", [float("nan")]], ["c.png", [1]]]},
+     r" gives 'b.png' the label \[NaN\]"),
+    ({"labels": [["a.png", 0], ["b.png", [1, 0]], ["c.png", 1]]},
+     r" gives 'a.png' the class index 0 but 'b.png' a vector of 2 \[1, 0\]: every image's label "
+     r"must be of one kind and length"),
+    ({"labels": [["a.png", [1, 0]], ["b.png", [1, 0]], ["c.png", [1]]]},
+     r" gives 'a.png' a vector of 2 \[1, 0\] but 'c.png' a vector of 1 \[1\]"),
+])
+def test_a_malformed_dataset_json_is_an_error_saying_what_is_wrong(tmp_path, labels, message):
+    """Every way a hand-written dataset.json goes wrong is a DatasetError naming dataset.json
+    and the image, not a numpy or unpacking traceback, nor NaN or two kinds of label trained."""
+    _write_labels(tmp_path, labels)
+    with pytest.raises(DatasetError, match=r"^dataset.json in " + re.escape(repr(str(tmp_path)))
+                       + message):
+        ImageFolderDataset(tmp_path, use_labels=True)
+
+
+def test_labels_are_matched_whatever_separator_and_files_not_in_the_dataset_are_ignored(
+        tmp_path):
+    """Paths written with backslashes (Windows tools) or './' match; labels of files that are
+    not in the dataset (skipped as unreadable, never copied) are ignored; class indices
+    stored as floats (2.0, as some JSON writers store every number) are classes."""
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for index, name in enumerate(["kawung\\a.png", "parang\\b.png", "parang\\c.png"]):
+            z.writestr(name, png_bytes(Image.new("RGB", (8, 8), (index, 0, 0))))
+        z.writestr("parang\\broken.png", b"junk")
+        z.writestr("dataset.json", json.dumps({"labels": [
+            ["kawung\\a.png", 0], ["./parang/b.png", 2.0], ["parang/c.png", 1],
+            ["parang\\broken.png", 1], ["deleted/d.png", 0]]}))
+    with pytest.warns(RuntimeWarning, match="broken.png"):
+        ds = ImageFolderDataset(archive, use_labels=True)
+    np.testing.assert_array_equal(ds.label_table(), [[1, 0, 0], [0, 0, 1], [0, 1, 0]])
+    images, labels = next(make_loader(ds, batch_gpu=3, num_workers=1, seed=2))
+    for image, label in zip(images, labels):
+        np.testing.assert_array_equal(label, ds.get_label(int(image[0, 0, 0])))
+
+
+def test_images_over_the_decompression_bomb_threshold_are_named_by_dataset_workers_and_tool(
+        tmp_path, monkeypatch):
+    """Pillow warns about an image over MAX_IMAGE_PIXELS without naming it (and refuses one
+    over twice that): the dataset says once which file it is and reads it, also in workers,
+    the refused one is skipped naming it, and the tool logs both by name."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 100-megapixel photo, scaled down
+    folder = tmp_path / "photos"
+    _solid(folder / "a.png", (10, 0, 0))
+    _solid(folder / "b_large.png", (20, 0, 0), size=(40, 40))
+    _solid(folder / "c_bomb.png", (30, 0, 0), size=(50, 50))
+    log = tmp_path / "warnings.log"
+    with _warnings_logged_to(log):
+        ds = ImageFolderDataset(folder, resolution=16)
+    assert ds.filenames == ["a.png", "b_large.png"]
+    assert _logged(log).splitlines() == [
+        f"RuntimeWarning: image 'b_large.png' in {str(folder)!r} is 40x40 (0 megapixels), over "
+        "Pillow's decompression-bomb threshold: it is read, but slowly at every use "
+        "(tools/make_dataset.py stores it at the training size once)",
+        f"RuntimeWarning: skipping image 'c_bomb.png' in {str(folder)!r}: cannot read it (Image "
+        "size (2500 pixels) exceeds limit of 2000 pixels, could be decompression bomb DOS "
+        "attack.)"]
+    images = _read_all_through_workers(ds, tmp_path / "workers.log")
+    assert sorted(set(images[:, 0, 0, 0].tolist())) == [10, 20]
+    assert _logged(tmp_path / "workers.log") == ""  # said once, at the scan
+    messages = []
+    count = _make_dataset_tool().make_dataset(folder, tmp_path / "d.zip", resolution=16,
+                                              log=messages.append)
+    assert count == 2
+    assert messages[0] == (f"{folder / 'b_large.png'}: Image size (1600 pixels) exceeds limit of "
+                           "1000 pixels, could be decompression bomb DOS attack.")
+    assert messages[1].startswith(f"skipping {folder / 'c_bomb.png'}: cannot decode it (Image "
+                                  "size (2500 pixels) exceeds limit of 2000 pixels")
+
+
+def test_make_dataset_tool_reads_a_folder_as_training_does(tmp_path):
+    """Linked class folders are followed, hidden files and __MACOSX are not images nor classes,
+    a broken link is named, and a class folder with no usable image is no class (its index
+    would be a class the generator is asked for and never saw)."""
+    elsewhere = tmp_path / "elsewhere"
+    _solid(elsewhere / "parang" / "p.png", (20, 0, 0))
+    photos = tmp_path / "photos"
+    _solid(photos / "kawung" / "k.png", (10, 0, 0))
+    (photos / "parang").symlink_to(elsewhere / "parang")
+    (photos / "ceplok").mkdir()
+    (photos / "ceplok" / "broken.jpg").write_bytes(b"not a photo")
+    (photos / "ceplok" / "gone.png").symlink_to(tmp_path / "gone.png")
+    _solid(photos / "__MACOSX" / "kawung" / "._k.png", (99, 0, 0))
+    _solid(photos / ".thumbnails" / "t.png", (99, 0, 0))
+    messages = []
+    count = _make_dataset_tool().make_dataset(photos, tmp_path / "d.zip", resolution=16,
+                                              labels_from_folders=True, log=messages.append)
+    assert count == 2
+    assert messages[:2] == [
+        f"skipping {photos / 'ceplok' / 'gone.png'}: it is a broken symbolic link (to "
+        f"{str(tmp_path / 'gone.png')!r})",
+        f"skipping {photos / 'ceplok' / 'broken.jpg'}: cannot decode it (cannot identify image "
+        f"file {str(photos / 'ceplok' / 'broken.jpg')!r})"]
+    assert messages[2] == (f"class folder {str(photos / 'ceplok')!r} has no image in the archive "
+                           "(all skipped, or past --max-images): it is not a class")
+    ds = ImageFolderDataset(tmp_path / "d.zip", use_labels=True)
+    assert [int(ds[i][0][0, 0, 0]) for i in range(2)] == [10, 20]
+    np.testing.assert_array_equal(ds.label_table(), [[1, 0], [0, 1]])
+    with zipfile.ZipFile(tmp_path / "d.zip") as z:
+        assert json.loads(z.read("dataset.json"))["classes"] == ["kawung", "parang"]

@@ -2,15 +2,17 @@
 
     python tools/make_dataset.py --source photos/ --dest batik256.zip --resolution 256
 
-Every readable image (searched recursively) is turned upright by its EXIF orientation, converted to
-RGB (alpha over white; 16-bit and float greyscale rescaled, float from [0, 1]), centre-cropped to
-a square, resized with Lanczos and written as ``00000/img00000000.png``. Files that cannot be
-decoded, float images with values outside [0, 1], and images smaller than ``--min-size``, are
-skipped with a message naming them. ``--resolution`` is a power of two, as training needs. A
-``dataset.json`` with labels is written when ``--labels-from-folders`` is given (one class per
-top-level subfolder; images directly in ``--source`` belong to no class and are skipped, naming
-them), in the format of NVIDIA's dataset tool. The archive is written to a temporary file and
-renamed, so an interrupted run never leaves a half-written dataset behind.
+Every readable image (searched recursively, following symbolic links, leaving out hidden files and
+__MACOSX folders) is turned upright by its EXIF orientation, converted to RGB (alpha over white;
+16-bit and float greyscale rescaled, float from [0, 1]), centre-cropped to a square, resized with
+Lanczos and written as ``00000/img00000000.png``. Files that cannot be decoded, float images with
+values outside [0, 1], and images smaller than ``--min-size``, are skipped with a message naming
+them, as are broken links; Pillow's warnings (an image over its decompression-bomb size) are logged
+naming the file. ``--resolution`` is a power of two, as training needs. A ``dataset.json`` with
+labels is written when ``--labels-from-folders`` is given (one class per top-level subfolder; images
+directly in ``--source`` belong to no class and are skipped, naming them; a class folder none of
+whose images is written is no class), in the format of NVIDIA's dataset tool. The archive is written
+to a temporary file and renamed, so an interrupted run never leaves a half-written dataset behind.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import io
 import json
 import os
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from batikfast.data.dataset import (IMAGE_EXTENSIONS, PixelRangeError,  # noqa: E402
-                                     _centre_crop_resize, _to_rgb)
+                                     _centre_crop_resize, _to_rgb, list_folder_images)
 
 
 def check_options(resolution: int, max_images: int | None) -> None:
@@ -48,8 +51,7 @@ def make_dataset(source, dest, resolution: int = 256, min_size: int = 8,
     check_options(resolution, max_images)
     if not source.is_dir():
         raise ValueError(f"--source {str(source)!r} is not a folder")
-    files = sorted(p for p in source.rglob("*")
-                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = _find_images(source, log)
     if not files:
         raise ValueError(f"no images in {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     classes = sorted({p.relative_to(source).parts[0] for p in files if len(p.relative_to(source).parts) > 1})
@@ -65,6 +67,36 @@ def make_dataset(source, dest, resolution: int = 256, min_size: int = 8,
             tmp.unlink()
     log(f"wrote {count} images of {resolution}x{resolution} to {dest}")
     return count
+
+
+def _find_images(source: Path, log) -> list[Path]:
+    """The image files under ``source``, as training reads a folder: symbolic links followed,
+    hidden files and __MACOSX folders left out, broken links skipped naming them."""
+    try:
+        listing = list_folder_images(source)
+    except OSError as error:
+        raise ValueError(f"--source {str(source)!r}: cannot list it "
+                         f"({error.strerror or error})") from None
+    for name, reason in listing.skipped:
+        log(f"skipping {source / name}: {reason}")
+    note = listing.hidden_note(repr(str(source)))
+    if note:
+        log(note)
+    return [source / name for name in listing.names]
+
+
+def _read_photo(path: Path, log) -> Image.Image:
+    """``path`` upright in RGB; Pillow's warnings (a decompression-bomb size, bad metadata),
+    which name no file, are logged naming it."""
+    with warnings.catch_warnings(record=True) as pillow_warnings:
+        warnings.simplefilter("always")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return _to_rgb(img, 3)
+        finally:
+            for caught in pillow_warnings:
+                log(f"{path}: {caught.message}")
 
 
 def _make_dest_folder(dest: Path) -> None:
@@ -92,9 +124,7 @@ def _write_archive(tmp: Path, dest: Path, source: Path, files, classes, resoluti
                 log(f"skipping {path}: not in a class subfolder, so it has no label")
                 continue
             try:
-                with Image.open(path) as img:
-                    img.load()
-                    img = _to_rgb(img, 3)
+                img = _read_photo(path, log)
             except PixelRangeError as error:
                 log(f"skipping {path}: {error}")
                 continue
@@ -111,13 +141,20 @@ def _write_archive(tmp: Path, dest: Path, source: Path, files, classes, resoluti
             archive.writestr(name, buffer.getvalue())
             if labels_from_folders:
                 parts = path.relative_to(source).parts
-                labels.append([name, classes.index(parts[0])])
+                labels.append([name, parts[0]])
             count += 1
         if count == 0:
             raise ValueError(f"no usable images in {str(source)!r}: every file was skipped")
-        meta = {"labels": labels if labels_from_folders else None}
+        meta = {"labels": None}
         if labels_from_folders:
-            meta["classes"] = classes
+            # a class folder none of whose images was written would be a class never seen
+            written = sorted({folder for _, folder in labels})
+            for folder in sorted(set(classes) - set(written)):
+                log(f"class folder {str(source / folder)!r} has no image in the archive (all "
+                    "skipped, or past --max-images): it is not a class")
+            index = {folder: position for position, folder in enumerate(written)}
+            meta["labels"] = [[name, index[folder]] for name, folder in labels]
+            meta["classes"] = written
         archive.writestr("dataset.json", json.dumps(meta))
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())

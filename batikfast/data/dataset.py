@@ -18,13 +18,30 @@ Bad files never crash deep inside a loader worker without a name:
 * images of another size are centre-cropped and resized, or rejected with an error naming the
   file when ``resize=False``; images smaller than ``min_size`` (8 pixels, or the resolution
   when that is smaller) are skipped with a warning;
-* an empty folder or archive, or a file that is not a zip archive, is a ``ValueError``.
+* an empty folder or archive, or a file that is not a zip archive, is a ``ValueError``;
+* hidden files and folders (names starting with ``.``: ``.DS_Store``, macOS ``._*`` resource
+  forks) and ``__MACOSX`` folders are not read (one warning counts those named like images);
+  symbolic links are followed (a folder reached twice is read once), and a broken link, a zip
+  member whose path leaves the archive (``..``, absolute) and a repeated member name are
+  skipped with a warning naming them;
+* ``dataset.json`` labels are checked when read: a malformed file, an entry that is not a
+  ``[path, label]`` pair, two different labels for one image, a label that is neither a class
+  index nor a vector of finite numbers, and a mix of kinds or vector lengths are errors naming
+  the image; labels of files that are not in the dataset are ignored;
+* a file that cannot be read when first used (deleted or truncated since the scan) is skipped
+  as a corrupt one is, and a dataset whose folder or archive is gone altogether is an error
+  naming it, not one warning per image;
+* images larger than Pillow's decompression-bomb threshold are read, with one warning naming
+  them (twice the threshold: skipped, naming them); animated and multi-page files give their
+  first frame.
 """
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import posixpath
 import warnings
 import zipfile
 from pathlib import Path
@@ -35,6 +52,8 @@ from PIL import Image, ImageOps
 _EXIF_ORIENTATION = 0x0112
 _LABELS_HINT = (": make the dataset with tools/make_dataset.py --labels-from-folders (one class "
                 "per subfolder)")
+_LABELS_FORMAT = ('(dataset.json holds {"labels": [["relative/path.png", label], ...]}, a label '
+                  "being a class index or a list of numbers)")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Shorter sides below this are thumbnails or icons, not training images (unless the run's
 # resolution is smaller still).
@@ -123,7 +142,8 @@ def _wide_to_8bit(pixels: np.ndarray, mode: str) -> np.ndarray:
         peak = 65535
     else:
         peak = 255
-    lowest, highest = pixels.min(initial=0), pixels.max(initial=0)
+    # (initial=0 would report 0 as the lowest value of an image of 255s)
+    lowest, highest = (pixels.min(), pixels.max()) if pixels.size else (0, 0)
     if not (np.isfinite(lowest) and np.isfinite(highest)) or lowest < 0 or highest > peak:
         kind = "float" if mode == "F" else f"{mode} integer"
         raise PixelRangeError(
@@ -142,6 +162,178 @@ def _centre_crop_resize(img: Image.Image, resolution: int) -> Image.Image:
         img = img.resize((resolution, resolution), Image.LANCZOS)
     return img
 
+
+
+def _is_metadata(part: str) -> bool:
+    """Hidden files and folders (``.DS_Store``, macOS ``._*`` resource forks, ``.git``) and the
+    ``__MACOSX`` folder macOS adds to zips: never training images, even when named like one."""
+    return part.startswith(".") or part == "__MACOSX"
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+class FileListing:
+    """Image files found under a folder or in a zip, and what was set aside while looking.
+
+    ``names``: paths relative to the root as read back (posix in folders, as stored in zips),
+    sorted; ``skipped``: ``(name, reason)`` of files named like images that cannot be images of
+    the dataset; ``hidden``: hidden and macOS metadata files named like images, not read."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.skipped: list[tuple[str, str]] = []
+        self.hidden: list[str] = []
+
+    def hidden_note(self, where: str) -> str | None:
+        if not self.hidden:
+            return None
+        return (f"not reading {len(self.hidden)} hidden or macOS metadata files named like images "
+                f"in {where} (names starting with '.', __MACOSX folders), e.g. {self.hidden[0]!r}")
+
+
+def list_folder_images(root) -> FileListing:
+    """The image files under ``root``, searched recursively in sorted order.
+
+    Symbolic links to files and folders are followed, a folder reached twice (a link to an
+    ancestor, two links to one folder) is read at its first path only; broken links and other
+    files that are not regular files (pipes, sockets) are set aside, as are folders that cannot
+    be listed."""
+    listing, visited = FileListing(), set()
+    folders = [("", str(root))]
+    while folders:
+        prefix, folder = folders.pop()
+        try:
+            status = os.stat(folder)
+            if (status.st_dev, status.st_ino) in visited:
+                continue
+            visited.add((status.st_dev, status.st_ino))
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            if not prefix:
+                raise
+            listing.skipped.append((prefix, f"cannot list the folder ({error.strerror or error})"))
+            continue
+        subfolders = []
+        for entry in entries:
+            name = prefix + entry.name
+            if _is_metadata(entry.name):
+                if _is_image_name(entry.name) and not entry.is_dir():
+                    listing.hidden.append(name)
+            elif entry.is_dir():
+                subfolders.append((name + "/", entry.path))
+            elif not _is_image_name(entry.name):
+                continue
+            elif entry.is_file():
+                listing.names.append(name)
+            elif entry.is_symlink():
+                listing.skipped.append(
+                    (name, f"it is a broken symbolic link (to {os.readlink(entry.path)!r})"))
+            else:
+                listing.skipped.append((name, "it is not a regular file"))
+        folders.extend(reversed(subfolders))  # depth first, in name order
+    listing.names.sort()
+    return listing
+
+
+def list_zip_images(archive: zipfile.ZipFile) -> FileListing:
+    """The image members of ``archive``, sorted; folders are left out, and members whose path
+    leaves the archive (absolute, a drive, ``..``), which no archiver of a folder writes, are
+    set aside, as are repeated names but the last (the copy ``ZipFile.read`` returns)."""
+    listing, copies = FileListing(), {}
+    for info in archive.infolist():
+        if not info.is_dir() and _is_image_name(info.filename):
+            copies[info.filename] = copies.get(info.filename, 0) + 1
+    for name, count in copies.items():
+        parts = name.replace("\\", "/").split("/")
+        if any(_is_metadata(part) for part in parts if part not in ("", ".", "..")):
+            listing.hidden.append(name)
+            continue
+        if not parts[0] or ".." in parts or parts[0].endswith(":"):
+            listing.skipped.append((name, "its path leaves the archive (absolute or through "
+                                          "'..'), which no archive of a dataset holds"))
+            continue
+        if count > 1:
+            listing.skipped.append((name, f"{count - 1} earlier member(s) of the same name (the "
+                                          f"archive holds it {count} times; the last is read)"))
+        listing.names.append(name)
+    listing.names.sort()
+    return listing
+
+
+def _label_key(path: str) -> str:
+    """A path of dataset.json or of the dataset, as both are compared: posix, normalised."""
+    return posixpath.normpath(str(path).replace("\\", "/"))
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number"}.get(type(value), "null")
+
+
+def _short_json(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _label_table(table, where: str) -> dict:
+    """``{normalised path: label}`` of dataset.json's ``labels``: ``[[path, label], ...]``."""
+    if not isinstance(table, list):
+        raise DatasetError(f"{where}: \"labels\" is a JSON {_json_type(table)}, not an array "
+                           f"{_LABELS_FORMAT}")
+    labels = {}
+    for position, entry in enumerate(table):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise DatasetError(f"{where}: entry {position} of \"labels\" is "
+                               f"{_short_json(entry)}, not a [path, label] pair {_LABELS_FORMAT}")
+        key = _label_key(entry[0])
+        if key in labels and labels[key] != entry[1]:
+            raise DatasetError(f"{where} gives {entry[0]!r} two labels, "
+                               f"{_short_json(labels[key])} and {_short_json(entry[1])}")
+        labels[key] = entry[1]
+    return labels
+
+
+def _is_finite_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _label_kind(value) -> str | None:
+    """"class" (an integer >= 0; a float of integral value, as some JSON writers store every
+    number), "vector" (a non-empty list of finite numbers), or None (not a label)."""
+    if _is_finite_number(value) and value >= 0 and float(value).is_integer():
+        return "class"
+    if isinstance(value, list) and value and all(_is_finite_number(v) for v in value):
+        return "vector"
+    return None
+
+
+def _label_array(names, values, where: str) -> np.ndarray:
+    """``[len(names), label_dim]`` float32: class indices one-hot, vectors as given."""
+    kinds = [_label_kind(value) for value in values]
+    for name, value, kind in zip(names, values, kinds):
+        if kind is None:
+            hint = (f" (a continuous value goes in a list: [{value}])"
+                    if _is_finite_number(value) and value >= 0 else "")
+            raise DatasetError(f"{where} gives {name!r} the label {_short_json(value)}: a label "
+                               f"is a class index (an integer >= 0) or a vector (a list of finite "
+                               f"numbers){hint}")
+        if kind != kinds[0] or (kind == "vector" and len(value) != len(values[0])):
+            def describe(label, label_kind):
+                return ("the class index" if label_kind == "class"
+                        else f"a vector of {len(label)}") + f" {_short_json(label)}"
+            raise DatasetError(f"{where} gives {names[0]!r} {describe(values[0], kinds[0])} but "
+                               f"{name!r} {describe(value, kind)}: every image's label must be "
+                               "of one kind and length")
+    if kinds[0] == "vector":
+        return np.asarray(values, dtype=np.float32)
+    classes = np.asarray(values, dtype=np.int64)
+    onehot = np.zeros((len(values), int(classes.max()) + 1), dtype=np.float32)
+    onehot[np.arange(len(values)), classes] = 1
+    return onehot
 
 class ImageFolderDataset(Dataset):
     """Images from a folder (searched recursively) or a ``.zip`` archive.
@@ -178,7 +370,9 @@ class ImageFolderDataset(Dataset):
         self._zipfile, self._zipfile_pid = None, None
         self._type = self._detect_type(self.path)
         self.name = Path(self.path).stem
-        names = sorted(n for n in self._all_names() if n.lower().endswith(IMAGE_EXTENSIONS))
+        # images over Pillow's decompression-bomb threshold, said once at the scan
+        self._oversized: set[str] = set()
+        names = self._list_images()
         if not names:
             raise DatasetError(
                 f"no images found in {self.path!r} (looked for files ending in "
@@ -232,14 +426,25 @@ class ImageFolderDataset(Dataset):
             self._zipfile_pid = os.getpid()
         return self._zipfile
 
-    def _all_names(self) -> list[str]:
-        if self._type == "dir":
-            root = Path(self.path)
-            return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    def _list_images(self) -> list[str]:
+        """Sorted names of the image files, warning about those set aside."""
         try:
-            return [n for n in self._get_zipfile().namelist() if not n.endswith("/")]
+            if self._type == "dir":
+                listing = list_folder_images(self.path)
+            else:
+                listing = list_zip_images(self._get_zipfile())
         except zipfile.BadZipFile as error:
             raise DatasetError(f"{self.path!r} is a damaged zip archive: {error}") from error
+        except OSError as error:
+            raise DatasetError(f"cannot read the dataset {self.path!r}: "
+                               f"{error.strerror or error}") from error
+        for name, reason in listing.skipped:
+            warnings.warn(f"skipping {self._describe(name)}: {reason}", RuntimeWarning,
+                          stacklevel=4)
+        note = listing.hidden_note(repr(self.path))
+        if note:
+            warnings.warn(note, RuntimeWarning, stacklevel=4)
+        return listing.names
 
     def _read_bytes(self, name: str) -> bytes:
         if self._type == "dir":
@@ -267,14 +472,21 @@ class ImageFolderDataset(Dataset):
     def _scan(self, names, resolution, verify):
         kept, sizes = [], []
         for name in names:
-            try:
-                # only the header is read unless verifying: scanning 20k files stays quick
-                with self._open_file(name) as handle, Image.open(handle) as img:
-                    size = img.size
-                    if verify:
-                        img.load()
-            except Exception as error:  # PIL raises many types for junk
-                warnings.warn(f"skipping {self._describe(name)}: cannot read it ({error})",
+            # Pillow's own warnings (a decompression-bomb size, bad metadata) name no file
+            with warnings.catch_warnings(record=True) as pillow_warnings:
+                warnings.simplefilter("always")
+                try:
+                    # only the header is read unless verifying: scanning 20k files stays quick
+                    with self._open_file(name) as handle, Image.open(handle) as img:
+                        size = img.size
+                        if verify:
+                            img.load()
+                except Exception as error:  # PIL raises many types for junk
+                    size, reason = None, error
+            for caught in pillow_warnings:
+                self._warn_for_pillow(name, caught, size)
+            if size is None:
+                warnings.warn(f"skipping {self._describe(name)}: cannot read it ({reason})",
                               RuntimeWarning, stacklevel=3)
                 continue
             if min(size) < self.min_size:
@@ -286,40 +498,50 @@ class ImageFolderDataset(Dataset):
             sizes.append(size)
         return kept, sizes
 
+    def _warn_for_pillow(self, name: str, caught: warnings.WarningMessage, size) -> None:
+        if issubclass(caught.category, Image.DecompressionBombWarning) and size is not None:
+            self._oversized.add(name)
+            message = (f"{self._describe(name)} is {size[0]}x{size[1]} "
+                       f"({size[0] * size[1] / 1e6:.0f} megapixels), over Pillow's "
+                       "decompression-bomb threshold: it is read, but slowly at every use "
+                       "(tools/make_dataset.py stores it at the training size once)")
+        else:
+            message = f"{self._describe(name)}: {caught.message}"
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
     def _read_labels(self, names):
+        where = f"dataset.json in {self.path!r}"
         try:
             meta = json.loads(self._read_bytes("dataset.json"))
         except (FileNotFoundError, KeyError) as error:
             raise DatasetError(f"use_labels=True (--cond) but {self.path!r} has no dataset.json"
                                f"{_LABELS_HINT}") from error
-        except json.JSONDecodeError as error:
-            raise DatasetError(f"dataset.json in {self.path!r} is not valid JSON: {error}") from error
+        except ValueError as error:  # JSONDecodeError, and UnicodeDecodeError for binary junk
+            raise DatasetError(f"{where} is not valid JSON: {error}") from error
+        if not isinstance(meta, dict):
+            raise DatasetError(f"{where} is a JSON {_json_type(meta)}, not an object "
+                               f"{_LABELS_FORMAT}")
         table = meta.get("labels")
         if table is None:
             # what the dataset tool writes without --labels-from-folders
-            raise DatasetError(f"use_labels=True (--cond) but dataset.json in {self.path!r} has "
-                               f"no labels{_LABELS_HINT}")
-        table = {str(k).replace("\\", "/"): v for k, v in table}
-        missing = [n for n in names if n not in table]
+            raise DatasetError(f"use_labels=True (--cond) but {where} has no labels{_LABELS_HINT}")
+        labels = _label_table(table, where)
+        missing = [n for n in names if _label_key(n) not in labels]
         if missing:
-            raise DatasetError(f"dataset.json in {self.path!r} has no label for {missing[0]!r}"
+            raise DatasetError(f"{where} has no label for {missing[0]!r}"
                                f" ({len(missing)} images without labels)")
-        raw = [table[n] for n in names]
-        if all(isinstance(v, int) for v in raw):
-            ints = np.asarray(raw, dtype=np.int64)
-            if ints.min() < 0:
-                raise DatasetError(f"dataset.json in {self.path!r} has a negative class label")
-            onehot = np.zeros((len(raw), int(ints.max()) + 1), dtype=np.float32)
-            onehot[np.arange(len(raw)), ints] = 1
-            return onehot
-        return np.asarray(raw, dtype=np.float32).reshape(len(raw), -1)
+        return _label_array(names, [labels[_label_key(n)] for n in names], where)
 
     # ---- items ------------------------------------------------------------------------------
     def _decode(self, raw_index: int) -> np.ndarray:
         name = self._names[raw_index]
-        with Image.open(io.BytesIO(self._read_bytes(name))) as img:
-            img.load()
-            img = _to_rgb(img, self.num_channels)
+        data = self._read_bytes(name)
+        if self._oversized and name in self._oversized:
+            with warnings.catch_warnings():  # said at the scan, naming the file
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = self._open_image(data)
+        else:
+            img = self._open_image(data)
         if img.size != (self.resolution, self.resolution):
             if not self.resize:
                 raise DatasetError(f"{self._describe(name)} is {img.size[0]}x{img.size[1]}, "
@@ -329,6 +551,11 @@ class ImageFolderDataset(Dataset):
         if array.ndim == 2:
             array = array[:, :, None]
         return array.transpose(2, 0, 1)
+
+    def _open_image(self, data: bytes) -> Image.Image:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return _to_rgb(img, self.num_channels)
 
     def _load_item(self, raw_index: int):
         # A truncated file is replaced by the next readable one so that a long run survives it.
@@ -341,9 +568,19 @@ class ImageFolderDataset(Dataset):
             except DatasetError:
                 raise
             except Exception as error:
+                if not os.path.exists(self.path):
+                    # not one warning per image of a dataset that was moved or unmounted
+                    raise DatasetError(
+                        f"the dataset {self.path!r} is gone (moved, deleted or unmounted since "
+                        f"it was opened): cannot read {self._names[index]!r}") from error
                 self._bad.add(index)
-                reason = (error if isinstance(error, PixelRangeError)
-                          else f"cannot decode it ({error})")
+                if isinstance(error, PixelRangeError):
+                    reason = error
+                elif isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
+                    reason = (f"cannot read it ({error.strerror}; it was readable when the "
+                              "dataset was opened)")
+                else:
+                    reason = f"cannot decode it ({error})"
                 warnings.warn(f"skipping {self._describe(self._names[index])}: {reason}; using the "
                               "next image instead", RuntimeWarning, stacklevel=3)
                 continue

@@ -13,7 +13,7 @@ import torch
 import torch.utils.data
 
 from batikfast.data.batik import BuiltinBatikDataset
-from batikfast.data.dataset import Dataset, ImageFolderDataset
+from batikfast.data.dataset import Dataset, DatasetError, ImageFolderDataset
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
@@ -92,4 +92,29 @@ def make_loader(dataset: Dataset, batch_gpu: int, rank: int = 0, world_size: int
                                          num_workers=num_workers, pin_memory=pin_memory,
                                          collate_fn=_collate,
                                          generator=torch.Generator().manual_seed(seed), **kwargs)
-    return iter(loader)
+    return _batches(iter(loader)) if num_workers > 0 else iter(loader)
+
+
+def _batches(batches):
+    """``batches``, with a ``DatasetError`` raised in a worker re-raised as its own message.
+
+    The DataLoader re-raises a worker's exception with the worker's traceback as its message:
+    train.py would print that traceback where it prints one ``error:`` line naming the file."""
+    try:
+        yield from batches
+        return
+    except DatasetError as error:
+        message = _worker_error_message(str(error))
+    # The workers are stopped now: the iterator is in reference cycles, and when the garbage
+    # collector stops them instead (at exit, say), each waits out a 5 s timeout.
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch has no public close()
+    if shutdown is not None:
+        shutdown()
+    raise DatasetError(message)  # outside the handler: without the worker's traceback
+
+
+def _worker_error_message(text: str) -> str:
+    """The message of the ``DatasetError`` in a worker traceback (``text`` when it is none)."""
+    if not text.startswith("Caught DatasetError"):
+        return text
+    return text.rstrip().rsplit("DatasetError: ", 1)[-1]
