@@ -412,8 +412,9 @@ class Timer:
         return _summary(times, self.method)
 
     def _time_cpu(self, fn) -> Timing:
-        # No warm-up call here: callers have run fn once already (for its outputs), and one
-        # interpreted Triton call can take seconds.
+        # No warm-up call here: the benchmark scripts have run fn once already (for its
+        # outputs; the CPU ceilings, labels only, have not), and one interpreted Triton call
+        # can take seconds.
         times = []
         budget_end = time.perf_counter() + max(self.rep_ms, 1.0) / 1000 * 5
         while len(times) < self.max_repeats:

@@ -125,7 +125,9 @@ def main(argv=None) -> int:
     """Redraw each file; one that cannot be read or is not a benchmark result says so and the
     others are still drawn (a traceback used to stop the rest). Exit status 1 if any failed."""
     parser = argparse.ArgumentParser(description="Redraw charts (and ops.md) from results JSON.")
-    parser.add_argument("json", nargs="+", help="ops.json or train_step.json files")
+    parser.add_argument("json", nargs="+",
+                        help="results JSON files: ops.json and train_step.json are drawn, "
+                             "networks / peer_nvidia / peer_networks.json have tables only")
     args = parser.parse_args(argv)
     failed = 0
     for name in args.json:
@@ -152,8 +154,8 @@ def main(argv=None) -> int:
         elif kind == "networks":
             print(f"{path}: no chart for the whole-network timings; their table is networks.md")
         else:
-            print(f"{path}: not a results file of run.py or train_step.py (no meta / results "
-                  "/ ceilings); nothing drawn", file=sys.stderr)
+            print(f"{path}: not a results file of the benchmark scripts (no meta / results, "
+                  "or rows of no known kind); nothing drawn", file=sys.stderr)
             failed += 1
     return 1 if failed else 0
 

@@ -1,7 +1,7 @@
 """Time every batikfast op in every implementation at the paper256 shapes.
 
     python benchmarks/run.py                      # GPU: paper256 G and D, batch 64 and 16
-    python benchmarks/run.py --quick              # CPU or GPU: tiny shapes, seconds (CI)
+    python benchmarks/run.py --quick              # tiny shapes: seconds on a GPU, ~1 min on a CPU
     python benchmarks/run.py --ops modulated_conv2d --dtype fp16 --batch 64 --budget 120
     python benchmarks/run.py --train-step         # also the whole training step
 
@@ -75,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seconds after which no new measurement starts (the rest is "
                              "recorded as skipped)")
     parser.add_argument("--rep-ms", type=common.positive_float, default=None,
-                        help="milliseconds of timed repeats per measurement (default 100)")
+                        help="milliseconds of timed repeats per measurement (default 100; "
+                             "--quick: 20)")
     parser.add_argument("--outdir", default=None,
                         help="output folder (default benchmarks/results/<device>-<date>)")
     parser.add_argument("--device", type=common.device_arg, default=None, help="cuda or cpu (default: cuda if present)")
@@ -258,8 +259,8 @@ def main(argv=None) -> dict:
         # Said before, not after: the first interpreted paper256 case alone runs for minutes
         # to hours, with no line printed until it ends.
         print("note: on the CPU Triton runs interpreted, minutes to hours per case at these "
-              "shapes; --quick (tiny shapes) checks the script in seconds, and no CPU figure "
-              "is comparable with a GPU's", flush=True)
+              "shapes; --quick (tiny shapes) checks the script in about a minute, and no CPU "
+              "figure is comparable with a GPU's", flush=True)
     ceilings = None
     if not args.no_ceilings:
         ceilings = ceilings_mod.measure_ceilings(device, timer)
