@@ -851,3 +851,45 @@ def test_make_dataset_tool_reads_a_folder_as_training_does(tmp_path):
     np.testing.assert_array_equal(ds.label_table(), [[1, 0], [0, 1]])
     with zipfile.ZipFile(tmp_path / "d.zip") as z:
         assert json.loads(z.read("dataset.json"))["classes"] == ["kawung", "parang"]
+
+
+def test_pillows_warnings_about_a_file_are_given_once_naming_it_not_at_every_read(tmp_path):
+    """Corrupt EXIF in a photo (common from phone editing apps) is a warning without a file
+    name in Pillow, repeated at each read: the dataset names the file once, at the scan, and
+    trains on the image; the workers' reads are quiet."""
+    folder = tmp_path / "photos"
+    _solid(folder / "a.jpg", (200, 200, 200), quality=100)
+    Image.new("RGB", (16, 16), (50, 50, 50)).save(
+        folder / "b_corrupt_exif.jpg", quality=100,
+        exif=b"Exif\0\0MM\0*\0\0\0\x08\0\x05\x01\x12\0\x03\xff\xff\xff\xff")
+    log = tmp_path / "warnings.log"
+    with _warnings_logged_to(log):
+        ds = ImageFolderDataset(folder)
+    assert _logged(log).splitlines() == [
+        f"RuntimeWarning: image 'b_corrupt_exif.jpg' in {str(folder)!r}: Corrupt EXIF data.  "
+        "Expecting to read 12 bytes but only got 8. "]
+    images = _read_all_through_workers(ds, tmp_path / "workers.log")
+    assert sorted(set(images[:, 0, 0, 0].tolist())) == [50, 200]
+    assert _logged(tmp_path / "workers.log") == ""
+
+
+def test_a_zip_cut_short_and_a_bad_max_size_are_errors_saying_so(tmp_path):
+    """A zip whose copy or download was interrupted lacks its central directory: 'neither a
+    folder nor a zip archive' sent its user looking for the wrong thing. max_size 0 gave an
+    empty dataset and a negative one dropped the last images."""
+    _solid(tmp_path / "photos" / "a.png", (1, 2, 3))
+    _solid(tmp_path / "photos" / "b.png", (1, 2, 3))
+    whole = tmp_path / "d.zip"
+    _make_dataset_tool().make_dataset(tmp_path / "photos", whole, resolution=16,
+                                      log=lambda m: None)
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(whole.read_bytes()[:-40])
+    with pytest.raises(DatasetError, match=r"^dataset path '.*cut.zip' is a damaged zip archive: "
+                                           r"its end \(the central directory\) is missing, as "
+                                           r"when a copy or download was cut short$"):
+        ImageFolderDataset(cut)
+    for max_size in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=rf"^max_size must be a positive integer or None, "
+                                             rf"got {max_size}$"):
+            ImageFolderDataset(whole, max_size=max_size)
+    assert len(ImageFolderDataset(whole, max_size=1)) == 1

@@ -31,9 +31,9 @@ Bad files never crash deep inside a loader worker without a name:
 * a file that cannot be read when first used (deleted or truncated since the scan) is skipped
   as a corrupt one is, and a dataset whose folder or archive is gone altogether is an error
   naming it, not one warning per image;
-* images larger than Pillow's decompression-bomb threshold are read, with one warning naming
-  them (twice the threshold: skipped, naming them); animated and multi-page files give their
-  first frame.
+* Pillow's warnings about a file (a size over its decompression-bomb threshold, corrupt EXIF)
+  are given once, at the scan, naming it, and the file is read (twice the threshold: skipped,
+  naming it); animated and multi-page files give their first frame.
 """
 from __future__ import annotations
 
@@ -361,6 +361,8 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
         if resolution is not None and (int(resolution) != resolution or resolution < 1):
             raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+        if max_size is not None and (int(max_size) != max_size or max_size < 1):
+            raise ValueError(f"max_size must be a positive integer or None, got {max_size!r}")
         self.path = str(path)
         self.num_channels = channels
         self.resize = resize
@@ -370,8 +372,9 @@ class ImageFolderDataset(Dataset):
         self._zipfile, self._zipfile_pid = None, None
         self._type = self._detect_type(self.path)
         self.name = Path(self.path).stem
-        # images over Pillow's decompression-bomb threshold, said once at the scan
-        self._oversized: set[str] = set()
+        # images Pillow warned about at the scan (a decompression-bomb size, corrupt EXIF), said
+        # there once naming them: their reads are quiet
+        self._warned: set[str] = set()
         names = self._list_images()
         if not names:
             raise DatasetError(
@@ -414,6 +417,11 @@ class ImageFolderDataset(Dataset):
         if not os.path.exists(path):
             raise DatasetError(f"dataset path {path!r} does not exist")
         if not zipfile.is_zipfile(path):
+            with open(path, "rb") as handle:
+                if handle.read(4) == b"PK\x03\x04":
+                    raise DatasetError(
+                        f"dataset path {path!r} is a damaged zip archive: its end (the central "
+                        "directory) is missing, as when a copy or download was cut short")
             raise DatasetError(f"dataset path {path!r} is neither a folder nor a zip archive")
         return "zip"
 
@@ -499,8 +507,8 @@ class ImageFolderDataset(Dataset):
         return kept, sizes
 
     def _warn_for_pillow(self, name: str, caught: warnings.WarningMessage, size) -> None:
+        self._warned.add(name)
         if issubclass(caught.category, Image.DecompressionBombWarning) and size is not None:
-            self._oversized.add(name)
             message = (f"{self._describe(name)} is {size[0]}x{size[1]} "
                        f"({size[0] * size[1] / 1e6:.0f} megapixels), over Pillow's "
                        "decompression-bomb threshold: it is read, but slowly at every use "
@@ -536,9 +544,9 @@ class ImageFolderDataset(Dataset):
     def _decode(self, raw_index: int) -> np.ndarray:
         name = self._names[raw_index]
         data = self._read_bytes(name)
-        if self._oversized and name in self._oversized:
+        if self._warned and name in self._warned:
             with warnings.catch_warnings():  # said at the scan, naming the file
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore")
                 img = self._open_image(data)
         else:
             img = self._open_image(data)
