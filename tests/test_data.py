@@ -893,3 +893,22 @@ def test_a_zip_cut_short_and_a_bad_max_size_are_errors_saying_so(tmp_path):
                                              rf"got {max_size}$"):
             ImageFolderDataset(whole, max_size=max_size)
     assert len(ImageFolderDataset(whole, max_size=1)) == 1
+
+
+def test_small_images_among_larger_ones_are_said_to_be_enlarged_naming_them(tmp_path):
+    """Thumbnails among photos were upscaled at every read without a word (the training loop
+    refuses a dataset whose images are all smaller, and says when it shrinks them)."""
+    for index in range(3):
+        _solid(tmp_path / f"photo{index}.png", (index, 0, 0), size=(64, 48))
+    for index in range(5):
+        _solid(tmp_path / f"thumb{index}.png", (index, 0, 0), size=(16, 12))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = ImageFolderDataset(tmp_path, resolution=32)
+        ImageFolderDataset(tmp_path, resolution=8)  # every image shrinks: nothing to say
+        ImageFolderDataset(tmp_path, resolution=32, max_size=3)  # the thumbnails are unused
+    assert len(ds) == 8
+    assert [str(w.message) for w in caught] == [
+        f"5 of the 8 images in {str(tmp_path)!r} are smaller than 32x32 and are enlarged "
+        "(blurred) at every read: 'thumb0.png' (16x12), 'thumb1.png' (16x12), 'thumb2.png' "
+        "(16x12), ...; leave them out or pass a smaller resolution"]

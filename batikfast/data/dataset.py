@@ -16,7 +16,8 @@ Bad files never crash deep inside a loader worker without a name:
   to 8 bits (float images from [0, 1]), and those whose values lie outside their mode's range
   are skipped when first read, with a warning naming them;
 * images of another size are centre-cropped and resized, or rejected with an error naming the
-  file when ``resize=False``; images smaller than ``min_size`` (8 pixels, or the resolution
+  file when ``resize=False``; among images of mixed sizes, those smaller than the resolution
+  (enlarged, blurred) are counted in one warning naming the first few; images smaller than ``min_size`` (8 pixels, or the resolution
   when that is smaller) are skipped with a warning;
 * an empty folder or archive, or a file that is not a zip archive, is a ``ValueError``;
 * hidden files and folders (names starting with ``.``: ``.DS_Store``, macOS ``._*`` resource
@@ -402,7 +403,9 @@ class ImageFolderDataset(Dataset):
                         f"{self._describe(name)} is {w}x{h} but the dataset is "
                         f"{self.resolution}x{self.resolution}; resize it or allow resizing")
         if max_size is not None:
-            names = names[:max_size]
+            names, sizes = names[:max_size], sizes[:max_size]
+        if resize and self.stored_resolution is None:
+            self._warn_about_upscaling(names, sizes)
         self._names = names
         self._bad: set[int] = set()
         self._labels = self._read_labels(names) if use_labels else None
@@ -505,6 +508,20 @@ class ImageFolderDataset(Dataset):
             kept.append(name)
             sizes.append(size)
         return kept, sizes
+
+    def _warn_about_upscaling(self, names, sizes) -> None:
+        """Images of mixed sizes, some of them smaller than the resolution (thumbnails among
+        photos): those are enlarged, blurred, at every read. One warning naming the first few.
+        (When every image is smaller, the training loop refuses the dataset.)"""
+        small = [(name, size) for name, size in zip(names, sizes)
+                 if min(size) < self.resolution]
+        if not small:
+            return
+        examples = ", ".join(f"{name!r} ({w}x{h})" for name, (w, h) in small[:3])
+        warnings.warn(f"{len(small)} of the {len(names)} images in {self.path!r} are smaller than "
+                      f"{self.resolution}x{self.resolution} and are enlarged (blurred) at every "
+                      f"read: {examples}{', ...' if len(small) > 3 else ''}; leave them out or "
+                      f"pass a smaller resolution", RuntimeWarning, stacklevel=3)
 
     def _warn_for_pillow(self, name: str, caught: warnings.WarningMessage, size) -> None:
         self._warned.add(name)
