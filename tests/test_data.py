@@ -912,3 +912,28 @@ def test_small_images_among_larger_ones_are_said_to_be_enlarged_naming_them(tmp_
         f"5 of the 8 images in {str(tmp_path)!r} are smaller than 32x32 and are enlarged "
         "(blurred) at every read: 'thumb0.png' (16x12), 'thumb1.png' (16x12), 'thumb2.png' "
         "(16x12), ...; leave them out or pass a smaller resolution"]
+
+
+def test_a_folder_that_cannot_be_listed_is_skipped_naming_it(tmp_path, monkeypatch):
+    """A subfolder without read permission (another user's, a stale mount) is skipped naming
+    it; a dataset folder that cannot be listed at all is an error naming it. (Permissions are
+    simulated: the tests may run as root, who reads everything.)"""
+    _solid(tmp_path / "photos" / "a.png", (1, 0, 0))
+    _solid(tmp_path / "photos" / "private" / "b.png", (2, 0, 0))
+    scandir = os.scandir
+    locked = {str(tmp_path / "photos" / "private")}
+
+    def scandir_with_permissions(path):
+        if str(path) in locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir_with_permissions)
+    with pytest.warns(RuntimeWarning, match=r"^skipping folder 'private/' in .*photos': cannot "
+                                            r"list it \(Permission denied\)$"):
+        ds = ImageFolderDataset(tmp_path / "photos")
+    assert ds.filenames == ["a.png"]
+    locked.add(str(tmp_path / "photos"))
+    with pytest.raises(DatasetError, match=r"^cannot read the dataset '.*photos': Permission "
+                                           r"denied$"):
+        ImageFolderDataset(tmp_path / "photos")

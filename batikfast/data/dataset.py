@@ -10,21 +10,22 @@ Bad files never crash deep inside a loader worker without a name:
 * files that are not images (junk in a zip, unreadable headers) are skipped at scan time with a
   warning naming them;
 * images whose pixels turn out to be truncated or corrupt are skipped when first read, with a
-  warning naming them, and the next good image is returned in their place;
+  warning naming them, and the next good image is returned in their place; an error raised in
+  a loader worker reaches the caller as its own one-line message (``make_loader``);
 * grayscale, palette and RGBA images are converted (alpha composited over white), and photos
   are turned upright by their EXIF orientation; 16-bit and 32-bit greyscale images are rescaled
   to 8 bits (float images from [0, 1]), and those whose values lie outside their mode's range
   are skipped when first read, with a warning naming them;
 * images of another size are centre-cropped and resized, or rejected with an error naming the
   file when ``resize=False``; among images of mixed sizes, those smaller than the resolution
-  (enlarged, blurred) are counted in one warning naming the first few; images smaller than ``min_size`` (8 pixels, or the resolution
-  when that is smaller) are skipped with a warning;
+  (enlarged, blurred) are counted in one warning naming the first few; images smaller than
+  ``min_size`` (8 pixels, or the resolution when that is smaller) are skipped with a warning;
 * an empty folder or archive, or a file that is not a zip archive, is a ``ValueError``;
 * hidden files and folders (names starting with ``.``: ``.DS_Store``, macOS ``._*`` resource
   forks) and ``__MACOSX`` folders are not read (one warning counts those named like images);
-  symbolic links are followed (a folder reached twice is read once), and a broken link, a zip
-  member whose path leaves the archive (``..``, absolute) and a repeated member name are
-  skipped with a warning naming them;
+  symbolic links are followed (a folder reached twice is read once), and a broken link, a
+  folder that cannot be listed, a zip member whose path leaves the archive (``..``, absolute)
+  and a repeated member name are skipped with a warning naming them;
 * ``dataset.json`` labels are checked when read: a malformed file, an entry that is not a
   ``[path, label]`` pair, two different labels for one image, a label that is neither a class
   index nor a vector of finite numbers, and a mix of kinds or vector lengths are errors naming
@@ -180,7 +181,8 @@ class FileListing:
 
     ``names``: paths relative to the root as read back (posix in folders, as stored in zips),
     sorted; ``skipped``: ``(name, reason)`` of files named like images that cannot be images of
-    the dataset; ``hidden``: hidden and macOS metadata files named like images, not read."""
+    the dataset, and of folders (``name`` ending in ``/``) that cannot be listed; ``hidden``:
+    hidden and macOS metadata files named like images, not read."""
 
     def __init__(self):
         self.names: list[str] = []
@@ -215,7 +217,7 @@ def list_folder_images(root) -> FileListing:
         except OSError as error:
             if not prefix:
                 raise
-            listing.skipped.append((prefix, f"cannot list the folder ({error.strerror or error})"))
+            listing.skipped.append((prefix, f"cannot list it ({error.strerror or error})"))
             continue
         subfolders = []
         for entry in entries:
@@ -450,8 +452,9 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f"cannot read the dataset {self.path!r}: "
                                f"{error.strerror or error}") from error
         for name, reason in listing.skipped:
-            warnings.warn(f"skipping {self._describe(name)}: {reason}", RuntimeWarning,
-                          stacklevel=4)
+            what = (f"folder {name!r} in {self.path!r}" if name.endswith("/")
+                    else self._describe(name))
+            warnings.warn(f"skipping {what}: {reason}", RuntimeWarning, stacklevel=4)
         note = listing.hidden_note(repr(self.path))
         if note:
             warnings.warn(note, RuntimeWarning, stacklevel=4)
