@@ -754,6 +754,9 @@ def _write_labels(folder, labels, names=("a.png", "b.png", "c.png")):
     ({"labels": [["a.png", 0], ["b.png", [1, 0]], ["c.png", 1]]},
      r" gives 'a.png' the class index 0 but 'b.png' a vector of 2 \[1, 0\]: every image's label "
      r"must be of one kind and length"),
+    ({"labels": [["a.png", 0], ["b.png", 20230517], ["c.png", 1]]},
+     r" gives 'b.png' the class index 20230517: more than 65536 classes would be a one-hot "
+     r"table of 3 x 20230518 floats \(an image number or an id where a class index goes\?\)$"),
     ({"labels": [["a.png", [1, 0]], ["b.png", [1, 0]], ["c.png", [1]]]},
      r" gives 'a.png' a vector of 2 \[1, 0\] but 'c.png' a vector of 1 \[1\]"),
 ])

@@ -60,6 +60,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", "
 # Shorter sides below this are thumbnails or icons, not training images (unless the run's
 # resolution is smaller still).
 DEFAULT_MIN_SIZE = 8
+# A class index beyond this is a mistake (an image number or an id), not a class: its one-hot
+# table would not fit in memory for a dataset of any size. ImageNet-21k has 21841 classes.
+MAX_CLASSES = 65536
 
 
 class DatasetError(ValueError):
@@ -334,6 +337,12 @@ def _label_array(names, values, where: str) -> np.ndarray:
     if kinds[0] == "vector":
         return np.asarray(values, dtype=np.float32)
     classes = np.asarray(values, dtype=np.int64)
+    if classes.max() >= MAX_CLASSES:
+        largest = names[int(classes.argmax())]
+        raise DatasetError(f"{where} gives {largest!r} the class index {int(classes.max())}: more "
+                           f"than {MAX_CLASSES} classes would be a one-hot table of "
+                           f"{len(values)} x {int(classes.max()) + 1} floats (an image number or "
+                           "an id where a class index goes?)")
     onehot = np.zeros((len(values), int(classes.max()) + 1), dtype=np.float32)
     onehot[np.arange(len(values)), classes] = 1
     return onehot
