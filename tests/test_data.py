@@ -616,16 +616,18 @@ def test_symbolic_links_are_followed_once_and_a_broken_one_is_skipped_naming_it(
     (folder / "kawung").symlink_to(elsewhere / "kawung")
     (folder / "kawung_again").symlink_to(elsewhere / "kawung")  # one folder, read once
     (folder / "loop").symlink_to(folder)
+    _solid(folder / "z_real" / "z.png", (50, 0, 0))
+    (folder / "a_link_to_z_real").symlink_to(folder / "z_real")  # read at its own path
     (folder / "c_broken.png").symlink_to(tmp_path / "moved_away.png")
     log = tmp_path / "warnings.log"
     with _warnings_logged_to(log):
         ds = ImageFolderDataset(folder, resolution=16)
-    assert ds.filenames == ["a.png", "b_file_link.png", "kawung/k.png"]
+    assert ds.filenames == ["a.png", "b_file_link.png", "kawung/k.png", "z_real/z.png"]
     assert _logged(log).splitlines() == [
         f"RuntimeWarning: skipping image 'c_broken.png' in {str(folder)!r}: it is a broken "
         f"symbolic link (to {str(tmp_path / 'moved_away.png')!r})"]
     images = _read_all_through_workers(ds, tmp_path / "workers.log")
-    assert sorted(set(images[:, 0, 0, 0].tolist())) == [20, 30, 40]
+    assert sorted(set(images[:, 0, 0, 0].tolist())) == [20, 30, 40, 50]
 
 
 def test_images_deleted_or_truncated_after_the_scan_are_skipped_naming_them_in_workers(

@@ -202,14 +202,15 @@ class FileListing:
 def list_folder_images(root) -> FileListing:
     """The image files under ``root``, searched recursively in sorted order.
 
-    Symbolic links to files and folders are followed, a folder reached twice (a link to an
-    ancestor, two links to one folder) is read at its first path only; broken links and other
-    files that are not regular files (pipes, sockets) are set aside, as are folders that cannot
-    be listed."""
+    Symbolic links to files and folders are followed. A folder is read once: at its own path
+    when it is inside ``root`` (links to it are not read again: a link to an ancestor is no
+    loop), else at the first link found to it. Broken links and other files that are not
+    regular files (pipes, sockets) are set aside, as are folders that cannot be listed."""
     listing, visited = FileListing(), set()
-    folders = [("", str(root))]
-    while folders:
-        prefix, folder = folders.pop()
+    folders, linked = [("", str(root))], []
+    while folders or linked:
+        # every real folder first, so that a folder's own path wins over a link to it
+        prefix, folder = folders.pop() if folders else linked.pop(0)
         try:
             status = os.stat(folder)
             if (status.st_dev, status.st_ino) in visited:
@@ -229,7 +230,7 @@ def list_folder_images(root) -> FileListing:
                 if _is_image_name(entry.name) and not entry.is_dir():
                     listing.hidden.append(name)
             elif entry.is_dir():
-                subfolders.append((name + "/", entry.path))
+                (linked if entry.is_symlink() else subfolders).append((name + "/", entry.path))
             elif not _is_image_name(entry.name):
                 continue
             elif entry.is_file():
