@@ -942,3 +942,20 @@ def test_a_folder_that_cannot_be_listed_is_skipped_naming_it(tmp_path, monkeypat
     with pytest.raises(DatasetError, match=r"^cannot read the dataset '.*photos': Permission "
                                            r"denied$"):
         ImageFolderDataset(tmp_path / "photos")
+
+
+def test_make_dataset_tool_says_which_images_it_enlarged(tmp_path):
+    """Thumbnails among photos were enlarged into the archive without a word (--min-size is 8
+    by default): the tool counts them in one message naming the first three."""
+    photos = tmp_path / "photos"
+    _solid(photos / "big.png", (1, 0, 0), size=(40, 40))
+    for index in range(4):
+        _solid(photos / f"thumb{index}.png", (1, 0, 0), size=(12, 10))
+    messages = []
+    assert _make_dataset_tool().make_dataset(photos, tmp_path / "d.zip", resolution=16,
+                                             log=messages.append) == 5
+    assert messages[0] == (
+        f"4 of the 5 images are smaller than 16x16 and were enlarged (blurred): "
+        f"{photos / 'thumb0.png'} (12x10), {photos / 'thumb1.png'} (12x10), "
+        f"{photos / 'thumb2.png'} (12x10), ...; --min-size 16 leaves such images out")
+    assert len(messages) == 2 and messages[1].startswith("wrote 5 images")

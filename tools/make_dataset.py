@@ -7,12 +7,14 @@ __MACOSX folders) is turned upright by its EXIF orientation, converted to RGB (a
 16-bit and float greyscale rescaled, float from [0, 1]), centre-cropped to a square, resized with
 Lanczos and written as ``00000/img00000000.png``. Files that cannot be decoded, float images with
 values outside [0, 1], and images smaller than ``--min-size``, are skipped with a message naming
-them, as are broken links; Pillow's warnings (an image over its decompression-bomb size) are logged
-naming the file. ``--resolution`` is a power of two, as training needs. A ``dataset.json`` with
-labels is written when ``--labels-from-folders`` is given (one class per top-level subfolder; images
-directly in ``--source`` belong to no class and are skipped, naming them; a class folder none of
-whose images is written is no class), in the format of NVIDIA's dataset tool. The archive is written
-to a temporary file and renamed, so an interrupted run never leaves a half-written dataset behind.
+them, as are broken links (images kept that are smaller than ``--resolution`` are enlarged, and
+counted in one message naming the first few); Pillow's warnings (an image over its decompression-
+bomb size) are logged naming the file. ``--resolution`` is a power of two, as training needs. A
+``dataset.json`` with labels is written when ``--labels-from-folders`` is given (one class per top-
+level subfolder; images directly in ``--source`` belong to no class and are skipped, naming them; a
+class folder none of whose images is written is no class), in the format of NVIDIA's dataset tool.
+The archive is written to a temporary file and renamed, so an interrupted run never leaves a half-
+written dataset behind.
 """
 from __future__ import annotations
 
@@ -115,7 +117,7 @@ def _make_dest_folder(dest: Path) -> None:
 def _write_archive(tmp: Path, dest: Path, source: Path, files, classes, resolution, min_size,
                    labels_from_folders, max_images, log) -> int:
     """Convert ``files`` into the zip ``tmp``, then rename it to ``dest``; the image count."""
-    labels, count = [], 0
+    labels, enlarged, count = [], [], 0
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
         for path in files:
             if max_images is not None and count >= max_images:
@@ -134,6 +136,8 @@ def _write_archive(tmp: Path, dest: Path, source: Path, files, classes, resoluti
             if min(img.size) < min_size:
                 log(f"skipping {path}: {img.size[0]}x{img.size[1]} is smaller than {min_size} pixels")
                 continue
+            if min(img.size) < resolution:
+                enlarged.append(f"{path} ({img.size[0]}x{img.size[1]})")
             img = _centre_crop_resize(img, resolution)
             name = f"{count // 1000:05d}/img{count:08d}.png"
             buffer = io.BytesIO()
@@ -145,6 +149,11 @@ def _write_archive(tmp: Path, dest: Path, source: Path, files, classes, resoluti
             count += 1
         if count == 0:
             raise ValueError(f"no usable images in {str(source)!r}: every file was skipped")
+        if enlarged:
+            more = ", ..." if len(enlarged) > 3 else ""
+            log(f"{len(enlarged)} of the {count} images are smaller than {resolution}x{resolution}"
+                f" and were enlarged (blurred): {', '.join(enlarged[:3])}{more}; --min-size "
+                f"{resolution} leaves such images out")
         meta = {"labels": None}
         if labels_from_folders:
             # a class folder none of whose images was written would be a class never seen
