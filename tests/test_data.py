@@ -511,9 +511,10 @@ def _solid(path, colour, size=(16, 16), mode="RGB", **save):
 
 
 def test_images_of_every_mode_and_frame_count_are_converted_through_loader_workers(tmp_path):
-    """Palette (with and without transparency), greyscale with alpha, 1-bit, 16-bit, CMYK,
-    animated GIFs and multi-page TIFFs (their first frame), upper-case extensions, other sizes
-    and shapes: each becomes the 3x16x16 image a viewer shows, in workers as in the process."""
+    """Palette (with and without transparency), greyscale with alpha, RGB and greyscale PNGs
+    with a colour made transparent (tRNS), 1-bit, 16-bit, CMYK, animated GIFs and multi-page
+    TIFFs (their first frame), upper-case extensions, other sizes and shapes: each becomes the
+    3x16x16 image a viewer shows, in workers as in the process."""
     folder = tmp_path / "photos"
     expected = {}
     _solid(folder / "a_palette.png", (200, 0, 0), mode="RGB")
@@ -526,6 +527,10 @@ def test_images_of_every_mode_and_frame_count_are_converted_through_loader_worke
     expected["b_palette_transparent.png"] = (255, 255, 255)  # over white
     _solid(folder / "c_grey_alpha.png", (50, 255), mode="LA")
     expected["c_grey_alpha.png"] = (50, 50, 50)
+    _solid(folder / "c_rgb_colour_key.png", (0, 0, 0), transparency=(0, 0, 0))
+    expected["c_rgb_colour_key.png"] = (255, 255, 255)  # as a viewer shows it: over white
+    _solid(folder / "c_grey_colour_key.png", 7, mode="L", transparency=7)
+    expected["c_grey_colour_key.png"] = (255, 255, 255)
     _solid(folder / "d_one_bit.bmp", 1, mode="1")
     expected["d_one_bit.bmp"] = (255, 255, 255)
     Image.fromarray(np.full((16, 16), 65535, np.uint16)).save(folder / "e_sixteen_bit.png")

@@ -12,10 +12,10 @@ Bad files never crash deep inside a loader worker without a name:
 * images whose pixels turn out to be truncated or corrupt are skipped when first read, with a
   warning naming them, and the next good image is returned in their place; an error raised in
   a loader worker reaches the caller as its own one-line message (``make_loader``);
-* grayscale, palette and RGBA images are converted (alpha composited over white), and photos
-  are turned upright by their EXIF orientation; 16-bit and 32-bit greyscale images are rescaled
-  to 8 bits (float images from [0, 1]), and those whose values lie outside their mode's range
-  are skipped when first read, with a warning naming them;
+* grayscale, palette and RGBA images are converted (alpha, or a colour made transparent,
+  composited over white), and photos are turned upright by their EXIF orientation; 16-bit and
+  32-bit greyscale images are rescaled to 8 bits (float images from [0, 1]), and those whose
+  values lie outside their mode's range are skipped when first read, with a warning naming them;
 * images of another size are centre-cropped and resized, or rejected with an error naming the
   file when ``resize=False``; among images of mixed sizes, those smaller than the resolution
   (enlarged, blurred) are counted in one warning naming the first few; images smaller than
@@ -125,7 +125,8 @@ def _to_rgb(img: Image.Image, channels: int) -> Image.Image:
     if img.mode == "F" or img.mode.startswith("I"):
         # PIL's convert would clip these at 255 instead of rescaling: [0, 1] floats turn black
         img = Image.fromarray(_wide_to_8bit(np.asarray(img), img.mode), "L")
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    # "transparency": a palette entry or, in L / RGB PNGs and GIFs, one colour made transparent
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         ground = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(ground, rgba)
