@@ -964,3 +964,21 @@ def test_make_dataset_tool_says_which_images_it_enlarged(tmp_path):
         f"{photos / 'thumb0.png'} (12x10), {photos / 'thumb1.png'} (12x10), "
         f"{photos / 'thumb2.png'} (12x10), ...; --min-size 16 leaves such images out")
     assert len(messages) == 2 and messages[1].startswith("wrote 5 images")
+
+
+def test_a_zip_member_that_inflates_beyond_any_image_is_skipped_naming_it(tmp_path,
+                                                                         monkeypatch):
+    """A member that inflates to gigabytes (a zip bomb named like a PNG, its header valid) was
+    read whole into a worker's memory, and the worker killed for it names no file. (The limit,
+    2 GiB, is lowered here to the size of a small image.)"""
+    import batikfast.data.dataset as dataset_module
+    monkeypatch.setattr(dataset_module, "MAX_IMAGE_BYTES", 10_000)
+    archive = tmp_path / "d.zip"
+    header = png_bytes(Image.new("RGB", (8, 8), (5, 0, 0)))
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("a.png", header)
+        z.writestr("bomb.png", header + bytes(20_000))  # compresses to a few hundred bytes
+    with pytest.warns(RuntimeWarning, match=r"^skipping image 'bomb.png' in .*d.zip': it is 0.0 "
+                                            r"GiB \(inflated\), more than any image it could hold"):
+        ds = ImageFolderDataset(archive)
+    assert ds.filenames == ["a.png"]

@@ -7,8 +7,8 @@ Items are ``(image, label)``: ``image`` a ``uint8`` array ``[C, H, W]`` and ``la
 
 Bad files never crash deep inside a loader worker without a name:
 
-* files that are not images (junk in a zip, unreadable headers) are skipped at scan time with a
-  warning naming them;
+* files that are not images (junk in a zip, unreadable headers) and files larger than any image
+  (``MAX_IMAGE_BYTES``, 2 GiB: a zip bomb) are skipped at scan time with a warning naming them;
 * images whose pixels turn out to be truncated or corrupt are skipped when first read, with a
   warning naming them, and the next good image is returned in their place; an error raised in
   a loader worker reaches the caller as its own one-line message (``make_loader``);
@@ -63,6 +63,10 @@ DEFAULT_MIN_SIZE = 8
 # A class index beyond this is a mistake (an image number or an id), not a class: its one-hot
 # table would not fit in memory for a dataset of any size. ImageNet-21k has 21841 classes.
 MAX_CLASSES = 65536
+# Each read loads the whole file into memory: a zip member that inflates to gigabytes (a zip
+# bomb) would have a loader worker killed for memory, which names no file. No image Pillow
+# decodes is this large: its pixel limit times 8 bytes a pixel is 1.4 GB.
+MAX_IMAGE_BYTES = 2 << 30
 
 
 class DatasetError(ValueError):
@@ -481,6 +485,11 @@ class ImageFolderDataset(Dataset):
             return open(Path(self.path) / name, "rb")
         return self._get_zipfile().open(name)
 
+    def _stored_bytes(self, name: str) -> int:
+        if self._type == "dir":
+            return os.stat(Path(self.path) / name).st_size
+        return self._get_zipfile().getinfo(name).file_size
+
     def _describe(self, name: str) -> str:
         return f"image {name!r} in {self.path!r}"
 
@@ -513,6 +522,13 @@ class ImageFolderDataset(Dataset):
             if size is None:
                 warnings.warn(f"skipping {self._describe(name)}: cannot read it ({reason})",
                               RuntimeWarning, stacklevel=3)
+                continue
+            stored_bytes = self._stored_bytes(name)
+            if stored_bytes > MAX_IMAGE_BYTES:
+                warnings.warn(f"skipping {self._describe(name)}: it is {stored_bytes / 2**30:.1f} "
+                              f"GiB (inflated), more than any image it could hold (a zip bomb?); "
+                              "reading it would exhaust a loader worker's memory", RuntimeWarning,
+                              stacklevel=3)
                 continue
             if min(size) < self.min_size:
                 warnings.warn(f"skipping {self._describe(name)}: {size[0]}x{size[1]} is smaller "
