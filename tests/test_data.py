@@ -982,3 +982,13 @@ def test_a_zip_member_that_inflates_beyond_any_image_is_skipped_naming_it(tmp_pa
                                             r"GiB \(inflated\), more than any image it could hold"):
         ds = ImageFolderDataset(archive)
     assert ds.filenames == ["a.png"]
+
+
+def test_a_dataset_json_that_cannot_be_read_is_an_error_naming_it(tmp_path):
+    """A folder named dataset.json (an unzip gone wrong) raised IsADirectoryError from deep in
+    the label reader."""
+    _solid(tmp_path / "a.png", (1, 0, 0))
+    (tmp_path / "dataset.json").mkdir()
+    with pytest.raises(DatasetError, match=r"^cannot read dataset.json in '.*': \[Errno 21\] Is a "
+                                           r"directory"):
+        ImageFolderDataset(tmp_path, use_labels=True)

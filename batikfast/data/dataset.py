@@ -571,6 +571,8 @@ class ImageFolderDataset(Dataset):
         except (FileNotFoundError, KeyError) as error:
             raise DatasetError(f"use_labels=True (--cond) but {self.path!r} has no dataset.json"
                                f"{_LABELS_HINT}") from error
+        except (OSError, zipfile.BadZipFile, RuntimeError) as error:  # a folder, a bad member
+            raise DatasetError(f"cannot read {where}: {error}") from error
         except ValueError as error:  # JSONDecodeError, and UnicodeDecodeError for binary junk
             raise DatasetError(f"{where} is not valid JSON: {error}") from error
         if not isinstance(meta, dict):
