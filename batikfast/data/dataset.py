@@ -323,6 +323,11 @@ def _label_kind(value) -> str | None:
     return None
 
 
+def _describe_label(label, kind: str) -> str:
+    kind_text = "the class index" if kind == "class" else f"a vector of {len(label)}"
+    return f"{kind_text} {_short_json(label)}"
+
+
 def _label_array(names, values, where: str) -> np.ndarray:
     """``[len(names), label_dim]`` float32: class indices one-hot, vectors as given."""
     kinds = [_label_kind(value) for value in values]
@@ -334,12 +339,9 @@ def _label_array(names, values, where: str) -> np.ndarray:
                                f"is a class index (an integer >= 0) or a vector (a list of finite "
                                f"numbers){hint}")
         if kind != kinds[0] or (kind == "vector" and len(value) != len(values[0])):
-            def describe(label, label_kind):
-                return ("the class index" if label_kind == "class"
-                        else f"a vector of {len(label)}") + f" {_short_json(label)}"
-            raise DatasetError(f"{where} gives {names[0]!r} {describe(values[0], kinds[0])} but "
-                               f"{name!r} {describe(value, kind)}: every image's label must be "
-                               "of one kind and length")
+            raise DatasetError(f"{where} gives {names[0]!r} {_describe_label(values[0], kinds[0])}"
+                               f" but {name!r} {_describe_label(value, kind)}: every image's "
+                               "label must be of one kind and length")
     if kinds[0] == "vector":
         return np.asarray(values, dtype=np.float32)
     classes = np.asarray(values, dtype=np.int64)
@@ -510,6 +512,7 @@ class ImageFolderDataset(Dataset):
             with warnings.catch_warnings(record=True) as pillow_warnings:
                 warnings.simplefilter("always")
                 try:
+                    stored_bytes = self._stored_bytes(name)
                     # only the header is read unless verifying: scanning 20k files stays quick
                     with self._open_file(name) as handle, Image.open(handle) as img:
                         size = img.size
@@ -523,7 +526,6 @@ class ImageFolderDataset(Dataset):
                 warnings.warn(f"skipping {self._describe(name)}: cannot read it ({reason})",
                               RuntimeWarning, stacklevel=3)
                 continue
-            stored_bytes = self._stored_bytes(name)
             if stored_bytes > MAX_IMAGE_BYTES:
                 warnings.warn(f"skipping {self._describe(name)}: it is {stored_bytes / 2**30:.1f} "
                               f"GiB (inflated), more than any image it could hold (a zip bomb?); "
