@@ -564,6 +564,14 @@ def test_images_of_every_mode_and_frame_count_are_converted_through_loader_worke
     assert colours == {tuple(np.round(ds[i][0].reshape(3, -1).mean(1)).astype(int))
                        for i in range(len(expected))}
     assert _logged(tmp_path / "warnings.log") == ""
+    messages = []  # the tool converts each the same way
+    assert _make_dataset_tool().make_dataset(folder, tmp_path / "d.zip", resolution=16,
+                                             log=messages.append) == len(expected)
+    assert len(messages) == 1, messages
+    stored = ImageFolderDataset(tmp_path / "d.zip")
+    for index, name in enumerate(sorted(expected)):
+        np.testing.assert_allclose(stored[index][0].reshape(3, -1).mean(1), expected[name],
+                                   atol=1.5, err_msg=name)
 
 
 def _truncate(path):
@@ -607,6 +615,13 @@ def test_files_that_are_not_usable_images_are_skipped_naming_them_through_loader
         assert re.search(rf"skipping image '{name}' in .*: {reason}.*using the next image", read), \
             read
     assert "Traceback" not in read
+    messages = []  # the tool skips the same files, naming each
+    assert _make_dataset_tool().make_dataset(folder, tmp_path / "d.zip", resolution=32,
+                                             log=messages.append) == 4
+    assert messages[0].startswith("not reading 1 hidden or macOS metadata files")
+    assert [m.split(": ")[0] for m in messages[1:-1]] == [
+        f"skipping {folder / name}" for name in ("empty.jpg", "float_255.tif", "junk.png",
+                                                  "tiny.png", "truncated.png")]
 
 
 def test_symbolic_links_are_followed_once_and_a_broken_one_is_skipped_naming_it(tmp_path):
