@@ -1123,6 +1123,19 @@ def test_an_archive_of_smaller_images_than_the_run_is_refused_and_a_larger_one_l
     assert "resized" not in (tmp_path / "same" / "log.txt").read_text()
 
 
+def test_the_files_a_dataset_skips_are_named_in_the_run_log_once(tmp_path):
+    """log.txt is what a user reads after days of training: the files left out must be named
+    there, not only on the stderr of whichever rank printed them."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (i * 60, 0, 0)).save(images / f"{i}.png")
+    (images / "broken.png").write_bytes(b"\x89PNG not an image")
+    Trainer(micro_config(data=str(images), resolution=16), tmp_path / "run", DistInfo())
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert log.count("warning: skipping image 'broken.png'") == 1, log
+
+
 def test_a_micro_run_with_fp16_ada_and_r1_trains_on_the_gpu(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU (the CUDA path of the loop: fp16 layers, loss scaling, R1 "

@@ -30,6 +30,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,9 +161,7 @@ class Trainer:
         self.batch_gpu, self.rounds = split_batch(config, info.world_size)
         self.batch = config["batch"]
 
-        self.dataset = open_dataset(config["data"], resolution=config["resolution"],
-                                    xflip=config["mirror"], use_labels=config["cond"],
-                                    seed=config["data_seed"], size=config["data_size"])
+        self.dataset = self._open_dataset_logging_its_warnings()
         if self.dataset.resolution != config["resolution"]:
             raise DatasetError(f"the dataset is {self.dataset.resolution}x{self.dataset.resolution} "
                              f"but --cfg {config['cfg']} trains at {config['resolution']}")
@@ -239,6 +238,20 @@ class Trainer:
 
     def log(self, message: str) -> None:
         self.logger.print(message)
+
+    def _open_dataset_logging_its_warnings(self):
+        """The dataset, with what its scan skipped or converted (each named) written to the
+        log: log.txt must say which files a run left out, and rank 0 says it once rather than
+        every rank on stderr. (Loader workers' read-time warnings stay on their stderr.)"""
+        config = self.config
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dataset = open_dataset(config["data"], resolution=config["resolution"],
+                                   xflip=config["mirror"], use_labels=config["cond"],
+                                   seed=config["data_seed"], size=config["data_size"])
+        for warning in caught:
+            self.log(f"warning: {warning.message}")
+        return dataset
 
     def _setup_determinism(self) -> None:
         deterministic = self.config["deterministic"]
