@@ -1,6 +1,7 @@
 """Terminal and markdown tables for the op benchmarks (from rows, or from a saved JSON)."""
 from __future__ import annotations
 
+import statistics
 from collections import OrderedDict, defaultdict
 
 from benchmarks.textfmt import (CPU_LABEL, fixed_columns, fmt_float, fmt_ms_and_spread,
@@ -194,7 +195,7 @@ def _bandwidth_table(rows) -> list[str]:
                            if r.get("frac_roofline") is not None and r["bytes"] >= 64 * 2**20)
         if not fractions:
             continue
-        median = fractions[len(fractions) // 2]
+        median = statistics.median(fractions)
         lines.append(f"| {op} | {dtype} | {mode} | {impl} | {len(fractions)} | "
                      f"{fmt_pct(median)} | {fmt_pct(fractions[0])} |")
     if len(lines) == 5:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def memory_bound(ops: dict | None) -> list[dict]:
     out = []
     for (op, dtype, mode, impl), shares in sorted(groups.items()):
         shares.sort()
-        median = shares[len(shares) // 2]
+        median = statistics.median(shares)
         out.append(dict(op=op, dtype=dtype, mode=mode, impl=impl, cases=len(shares),
                         median=median, minimum=shares[0],
                         verdict=_verdict(median >= BANDWIDTH_SHARE)))

@@ -563,6 +563,7 @@ def test_targets_are_judged_on_gpu_results_only_and_say_met_or_missed(tmp_path, 
     bandwidth = {(e["op"], e.get("impl")): e for e in targets.memory_bound(ops)}
     assert bandwidth["bias_act", "triton"]["verdict"] == "met"
     assert bandwidth["bias_act", "triton"]["cases"] == 2  # the 1 MiB case is not judged
+    assert bandwidth["bias_act", "triton"]["median"] == pytest.approx(0.83)  # of 2: their mean
     assert bandwidth["upfirdn2d", "cuda"]["verdict"] == "missed"
     assert bandwidth["diffusion_noise", None]["verdict"].startswith("no case")
     modconv = {e["impl"]: e for e in targets.fused_modconv(ops)}
