@@ -43,12 +43,13 @@ D_BACKWARD_OPS = {"batikfast.bias_act_grad.default", "batikfast.upfirdn2d.defaul
 MAPPING_BACKWARD_OPS = {"batikfast.bias_act_grad.default"}
 
 
-def small_networks():
-    """G and D with one fp32 resolution (4) and one fp16 resolution (8)."""
+def small_networks(mixed_precision_dtype=FP16):
+    """G and D with one fp32 resolution (4) and one mixed-precision resolution (8)."""
     torch.manual_seed(6)
-    G = Generator(4, 0, 4, 8, 3, channel_base=32, channel_max=4, conv_clamp=256, num_fp16_res=1,
+    mixed = dict(num_fp16_res=1, mixed_precision_dtype=mixed_precision_dtype)
+    G = Generator(4, 0, 4, 8, 3, channel_base=32, channel_max=4, conv_clamp=256, **mixed,
                   mapping_kwargs=dict(num_layers=1))
-    D = Discriminator(0, 8, 3, channel_base=32, channel_max=4, conv_clamp=256, num_fp16_res=1,
+    D = Discriminator(0, 8, 3, channel_base=32, channel_max=4, conv_clamp=256, **mixed,
                       mapping_kwargs=dict(num_layers=1), epilogue_kwargs=dict(mbstd_group_size=2))
     return G.requires_grad_(False), D.requires_grad_(False)
 
@@ -193,13 +194,14 @@ def test_the_cpu_stand_in_traces_the_graphs_that_fake_cuda_tensors_trace(impl, g
         assert bool(fast_ops) == (impl != "ref")
 
 
+@pytest.mark.parametrize("low", [FP16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_compiled_synthesis_and_discriminator_differentiate_in_one_graph_with_the_fast_backward_ops(
-        impl, gpu_dispatch):
+        impl, low, gpu_dispatch):
     """One Dynamo graph, one forward and one backward graph each; the fast backends' backward
-    graphs hold their backward ops, in fp16 for the fp16 layers; every parameter and the input
-    get a gradient of their shape, dtype and device."""
-    G, D = small_networks()
+    graphs hold their backward ops, in fp16 or bf16 for the mixed-precision layers; every
+    parameter and the input get a gradient of their shape, dtype and device."""
+    G, D = small_networks(low)
     cases = {"synthesis": (G.synthesis, torch.randn(2, G.synthesis.num_ws, 4), (),
                            dict(noise_mode="const"), SYNTHESIS_BACKWARD_OPS),
              "D": (D, torch.randn(2, 3, 8, 8), (None, torch.tensor([3, 5])), {}, D_BACKWARD_OPS)}
@@ -217,14 +219,14 @@ def test_compiled_synthesis_and_discriminator_differentiate_in_one_graph_with_th
                                     allow_unused=True)
         assert recorder.counts() == {"dynamo": 1, "forward": 1, "backward": 1, "inference": 0}, what
         assert_gradients_like({**params, "input": x}, dict(zip([*params, "input"], grads)))
-        assert FP16 in recorder.dtypes("backward"), f"{what}: the fp16 layers' backward"
+        assert low in recorder.dtypes("backward"), f"{what}: the {low} layers' backward"
         if impl == "ref":
             assert recorder.ops("forward") == recorder.ops("backward") == set(), what
         else:
             assert backward_ops <= recorder.ops("backward"), what
-            fp16_ops = {op for op, dtype in recorder.ops_and_dtypes("backward") if dtype == FP16}
-            assert "batikfast.bias_act_grad.default" in fp16_ops, what
-            assert "batikfast.upfirdn2d.default" in fp16_ops, what
+            low_ops = {op for op, dtype in recorder.ops_and_dtypes("backward") if dtype == low}
+            assert "batikfast.bias_act_grad.default" in low_ops, what
+            assert "batikfast.upfirdn2d.default" in low_ops, what
 
 
 def run_phase(loss, phase, module, others, inputs):

@@ -398,7 +398,8 @@ def _trace_on_fake_gpu(module, args, kwargs=None):
 def test_compiled_networks_dispatch_gpu_tensors_without_a_graph_break(impl):
     """What the compiled main phases trace on a GPU, checked without one: dispatch to each
     backend, the fp16 layers and the op wrappers all stay in one graph, and the fast backends'
-    graphs hold their custom ops (the reference's none)."""
+    graphs hold their custom ops (the reference's none). The backward and the training phases:
+    tests/test_compiled_backward_fake_gpu.py."""
     reason = backends.unavailable_reason(impl, torch.device("cuda"), torch.float16)
     if reason is not None:
         pytest.skip(f"{impl} cannot run on a GPU here: {reason}")
