@@ -656,17 +656,23 @@ def test_resume_keeps_the_runs_own_run_time_options_unless_given_on_the_command_
     assert "resumed from" in log and "keeping the checkpoint's" not in log
 
 
+def _random_image_folder(path, count: int, size: int = 16):
+    """A folder of ``count`` random RGB PNGs of ``size`` x ``size``."""
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            path / f"{i}.png")
+    return path
+
+
 def test_a_run_resumes_from_a_dataset_moved_since_when_given_its_new_data_path(tmp_path,
                                                                               capsys):
     """A dataset moved (or mounted elsewhere on the node that resumes): --data on the command
     line was ignored ("keeping the checkpoint's data") and the resume failed on the old path,
     with no way to continue the run."""
     cli = _train_cli()
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    images = _random_image_folder(tmp_path / "images", count=8)
     run = tmp_path / "run"
     common = ["--outdir", str(run), "--cfg", "tiny", "--resolution", "16", "--batch", "4",
               "--batch-gpu", "4", "--workers", "0", "--device", "cpu", "--tick", "0.004"]
@@ -799,11 +805,7 @@ def test_a_dataset_too_small_for_the_metrics_is_an_error_before_training(tmp_pat
     from batikfast.metrics import SmallFeatureNet
     features = tmp_path / "features.pt"
     SmallFeatureNet(channels=(4, 8), resolution=16).save(features)
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    images = _random_image_folder(tmp_path / "images", count=3)
     run = tmp_path / "run"
     assert _train_cli().main(
         ["--outdir", str(run), "--cfg", "tiny", "--resolution", "16", "--batch", "4",
