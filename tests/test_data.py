@@ -670,6 +670,25 @@ def test_images_deleted_or_truncated_after_the_scan_are_skipped_naming_them_in_w
     assert set(re.findall(r"skipping image '([^']*)'", read)) == {"2.png", "4.png"}
 
 
+def test_a_loader_given_a_warning_log_appends_its_workers_warnings_to_it(tmp_path):
+    """The run's log.txt must name a file skipped mid-run; the warning is raised in a worker
+    process, whose stderr is all a user would otherwise have."""
+    folder = tmp_path / "photos"
+    for index in range(4):
+        _png(folder / f"{index}.png", size=(16, 16), colour=index * 10)
+    ds = ImageFolderDataset(folder)
+    (folder / "1.png").unlink()
+    log = tmp_path / "log.txt"
+    log.write_text("earlier line\n")
+    loader = make_loader(ds, batch_gpu=4, num_workers=1, warning_log=log)
+    next(loader)
+    del loader
+    lines = log.read_text().splitlines()
+    assert lines[0] == "earlier line"
+    assert any(re.fullmatch(r"warning: skipping image '1.png' in .*: cannot read it .*", line)
+               for line in lines[1:]), lines
+
+
 @pytest.mark.parametrize("kind", ["folder", "zip"])
 def test_a_dataset_gone_while_workers_read_it_is_one_error_naming_it(tmp_path, kind):
     """A dataset moved, deleted or unmounted under a run is one DatasetError naming it (what

@@ -1138,6 +1138,17 @@ def test_the_files_a_dataset_skips_are_named_in_the_run_log_once(tmp_path):
     assert log.count("warning: skipping image 'broken.png'") == 1, log
 
 
+def test_an_image_a_loader_worker_cannot_decode_is_named_in_the_run_log(tmp_path):
+    """A truncated image passes the scan (it reads headers) and is skipped by the worker that
+    decodes it: that worker's warning must reach log.txt too."""
+    images = _random_image_folder(tmp_path / "images", count=4)
+    data = (images / "2.png").read_bytes()
+    (images / "2.png").write_bytes(data[: len(data) // 2])
+    train(micro_config(steps=2, data=str(images), resolution=16, workers=1), tmp_path / "run")
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "warning: skipping image '2.png'" in log, log
+
+
 def test_a_micro_run_with_fp16_ada_and_r1_trains_on_the_gpu(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU (the CUDA path of the loop: fp16 layers, loss scaling, R1 "

@@ -8,6 +8,10 @@ stream exactly, also on another number of GPUs.
 """
 from __future__ import annotations
 
+import functools
+import os
+import warnings
+
 import numpy as np
 import torch
 import torch.utils.data
@@ -72,12 +76,13 @@ def _collate(items):
 
 def make_loader(dataset: Dataset, batch_gpu: int, rank: int = 0, world_size: int = 1,
                 seed: int = 0, start: int = 0, num_workers: int = 2, pin_memory: bool = False,
-                prefetch_factor: int = 2):
+                prefetch_factor: int = 2, warning_log: str | os.PathLike | None = None):
     """An endless iterator of ``(uint8 images [N, C, H, W], float32 labels [N, label_dim])``.
 
     ``num_workers=0`` loads in the main process (tests, tiny CPU runs). Workers are persistent
     and prefetch ``prefetch_factor`` batches each; ``pin_memory`` lets the host-to-GPU copy
-    overlap the step (``.to(device, non_blocking=True)``).
+    overlap the step (``.to(device, non_blocking=True)``). ``warning_log``: a file to which
+    the workers also append their warnings (files skipped at read time), one line each.
     """
     if batch_gpu < 1:
         raise ValueError(f"batch_gpu must be >= 1, got {batch_gpu}")
@@ -85,6 +90,8 @@ def make_loader(dataset: Dataset, batch_gpu: int, rank: int = 0, world_size: int
     kwargs = {}
     if num_workers > 0:
         kwargs = dict(persistent_workers=True, prefetch_factor=prefetch_factor)
+        if warning_log is not None:
+            kwargs["worker_init_fn"] = functools.partial(_copy_warnings_to, os.fspath(warning_log))
     # A private generator: creating the iterator would otherwise draw the workers' base seed
     # from the global RNG, and a resumed run (iterator created after the RNG state is restored)
     # would drift from an uninterrupted one. Items depend on their index only.
@@ -93,6 +100,23 @@ def make_loader(dataset: Dataset, batch_gpu: int, rank: int = 0, world_size: int
                                          collate_fn=_collate,
                                          generator=torch.Generator().manual_seed(seed), **kwargs)
     return _batches(iter(loader)) if num_workers > 0 else iter(loader)
+
+
+def _copy_warnings_to(path: str, worker_id: int) -> None:
+    """In a loader worker: every warning still goes to stderr, and also to the end of
+    ``path`` (the run's log, which the main process appends to as well: one short write per
+    line in append mode, so lines do not interleave)."""
+    show = warnings.showwarning
+
+    def show_and_append(message, category, filename, lineno, file=None, line=None):
+        show(message, category, filename, lineno, file, line)
+        try:
+            with open(path, "a", encoding="utf-8") as log:
+                log.write(f"warning: {message}\n")
+        except OSError:
+            pass  # the log is a copy: the warning is on stderr, and training goes on
+
+    warnings.showwarning = show_and_append
 
 
 def _batches(batches):

@@ -752,7 +752,8 @@ class Trainer:
         total_nimg = int(round(cfg["kimg"] * 1000))
         loader = make_loader(self.dataset, self.batch_gpu, self.info.rank, self.info.world_size,
                              seed=cfg["seed"], start=self.cur_nimg, num_workers=self._workers(),
-                             pin_memory=self.device.type == "cuda", prefetch_factor=4)
+                             pin_memory=self.device.type == "cuda", prefetch_factor=4,
+                             warning_log=self.logger.log_path)
         previous_handlers = self._install_signal_handlers()
         launcher = self._launcher_pid()
         self.log(self.parts.describe())

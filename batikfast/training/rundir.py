@@ -64,6 +64,11 @@ class RunLogger:
         self._failing: set = set()
         self._tb = self._open_tensorboard() if enabled and tensorboard else None
 
+    @property
+    def log_path(self) -> Path | None:
+        """log.txt where this process writes it, else None."""
+        return self.outdir / "log.txt" if self.enabled else None
+
     def _open_tensorboard(self):
         """TensorBoard's writer, or None: tensorboard is optional, and the log says once why
         its scalars are off (a user looking for them would otherwise find nothing, and no
