@@ -324,15 +324,15 @@ def bias_act_backward(dy, x, b, dim, act, alpha, gain, clamp, order):
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order!r}")
     dx = torch.empty_strided(x.shape, output_strides(x), dtype=x.dtype, device=x.device)
+    if order == 2 and ACT_CODES[act] in _PIECEWISE_LINEAR:
+        # Their second derivative is 0 everywhere, NaN and inf inputs included (as torch's
+        # backward formulas): a fill, not a kernel that reads x and dy to multiply by 0.
+        return dx.zero_()
     if not _is_dense(x):
         x = x.contiguous()
     if dy.stride() != x.stride():
         # One walk through storage serves both tensors: dy is copied into x's layout.
         dy = torch.empty_strided(x.shape, x.stride(), dtype=dy.dtype, device=dy.device).copy_(dy)
-    if order == 2 and ACT_CODES[act] in _PIECEWISE_LINEAR:
-        # Their second derivative is 0 everywhere, NaN and inf inputs included (as torch's
-        # backward formulas): a fill, not a kernel that reads x and dy to multiply by 0.
-        return dx.zero_()
     if b is not None:
         b = b.contiguous()
     return _launch(x, b, dy, dx, dim, act, alpha, gain, clamp, order)

@@ -242,7 +242,7 @@ class Trainer:
     def _open_dataset_logging_its_warnings(self):
         """The dataset, with what its scan skipped or converted (each named) written to the
         log: log.txt must say which files a run left out, and rank 0 says it once rather than
-        every rank on stderr. (Loader workers' read-time warnings stay on their stderr.)"""
+        every rank on stderr. (Loader workers append theirs: make_loader's warning_log.)"""
         config = self.config
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -59,7 +59,7 @@ class RunLogger:
         self.outdir = Path(outdir)
         if enabled:
             self.outdir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.outdir / "log.txt", "a", encoding="utf-8") if enabled else None
+        self._log = open(self.log_path, "a", encoding="utf-8") if enabled else None
         self._jsonl = open(self.outdir / "stats.jsonl", "a", encoding="utf-8") if enabled else None
         self._failing: set = set()
         self._tb = self._open_tensorboard() if enabled and tensorboard else None
