@@ -121,6 +121,7 @@ def compiling_for(arch: Arch):
         return compiled
 
     patches = [(jit.JITFunction, "run", compile_only),
+               (torch.nn.grad, "conv2d_weight", _conv2d_weight_in_float32),
                (backends, "triton_unavailable_reason", lambda device, dtype: None),
                (modconv_module, "_sm_count", lambda device: arch.multiprocessors)]
     patches += [(backends.triton_kernels(op), "check_device", lambda *a, **k: None) for op in OPS]
@@ -136,6 +137,18 @@ def compiling_for(arch: Arch):
         for owner, name, value in saved:
             setattr(owner, name, value)
         driver._active = saved_driver
+
+
+_torch_conv2d_weight = torch.nn.grad.conv2d_weight
+
+
+def _conv2d_weight_in_float32(x, weight_size, grad_output, *args, **kwargs):
+    """The weight gradient the kernels' backward leaves to torch, computed in float32 and
+    returned in the 16-bit dtype asked for: no Triton launch reads its values (none run here),
+    and torch's 16-bit convolutions on the CPU take minutes where float32 takes a second."""
+    dtype = x.dtype
+    return _torch_conv2d_weight(x.float(), weight_size, grad_output.float(), *args,
+                                **kwargs).to(dtype)
 
 
 def _constants(jit_function, args, kwargs) -> dict:
