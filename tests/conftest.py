@@ -23,6 +23,52 @@ if importlib.util.find_spec("batikfast.kernels") is None:
     backends.register_checkout_kernels()
 
 
+def _interpret_device_function_calls_without_repatching():
+    """Triton's interpreter re-patches triton.language (inspect.getmembers over its modules)
+    at every call of a @triton.jit function from a kernel, tl.zeros and the other standard
+    library functions included: a third of the interpreted convolution's time went there. The
+    patches of a helper's call stay in place for the rest of the launch, so here a helper whose
+    language modules this launch has patched already runs its rewritten body directly, as the
+    interpreter does after patching; the first call per module still patches."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+        launch_class, helper_class = interpreter.GridExecutor, interpreter.InterpretedFunction
+        error_class = interpreter.InterpreterError
+    except (ImportError, AttributeError):  # no Triton, or one laid out differently
+        return
+    patched_per_launch: list[set[int]] = []  # ids of the modules each running launch patched
+    run_launch, call_helper = launch_class.__call__, helper_class.__call__
+
+    def language_modules(fn) -> set[int]:  # the modules the interpreter patches for fn
+        return {id(value) for value in fn.__globals__.values()
+                if value is tl or value is tl.core}
+
+    def launch(self, *args, **kwargs):
+        patched_per_launch.append(language_modules(self.fn))
+        try:
+            return run_launch(self, *args, **kwargs)
+        finally:
+            patched_per_launch.pop()
+
+    def helper(self, *args, **kwargs):
+        needed = language_modules(self.fn)
+        if not patched_per_launch or not needed <= patched_per_launch[-1]:
+            if patched_per_launch:
+                patched_per_launch[-1] |= needed
+            return call_helper(self, *args, **kwargs)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as error:
+            raise error_class(repr(error)) from error
+
+    launch_class.__call__, helper_class.__call__ = launch, helper
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpret_device_function_calls_without_repatching()
+
+
 def pytest_report_header(config):
     where = torch.cuda.get_device_name() if HAS_GPU else "CPU only (Triton interpreted)"
     return f"batikfast tests on: {where}; torch {torch.__version__}"

@@ -453,8 +453,10 @@ def test_fp32_modulated_conv2d_is_fp32_accurate_when_tf32_is_off_for_convolution
     require(impl, "modulated_conv2d")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setitem(globals(), "_lowp_dtype", torch.float32)  # the tolerance's dtype
+    # 216 products per output (24 channels x 9 taps) show TF32's 10-bit mantissa; few output
+    # channels keep the interpreted up-sampling on the CPU short.
     x = rand(2, 24, 6, 7, seed=40).requires_grad_(True)
-    weight = rand(20, 24, 3, 3, seed=41).requires_grad_(True)
+    weight = rand(5, 24, 3, 3, seed=41).requires_grad_(True)
     styles = (rand(2, 24, seed=42) + 1).requires_grad_(True)
     f = ops.setup_filter([1, 3, 3, 1], device=DEVICE)
 
