@@ -206,13 +206,16 @@ def launch_grid(planes: int, out_h: int, out_w: int, tile: tuple[int, int, int, 
 def _tile(out_h: int, out_w: int) -> tuple[int, int, int, int]:
     """(PLANES, PLANE_ROWS, BLOCK_W, num_warps) for out_h x out_w output planes."""
     if interpreter_tiles():
-        # Tiny tiles so the small test images span several tiles in both directions (and
-        # the smallest ones stack planes).
-        block_w, rows, num_warps = min(triton.next_power_of_2(out_w), 8), 32, 1
-    else:
-        # 1024 outputs per program (8 per thread with 4 warps); rows up to 64 wide keep a
-        # warp's loads on one or two 128-byte lines.
-        block_w, rows, num_warps = min(triton.next_power_of_2(out_w), 64), 1024, 4
+        # About a quarter of a plane per tile: test images wider than 4 and taller than 1 span
+        # several tiles both ways, small ones stack planes, and no tile is smaller than needed
+        # (interpreted, every program costs about the same Python work, whatever its size).
+        block_w = min(max(triton.next_power_of_2(out_w) // 2, 4), 32)
+        rows = 256 // block_w
+        plane_rows = min(max(triton.next_power_of_2(out_h) // 2, 1), rows)
+        return rows // plane_rows, plane_rows, block_w, 1
+    # 1024 outputs per program (8 per thread with 4 warps); rows up to 64 wide keep a warp's
+    # loads on one or two 128-byte lines.
+    block_w, rows, num_warps = min(triton.next_power_of_2(out_w), 64), 1024, 4
     rows //= block_w
     plane_rows = min(triton.next_power_of_2(out_h), rows)
     return rows // plane_rows, plane_rows, block_w, num_warps
