@@ -27,7 +27,8 @@ setup(
     package_dir={"batikfast.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "pillow"],
     extras_require={
-        "test": ["pytest", "hypothesis", "scipy", "ninja", "pybind11", "pytest-benchmark"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "scipy", "ninja", "pybind11",
+                 "pytest-benchmark"],
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext_class()} if ext_modules else {},

@@ -69,6 +69,17 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _interpret_device_function_calls_without_repatching()
 
 
+# Under pytest-xdist (the README's -n auto) every worker imports this file: they share the
+# controller's seed through the environment, so one BATIKFAST_TEST_SEED replays the whole run.
+from tests._support import SESSION_SEED  # noqa: E402
+
+os.environ["BATIKFAST_TEST_SEED"] = str(SESSION_SEED)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # The workers split the cores: torch's threads in each would only contend with the others'.
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_report_header(config):
     where = torch.cuda.get_device_name() if HAS_GPU else "CPU only (Triton interpreted)"
     return f"batikfast tests on: {where}; torch {torch.__version__}"
