@@ -14,7 +14,8 @@
 # Carry .peer (git-ignored, NVIDIA's checkout) to the machine for the peer step.
 #
 # Steps: build tests bench networks train peer (default: all, in that order), and the opt-in
-# codegen (the Triton kernels compiled for sm_90 and read by benchmarks/codegen.py; CPU only). Each step runs under its
+# codegen (this machine's Triton compiles the kernels for sm_90 and benchmarks/codegen.py reads
+# the machine code; it runs nothing on the GPU). Each step runs under its
 # own time limit and a failing step never stops the next one; the exit status is that of the
 # worst step. Everything is tee'd into $OUT/gpu_check.log as it happens, so a timeout loses
 # nothing already printed. $OUT ends up with at most 11 files:
