@@ -345,7 +345,7 @@ def _demangle(names: list[str]) -> list[str]:
 def environment() -> dict:
     import triton
     return dict(torch=torch.__version__, triton=triton.__version__,
-                commit=common._git("rev-parse", "--short", "HEAD"),
+                commit=common.git_commit(short=True),
                 note="static: compiled without running; no timing")
 
 

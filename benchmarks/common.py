@@ -201,6 +201,11 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def git_commit(short: bool = False) -> str | None:
+    """The checkout's commit, or None outside a git checkout."""
+    return _git("rev-parse", *(["--short"] if short else []), "HEAD")
+
+
 def _triton_version() -> str | None:
     try:
         import triton
@@ -237,7 +242,7 @@ def run_metadata(device: torch.device, argv: list[str] | None = None) -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "python": platform.python_version(),
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": git_commit(),
         "git_dirty": bool(status) if status is not None else None,
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "") == "1",
         "argv": list(sys.argv if argv is None else argv),
