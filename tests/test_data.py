@@ -1026,3 +1026,57 @@ def test_a_dataset_json_that_cannot_be_read_is_an_error_naming_it(tmp_path):
     with pytest.raises(DatasetError, match=r"^cannot read dataset.json in '.*': \[Errno 21\] Is a "
                                            r"directory"):
         ImageFolderDataset(tmp_path, use_labels=True)
+
+
+def _srgb_with_red_and_blue_swapped() -> bytes:
+    """An RGB ICC profile whose red primary is sRGB's blue and whose blue is sRGB's red: Pillow's
+    sRGB profile with the rXYZ and bXYZ entries of its tag table exchanged."""
+    from PIL import ImageCms
+    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = int.from_bytes(profile[128:132], "big")
+    entries = {bytes(profile[132 + 12 * k:136 + 12 * k]): 132 + 12 * k for k in range(count)}
+    red, blue = entries[b"rXYZ"], entries[b"bXYZ"]
+    profile[red + 4:red + 12], profile[blue + 4:blue + 12] = (profile[blue + 4:blue + 12],
+                                                              profile[red + 4:red + 12])
+    return bytes(profile)
+
+
+def test_images_with_an_icc_profile_are_read_in_srgb(tmp_path):
+    """Pure red in a colour space whose red primary is sRGB's blue is sRGB blue; an image
+    tagged sRGB, or untagged, reads as stored."""
+    from PIL import ImageCms
+    swapped = _srgb_with_red_and_blue_swapped()
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    red = Image.new("RGB", (8, 8), (255, 0, 0))
+    red.save(folder / "a_swapped.png", icc_profile=swapped)
+    red.save(folder / "b_srgb.png", icc_profile=srgb)
+    red.save(folder / "c_untagged.png")
+    ds = ImageFolderDataset(folder)
+    assert ds.filenames == ["a_swapped.png", "b_srgb.png", "c_untagged.png"]
+    for index, expected in enumerate([(0, 0, 255), (255, 0, 0), (255, 0, 0)]):
+        pixel = ds[index][0][:, 4, 4].astype(int)
+        assert np.abs(pixel - expected).max() <= 2, (ds.filenames[index], pixel)
+
+
+def test_an_icc_profile_that_cannot_be_used_leaves_the_pixels_as_stored_with_a_warning(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 30)).save(folder / "a.png", icc_profile=b"not a profile")
+    with pytest.warns(RuntimeWarning, match="a.png.*: its ICC colour profile cannot be applied"):
+        image = ImageFolderDataset(folder)[0][0]
+    assert tuple(image[:, 0, 0]) == (200, 10, 30)
+
+
+def test_a_cmyk_image_tagged_with_an_rgb_profile_is_read_naively_with_a_warning(tmp_path):
+    """A profile of the wrong colour space cannot be applied: PIL's own CMYK conversion, with a
+    warning, never a crash in a loader worker."""
+    from PIL import ImageCms
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(folder / "a.jpg", icc_profile=srgb)
+    with pytest.warns(RuntimeWarning, match="ICC colour profile cannot be applied"):
+        image = ImageFolderDataset(folder)[0][0]
+    assert image[0, 0, 0] > 200 and image[1:, 0, 0].max() < 60

@@ -39,6 +39,7 @@ Bad files never crash deep inside a loader worker without a name:
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -49,7 +50,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 _EXIF_ORIENTATION = 0x0112
 _LABELS_HINT = (": make the dataset with tools/make_dataset.py --labels-from-folders (one class "
@@ -121,11 +122,13 @@ class Dataset:
         return np.stack([self.get_label(i) for i in range(self._raw_size)])
 
 
-def _to_rgb(img: Image.Image, channels: int) -> Image.Image:
-    """``img`` upright (its EXIF orientation applied, as a viewer shows it) in RGB or L."""
+def _to_rgb(img: Image.Image, channels: int, where: str = "") -> Image.Image:
+    """``img`` upright (its EXIF orientation applied, as a viewer shows it) in RGB or L, its
+    colours in sRGB where it carries an ICC profile. ``where`` names the file in warnings."""
     if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
         # cameras store portrait shots sideways and say so in EXIF
         img = ImageOps.exif_transpose(img)
+    img = _in_srgb(img, where)
     if img.mode == "F" or img.mode.startswith("I"):
         # PIL's convert would clip these at 255 instead of rescaling: [0, 1] floats turn black
         img = Image.fromarray(_wide_to_8bit(np.asarray(img), img.mode), "L")
@@ -135,6 +138,33 @@ def _to_rgb(img: Image.Image, channels: int) -> Image.Image:
         ground = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(ground, rgba)
     return img.convert("L" if channels == 1 else "RGB")
+
+
+def _in_srgb(img: Image.Image, where: str = "") -> Image.Image:
+    """An RGB, RGBA or CMYK ``img`` with an embedded ICC profile, converted to sRGB (what the
+    generated images are shown in). Scans of printed batik are often CMYK, camera and phone
+    photos Adobe RGB or Display P3: read as stored, their colours shift (a P3 red as a duller
+    sRGB one, CMYK values as if they were ink-free RGB). A profile that cannot be used leaves
+    the pixels as stored, with a warning."""
+    profile = img.info.get("icc_profile")
+    if not profile or img.mode not in ("RGB", "RGBA", "CMYK"):
+        return img
+    try:
+        transform = _srgb_transform(profile, img.mode)
+        return ImageCms.applyTransform(img, transform)
+    except (ImageCms.PyCMSError, OSError, ValueError) as error:
+        warnings.warn(f"{where + ': ' if where else ''}its ICC colour profile cannot be applied "
+                      f"({error}); its {img.mode} values are read as sRGB", RuntimeWarning,
+                      stacklevel=2)
+        return img
+
+
+@functools.lru_cache(maxsize=32)
+def _srgb_transform(profile: bytes, mode: str) -> ImageCms.ImageCmsTransform:
+    """Building a transform costs more than applying it: datasets share a few profiles."""
+    source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+    return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), mode,
+                                   "RGBA" if mode == "RGBA" else "RGB")
 
 
 def _wide_to_8bit(pixels: np.ndarray, mode: str) -> np.ndarray:
@@ -598,9 +628,9 @@ class ImageFolderDataset(Dataset):
         if self._warned and name in self._warned:
             with warnings.catch_warnings():  # said at the scan, naming the file
                 warnings.simplefilter("ignore")
-                img = self._open_image(data)
+                img = self._open_image(data, name)
         else:
-            img = self._open_image(data)
+            img = self._open_image(data, name)
         if img.size != (self.resolution, self.resolution):
             if not self.resize:
                 raise DatasetError(f"{self._describe(name)} is {img.size[0]}x{img.size[1]}, "
@@ -611,10 +641,10 @@ class ImageFolderDataset(Dataset):
             array = array[:, :, None]
         return array.transpose(2, 0, 1)
 
-    def _open_image(self, data: bytes) -> Image.Image:
+    def _open_image(self, data: bytes, name: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return _to_rgb(img, self.num_channels)
+            return _to_rgb(img, self.num_channels, self._describe(name))
 
     def _load_item(self, raw_index: int):
         # A truncated file is replaced by the next readable one so that a long run survives it.
