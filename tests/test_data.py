@@ -1030,7 +1030,8 @@ def test_a_dataset_json_that_cannot_be_read_is_an_error_naming_it(tmp_path):
 
 def _srgb_with_red_and_blue_swapped() -> bytes:
     """An RGB ICC profile whose red primary is sRGB's blue and whose blue is sRGB's red: Pillow's
-    sRGB profile with the rXYZ and bXYZ entries of its tag table exchanged."""
+    sRGB profile with the rXYZ and bXYZ entries of its tag table exchanged, and "sRGB" in its
+    description renamed (sRGB profiles are recognised by it and left alone)."""
     from PIL import ImageCms
     profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
     count = int.from_bytes(profile[128:132], "big")
@@ -1038,7 +1039,8 @@ def _srgb_with_red_and_blue_swapped() -> bytes:
     red, blue = entries[b"rXYZ"], entries[b"bXYZ"]
     profile[red + 4:red + 12], profile[blue + 4:blue + 12] = (profile[blue + 4:blue + 12],
                                                               profile[red + 4:red + 12])
-    return bytes(profile)
+    return bytes(profile).replace(b"sRGB", b"BGRs").replace("sRGB".encode("utf-16-be"),
+                                                            "BGRs".encode("utf-16-be"))
 
 
 def test_images_with_an_icc_profile_are_read_in_srgb(tmp_path):

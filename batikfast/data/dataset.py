@@ -151,7 +151,7 @@ def _in_srgb(img: Image.Image, where: str = "") -> Image.Image:
         return img
     try:
         transform = _srgb_transform(profile, img.mode)
-        return ImageCms.applyTransform(img, transform)
+        return img if transform is None else ImageCms.applyTransform(img, transform)
     except (ImageCms.PyCMSError, OSError, ValueError) as error:
         warnings.warn(f"{where + ': ' if where else ''}its ICC colour profile cannot be applied "
                       f"({error}); its {img.mode} values are read as sRGB", RuntimeWarning,
@@ -160,9 +160,13 @@ def _in_srgb(img: Image.Image, where: str = "") -> Image.Image:
 
 
 @functools.lru_cache(maxsize=32)
-def _srgb_transform(profile: bytes, mode: str) -> ImageCms.ImageCmsTransform:
-    """Building a transform costs more than applying it: datasets share a few profiles."""
+def _srgb_transform(profile: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from ``profile`` to sRGB, None where it is an sRGB profile already (most
+    camera JPEGs carry one: converting costs ~36 ms a megapixel for no change). Cached:
+    building a transform costs more than applying it, and datasets share a few profiles."""
     source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+    if mode != "CMYK" and "srgb" in ImageCms.getProfileDescription(source).lower():
+        return None
     return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), mode,
                                    "RGBA" if mode == "RGBA" else "RGB")
 
