@@ -11,6 +11,7 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import functools  # noqa: E402
 import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
@@ -40,12 +41,13 @@ def _interpret_device_function_calls_without_repatching():
     patched_per_launch: list[set[int]] = []  # ids of the modules each running launch patched
     run_launch, call_helper = launch_class.__call__, helper_class.__call__
 
-    def language_modules(fn) -> set[int]:  # the modules the interpreter patches for fn
-        return {id(value) for value in fn.__globals__.values()
-                if value is tl or value is tl.core}
+    @functools.cache  # a function's module, hence its answer, never changes
+    def language_modules(fn) -> frozenset[int]:  # the modules the interpreter patches for fn
+        return frozenset(id(value) for value in fn.__globals__.values()
+                         if value is tl or value is tl.core)
 
     def launch(self, *args, **kwargs):
-        patched_per_launch.append(language_modules(self.fn))
+        patched_per_launch.append(set(language_modules(self.fn)))
         try:
             return run_launch(self, *args, **kwargs)
         finally:
