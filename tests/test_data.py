@@ -1,7 +1,9 @@
 """Datasets: folders, zips, labels, x-flips, bad files, the procedural batik set, the sampler."""
 import contextlib
 import json
+import multiprocessing
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -667,7 +669,54 @@ def test_images_deleted_or_truncated_after_the_scan_are_skipped_naming_them_in_w
     assert re.search(r"skipping image '2.png' in .*: cannot read it \(No such file or directory; "
                      r"it was readable when the dataset was opened\); using the next image", read)
     assert re.search(r"skipping image '4.png' in .*: cannot decode it", read), read
-    assert set(re.findall(r"skipping image '([^']*)'", read)) == {"2.png", "4.png"}
+    # once each, whichever of the two workers met it first, in either epoch
+    assert sorted(re.findall(r"skipping image '([^']*)'", read)) == ["2.png", "4.png"], read
+
+
+def _read_item_in_another_process(ds, index, start_method):
+    """``ds[index]`` in a new process started as loader workers are ("spawn" pickles ``ds``)."""
+    process = multiprocessing.get_context(start_method).Process(target=ds.__getitem__,
+                                                                 args=(index,))
+    process.start()
+    process.join(timeout=120)
+    assert process.exitcode == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the fork start method is Linux's")
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_an_image_one_process_found_unreadable_is_skipped_quietly_by_the_others(tmp_path,
+                                                                                start_method):
+    """Loader workers share what they learn: the worker that meets a corrupt file first warns
+    and the others (and later epochs) skip it without decoding it again or a second warning."""
+    folder = tmp_path / "photos"
+    for index in range(3):
+        _png(folder / f"{index}.png", size=(16, 16), colour=index * 10)
+    ds = ImageFolderDataset(folder)
+    _truncate(folder / "1.png")
+    _read_item_in_another_process(ds, 1, start_method)  # warns on its own stderr
+    _png(folder / "1.png", size=(16, 16), colour=99)  # readable again: no one reads it now
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image, _ = ds[1]
+    assert caught == [] and image[0, 0, 0] == 20  # the next image, as in the other process
+
+
+def test_a_copy_of_a_dataset_remembers_its_unreadable_images_but_shares_nothing(tmp_path):
+    """A pickled copy (not a worker being started) keeps the set as it was; a file found bad
+    in the copy later is not marked in the original."""
+    folder = tmp_path / "photos"
+    for index in range(3):
+        _png(folder / f"{index}.png", size=(16, 16), colour=index * 10)
+    ds = ImageFolderDataset(folder)
+    _truncate(folder / "0.png")
+    with pytest.warns(RuntimeWarning, match="'0.png'"):
+        assert ds[0][0][0, 0, 0] == 10
+    copy = pickle.loads(pickle.dumps(ds))
+    _truncate(folder / "2.png")
+    with pytest.warns(RuntimeWarning, match="'2.png'"):
+        assert copy[2][0][0, 0, 0] == 10  # 2.png skipped, 0.png known bad: 1.png
+    with pytest.warns(RuntimeWarning, match="'2.png'"):
+        assert ds[2][0][0, 0, 0] == 10
 
 
 def test_a_loader_given_a_warning_log_appends_its_workers_warnings_to_it(tmp_path):

@@ -10,8 +10,9 @@ Bad files never crash deep inside a loader worker without a name:
 * files that are not images (junk in a zip, unreadable headers) and files larger than any image
   (``MAX_IMAGE_BYTES``, 2 GiB: a zip bomb) are skipped at scan time with a warning naming them;
 * images whose pixels turn out to be truncated or corrupt are skipped when first read, with a
-  warning naming them, and the next good image is returned in their place; an error raised in
-  a loader worker reaches the caller as its own one-line message (``make_loader``);
+  warning naming them (once a run: loader workers share what they find), and the next good
+  image is returned in their place; an error raised in a loader worker reaches the caller as
+  its own one-line message (``make_loader``);
 * grayscale, palette and RGBA images are converted (alpha, or a colour made transparent,
   composited over white), and photos are turned upright by their EXIF orientation; 16-bit and
   32-bit greyscale images are rescaled to 8 bits (float images from [0, 1]), and those whose
@@ -39,10 +40,13 @@ Bad files never crash deep inside a loader worker without a name:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
 import math
+import multiprocessing
+import multiprocessing.context
 import os
 import posixpath
 import warnings
@@ -77,6 +81,52 @@ class DatasetError(ValueError):
 class PixelRangeError(ValueError):
     """An image whose pixel values lie outside the range its mode implies (say, a float image
     beyond [0, 1]): the file is skipped, naming it, rather than trained on at a guessed scale."""
+
+
+def _unreadable_reason(error: Exception) -> str:
+    if isinstance(error, PixelRangeError):
+        return str(error)
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return f"cannot read it ({error.strerror}; it was readable when the dataset was opened)"
+    return f"cannot decode it ({error})"
+
+
+class UnreadableImages:
+    """The indices of the images found unreadable when read, one set for every process that
+    reads the dataset: a loader's worker processes (forked or spawned) share it, so that a bad
+    file is reported once per run and decoded once, not once by each worker."""
+
+    def __init__(self, count: int):
+        # A spawn-context lock, because one made in the fork context refuses to be passed to a
+        # spawned or forkserver worker; forked workers inherit either kind.
+        context = multiprocessing.get_context("spawn")
+        try:
+            self._flags, self._lock = context.RawArray("B", count), context.Lock()  # zeroed
+        except OSError:  # no POSIX semaphores (some sandboxes): each worker keeps its own set
+            self._flags, self._lock = bytearray(count), contextlib.nullcontext()
+
+    def __contains__(self, index: int) -> bool:
+        return bool(self._flags[index])  # a byte read needs no lock
+
+    def claim(self, index: int) -> bool:
+        """Marks ``index`` unreadable; True in the one process that marked it first."""
+        with self._lock:
+            first = not self._flags[index]
+            self._flags[index] = 1
+        return first
+
+    def __getstate__(self):
+        if multiprocessing.context.get_spawning_popen() is not None \
+                and not isinstance(self._flags, bytearray):
+            return {"flags": self._flags, "lock": self._lock}  # a worker being started: shared
+        return {"known": bytes(self._flags)}  # a copy (pickle, deepcopy): its own set
+
+    def __setstate__(self, state):
+        if "flags" in state:
+            self._flags, self._lock = state["flags"], state["lock"]
+            return
+        self.__init__(len(state["known"]))
+        self._flags[:] = state["known"]
 
 
 class Dataset:
@@ -460,7 +510,7 @@ class ImageFolderDataset(Dataset):
         if resize and self.stored_resolution is None:
             self._warn_about_upscaling(names, sizes)
         self._names = names
-        self._bad: set[int] = set()
+        self._unreadable = UnreadableImages(len(names))
         self._labels = self._read_labels(names) if use_labels else None
         self.label_dim = 0 if self._labels is None else self._labels.shape[1]
         super().__init__(len(names), xflip)
@@ -654,7 +704,7 @@ class ImageFolderDataset(Dataset):
         # A truncated file is replaced by the next readable one so that a long run survives it.
         for attempt in range(len(self._names)):
             index = (raw_index + attempt) % len(self._names)
-            if index in self._bad:
+            if index in self._unreadable:
                 continue
             try:
                 image = self._decode(index)
@@ -666,16 +716,10 @@ class ImageFolderDataset(Dataset):
                     raise DatasetError(
                         f"the dataset {self.path!r} is gone (moved, deleted or unmounted since "
                         f"it was opened): cannot read {self._names[index]!r}") from error
-                self._bad.add(index)
-                if isinstance(error, PixelRangeError):
-                    reason = error
-                elif isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
-                    reason = (f"cannot read it ({error.strerror}; it was readable when the "
-                              "dataset was opened)")
-                else:
-                    reason = f"cannot decode it ({error})"
-                warnings.warn(f"skipping {self._describe(self._names[index])}: {reason}; using the "
-                              "next image instead", RuntimeWarning, stacklevel=3)
+                if self._unreadable.claim(index):  # another worker may have said it already
+                    warnings.warn(f"skipping {self._describe(self._names[index])}: "
+                                  f"{_unreadable_reason(error)}; using the next image instead",
+                                  RuntimeWarning, stacklevel=3)
                 continue
             return image, self.get_label(index)
         raise DatasetError(f"no image in {self.path!r} could be decoded")
