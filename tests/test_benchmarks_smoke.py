@@ -96,7 +96,8 @@ def test_plot_rereads_saved_json_without_a_gpu(quick_run, tmp_path):
     copy.write_text((outdir / "ops.json").read_text())
     stdout = _run([str(REPO / "benchmarks" / "plot.py"), str(copy)], tmp_path, timeout=120)
     assert (tmp_path / "ops.md").read_text() == (outdir / "ops.md").read_text()
-    assert "wrote" in stdout or "matplotlib is not installed" in stdout
+    assert f"wrote {tmp_path / 'ops.png'}" in stdout
+    assert (tmp_path / "ops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_paper256_channels_follow_channel_base_16384_max_512():
@@ -396,12 +397,109 @@ def test_markdown_reports_share_of_copy_bandwidth_for_large_memory_bound_cases()
     assert "CPU (not comparable)" not in text
 
 
-def test_plot_draws_a_png_when_matplotlib_is_installed(tmp_path):
-    pytest.importorskip("matplotlib")
+def _png_pixels(path):
+    """The chart as an (height, width, 3) array; fails unless the file is a PNG."""
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
+
+
+def _colour_mask(pixels, colour):
+    from PIL import ImageColor
+    return (pixels == ImageColor.getrgb(colour)).all(axis=-1)
+
+
+def _speedup_payload(speedups, cases=("c",)):
+    """Op rows for plot_ops only: each implementation's speed-up, the same in every case; None
+    for an implementation that could not run here."""
+    rows = [dict(case=case, shape_set="s", batch=1, dtype="fp16", mode="fwd", impl=impl,
+                 status="ok" if value is not None else "unavailable: not here",
+                 speedup_vs_ref=value)
+            for case in cases for impl, value in speedups.items()]
+    meta = dict(device="GPU", device_type="cuda", torch="t", triton="tr", git_commit="c")
+    return dict(meta=meta, ceilings={}, results=rows)
+
+
+def test_plot_draws_speedup_bars_as_long_as_the_speedups_in_each_colour(tmp_path):
+    """Pillow draws the chart (matplotlib was optional, and missing where the benchmarks ran):
+    a bar per fast implementation, longer for a larger speed-up (ref+compile 1.33x, triton 2x,
+    cuda 2.5x: the bars grow from 1x, on a log axis up to 4x)."""
     from benchmarks import plot
     note = plot.plot_ops(_gpu_like_payload(), tmp_path / "ops.png")
-    assert note.startswith("wrote")
-    assert (tmp_path / "ops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert note == f"wrote {tmp_path / 'ops.png'}"
+    pixels = _png_pixels(tmp_path / "ops.png")
+    height, width, _ = pixels.shape
+    assert 600 <= width <= plot.MAX_W and 250 <= height <= 2000
+    assert _colour_mask(pixels, "white").mean() > 0.5  # a white page, mostly
+    assert _colour_mask(pixels, "black").sum() > 1000  # text, frame and the 1x line
+    counts = [_colour_mask(pixels, plot.COLORS[impl]).sum() for impl in plot.FAST_IMPLS]
+    assert 300 < counts[0] < counts[1] < counts[2], counts
+    # log axis: log2(2.5) / log2(2) of the triton bar, the legend's square aside
+    legend = 13 * 13
+    assert (counts[2] - legend) / (counts[1] - legend) == pytest.approx(1.32, rel=0.1)
+
+
+def test_plot_bars_go_down_for_slower_and_leave_out_what_did_not_run(tmp_path):
+    from benchmarks import plot
+    payload = _speedup_payload({"ref": 1.0, "ref+compile": None, "triton": 4.0, "cuda": 0.25})
+    assert plot.plot_ops(payload, tmp_path / "ops.png").startswith("wrote")
+    pixels = _png_pixels(tmp_path / "ops.png")
+    faster_rows = _colour_mask(pixels, plot.COLORS["triton"]).any(axis=1).nonzero()[0]
+    slower_rows = _colour_mask(pixels, plot.COLORS["cuda"]).any(axis=1).nonzero()[0]
+    assert slower_rows.max() > faster_rows.max() + 50  # below the 1x line
+    # no bar and no legend entry: at most a few anti-aliased pixels of text in that grey
+    assert _colour_mask(pixels, plot.COLORS["ref+compile"]).sum() < 100
+    payload = _speedup_payload({"ref": 1.0, "triton": None, "cuda": float("nan")})
+    assert plot.plot_ops(payload, tmp_path / "none.png").startswith("wrote")
+    pixels = _png_pixels(tmp_path / "none.png")
+    assert not _colour_mask(pixels, plot.COLORS["triton"]).any()
+    assert not _colour_mask(pixels, plot.COLORS["cuda"]).any()
+
+
+def test_plot_bounds_the_width_for_many_cases_and_reaches_speedups_far_from_1x(tmp_path):
+    from benchmarks import plot
+    cases = [f"sweep.case{i}" for i in range(400)]
+    payload = _speedup_payload({"triton": 3.0, "cuda": 1.0}, cases)
+    payload["results"] += _speedup_payload({"triton": 1e-6, "cuda": 1e6})["results"]
+    for row in payload["results"][-2:]:
+        row["batch"] = 2  # a panel of its own
+    assert plot.plot_ops(payload, tmp_path / "ops.png").startswith("wrote")
+    pixels = _png_pixels(tmp_path / "ops.png")
+    assert pixels.shape[1] == plot.MAX_W and pixels.shape[0] < 1500
+    assert _colour_mask(pixels, plot.COLORS["triton"]).sum() > 400 * 2
+    assert _colour_mask(pixels, plot.COLORS["cuda"]).sum() > 400 * 2  # 1x: still a sliver
+
+
+def test_train_step_chart_draws_bars_as_tall_as_the_images_per_second(tmp_path):
+    from benchmarks import plot
+    rows = [_step_row("ref", "eager", 6.0), _step_row("ref", "compiled", 4.0),
+            dict(_step_row("triton", "eager", 1.0), status="error: boom"),
+            _step_row("cuda", "compiled", 2.0)]
+    meta = dict(device="GPU", device_type="cuda")
+    note = plot.plot_train_step(dict(meta=meta, results=rows), tmp_path / "train_step.png")
+    assert note == f"wrote {tmp_path / 'train_step.png'}"
+    bars = _colour_mask(_png_pixels(tmp_path / "train_step.png"), plot.STEP_COLOR)
+    columns = bars.sum(axis=0)
+    edges = (columns > 0).astype(int)
+    starts = (edges[1:] > edges[:-1]).nonzero()[0] + 1
+    heights = [columns[start + 2] for start in starts]
+    assert len(heights) == 3  # the failed setup has no bar
+    assert heights[1] / heights[0] == pytest.approx(1.5, rel=0.05)
+    assert heights[2] / heights[0] == pytest.approx(3.0, rel=0.05)
+
+
+def test_plot_writes_no_png_without_a_successful_measurement(tmp_path):
+    from benchmarks import plot
+    payload = _speedup_payload({"ref": None, "triton": None})
+    assert plot.plot_ops(payload, tmp_path / "ops.png") == \
+        "no PNG chart: no successful measurements"
+    steps = dict(meta=dict(device="GPU"),
+                 results=[dict(_step_row("ref", "eager", 6.0), status="error: boom")])
+    assert plot.plot_train_step(steps, tmp_path / "train_step.png") == \
+        "no PNG chart: no successful training-step measurement"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_gpu_check_script_runs_its_steps_independently_and_collects_outputs(tmp_path):
@@ -695,7 +793,7 @@ def test_a_batch_budget_repeat_time_or_device_that_cannot_work_is_an_argument_er
 def test_plot_says_which_files_it_cannot_redraw_and_still_redraws_the_others(tmp_path, capsys):
     """A missing file, a file that is not JSON, or a JSON of another kind (codegen.json,
     gpu_tests.json) gave a traceback that stopped the files after it; networks.json was taken
-    for a training-step result (a KeyError once matplotlib is installed)."""
+    for a training-step result (a KeyError when its chart was drawn)."""
     from benchmarks import plot
     good = tmp_path / "ops.json"
     good.write_text(json.dumps(_gpu_like_payload()))
