@@ -6,12 +6,15 @@
 #   OUT=/some/dir bash benchmarks/gpu_check.sh bench peer      # only some steps
 #   BENCH_ARGS="--batch 16 --dtype bf16" bash benchmarks/gpu_check.sh bench
 #
-# All steps in one 10-minute call squeeze the later ones; three calls cover them while the
-# machine stays warm (the built extension is kept and not rebuilt):
-#   bash benchmarks/gpu_check.sh build tests bench;  then  build networks train;  then  build peer
-# The peer step runs two comparisons (per op, then NVIDIA's whole G and D, up to ~8 minutes
-# together) and runs before train when both are asked for: give it its own call.
-# Carry .peer (git-ignored, NVIDIA's checkout) to the machine for the peer step.
+# All steps in one 10-minute call squeeze the later ones. A session's device time (15 minutes,
+# the machine's start included) holds one full call and a short one made straight after it,
+# while the machine is warm (benchmarks/RESULTS.md has the knobs):
+#   bash benchmarks/gpu_check.sh build tests bench train;  then  bash benchmarks/gpu_check.sh peer
+# Carry .peer (git-ignored, NVIDIA's checkout) to both calls: the build step then compiles
+# NVIDIA's two plugins beside the extension (into build/torch_extensions, which the machine
+# keeps between calls), so the peer step measures at once instead of compiling first. The
+# peer step runs two comparisons (per op, then NVIDIA's whole G and D) and runs before train
+# when both are asked for.
 #
 # Steps: build tests bench networks train peer (default: all, in that order), and the opt-in
 # codegen (this machine's Triton compiles the kernels for sm_90 and benchmarks/codegen.py reads
@@ -52,6 +55,9 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 # Unbuffered, so a step killed by its time limit has already logged what it printed.
 export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-16}
+# NVIDIA's plugins (peer step) are cached in the repo's ignored build/, which the device machine
+# keeps between calls (a carried .peer would replace anything kept inside it).
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$REPO/build/torch_extensions}
 # Hopper only (H100 / H200): one architecture keeps the build short.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 START=$(date +%s)
@@ -106,7 +112,23 @@ if [[ $("$PYTHON" -c "import torch; print(torch.cuda.is_available())" 2>/dev/nul
     echo "no GPU visible: CPU timings (not comparable), no target judged" >>"$SUMMARY"
 fi
 
+NVIDIA_PATH=${NVIDIA_PATH:-}
+if [[ -z "$NVIDIA_PATH" ]]; then
+    for candidate in .peer/stylegan3 .peer/stylegan2-ada-pytorch; do
+        [[ -d $candidate/torch_utils ]] && NVIDIA_PATH=$candidate && break
+    done
+fi
+
 if want build; then
+    # NVIDIA's two plugins compile beside the extension (CPU work, a minute or two), so that
+    # a peer step, in this call or the next, measures at once instead of compiling first.
+    plugins_pid=
+    if [[ -n "$NVIDIA_PATH" ]]; then
+        log "step build: compiling NVIDIA's plugins from $NVIDIA_PATH in the background"
+        timeout --kill-after=20 "$(allot 300 200)" "$PYTHON" benchmarks/peer_nvidia.py \
+            --nvidia-path "$NVIDIA_PATH" --prepare >"$OUT/nvidia_plugins.log" 2>&1 &
+        plugins_pid=$!
+    fi
     extension_fresh() {
         local so
         so=$(ls batikfast/_C*.so 2>/dev/null | head -1)
@@ -119,6 +141,15 @@ if want build; then
         run_step build "$(allot 300 240)" "$PYTHON" setup.py build_ext --inplace
     fi
     "$PYTHON" -m batikfast.info 2>&1 | tee -a "$LOG"
+    if [[ -n "$plugins_pid" ]]; then
+        wait "$plugins_pid"
+        rc=$?
+        log "step build: NVIDIA's plugins: exit $rc"
+        ((rc == 0)) && mkdir -p "$TORCH_EXTENSIONS_DIR" &&
+            touch "$TORCH_EXTENSIONS_DIR/nvidia_plugins.ready"
+        cat "$OUT/nvidia_plugins.log" >>"$LOG" && rm "$OUT/nvidia_plugins.log"
+        echo "nvidia plugins: exit $rc" >>"$SUMMARY"
+    fi
 fi
 
 if want tests; then
@@ -170,21 +201,21 @@ if want networks; then
 fi
 
 if want peer; then
-    NVIDIA_PATH=${NVIDIA_PATH:-}
-    if [[ -z "$NVIDIA_PATH" ]]; then
-        for candidate in .peer/stylegan3 .peer/stylegan2-ada-pytorch; do
-            [[ -d $candidate/torch_utils ]] && NVIDIA_PATH=$candidate && break
-        done
-    fi
     if [[ -n "$NVIDIA_PATH" ]]; then
-        # Two runs: per op, then whole networks; the ops run keeps the networks run's share.
-        networks_share=${PEER_NETWORKS_SECONDS:-180}
+        # Two runs: per op, then whole networks; the ops run keeps the networks run's share
+        # (by default 180 s, or 40% of the time left when less than 450 s is).
+        default_share=$(($(left) * 2 / 5))
+        ((default_share > 180)) && default_share=180
+        networks_share=${PEER_NETWORKS_SECONDS:-$default_share}
         limit=$(allot 300 $((networks_share + 20)))
-        # Their two plugins JIT-compile first (a minute or two, not under --budget).
+        # Unless a build step has compiled their two plugins (in this call or an earlier one on
+        # this machine), they JIT-compile first: a minute or two, not under --budget.
+        reserve=150
+        [[ -f "$TORCH_EXTENSIONS_DIR/nvidia_plugins.ready" ]] && reserve=40
         # shellcheck disable=SC2086
         run_step peer "$limit" "$PYTHON" benchmarks/peer_nvidia.py --nvidia-path \
-            "$NVIDIA_PATH" --budget $((limit > 180 ? limit - 150 : 30)) --batch 64 --dtype fp16 \
-            --rep-ms 50 --outdir "$RESULTS_DIR" ${PEER_ARGS:-}
+            "$NVIDIA_PATH" --budget $((limit > reserve + 30 ? limit - reserve : 30)) --batch 64 \
+            --dtype fp16 --rep-ms 50 --outdir "$RESULTS_DIR" ${PEER_ARGS:-}
         # NVIDIA's G and D with batikfast's, same weights. The plugins load from the build
         # above; the budget leaves the time of one measurement in flight (a batch-64 first call
         # tunes cuDNN) and the writing, or a rebuild when the run above was stopped mid-build.

@@ -176,6 +176,10 @@ def parse_args(argv=None):
     parser.add_argument("--modes", nargs="+", choices=opcases.ALL_MODES,
                         default=list(opcases.MODES))
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU check)")
+    parser.add_argument("--prepare", action="store_true",
+                        help="only build (or load) NVIDIA's CUDA plugins, say which path each "
+                             "op will take, and exit: gpu_check.sh builds them beside the "
+                             "extension so that a later peer step measures at once")
     parser.add_argument("--budget", type=common.positive_float, default=None,
                         help="seconds after which no new measurement starts")
     parser.add_argument("--rep-ms", type=common.positive_float, default=None)
@@ -323,8 +327,25 @@ def table_columns(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "all")) or ["all"]
 
 
+def prepare(args) -> dict:
+    """NVIDIA's plugins built into torch's extension cache (``TORCH_EXTENSIONS_DIR``), where
+    the measuring runs load them in seconds: a minute or two of compiling off the clock."""
+    device = common.chosen_device(args.device)
+    started = time.perf_counter()
+    nvidia = Nvidia(args.nvidia_path, device)
+    print(f"NVIDIA {nvidia.flavour} plugins on {device} ({time.perf_counter() - started:.0f} s):")
+    for op, (kind, why) in nvidia.paths.items():
+        print(f"  NVIDIA {op}: {kind} ({why})")
+    if device.type == "cuda" and any(kind != "cuda" for kind, _ in nvidia.paths.values()):
+        raise SystemExit("NVIDIA's CUDA plugins are not all usable: the peer benchmarks will "
+                         "time their reference for those ops (see above)")
+    return dict(nvidia_flavour=nvidia.flavour, nvidia_paths=nvidia.paths)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.prepare:
+        return prepare(args)
     device = common.chosen_device(args.device)
     outdir = common.output_dir(args.outdir, device)  # proven writable before measuring
     nvidia = Nvidia(args.nvidia_path, device)

@@ -992,3 +992,77 @@ def test_nvidia_code_imports_on_a_machine_without_requests(monkeypatch):
     import requests
     with pytest.raises(AttributeError, match="requests is not installed"):
         requests.Session()
+
+
+def _fake_nvidia_checkout(root):
+    """The modules of NVIDIA's layout that peer_nvidia.py imports, each doing nothing."""
+    for module in ("torch_utils/ops/bias_act.py", "torch_utils/ops/upfirdn2d.py",
+                   "torch_utils/ops/conv2d_resample.py", "training/networks_stylegan2.py"):
+        (root / module).parent.mkdir(parents=True, exist_ok=True)
+        (root / module).write_text("def _init():\n    return False\n\n"
+                                   "def conv2d_resample():\n    pass\n\n"
+                                   "def modulated_conv2d():\n    pass\n")
+    for package in ("torch_utils", "torch_utils/ops", "training"):
+        (root / package / "__init__.py").write_text("")
+    return root
+
+
+def test_peer_prepare_only_says_which_path_each_nvidia_op_will_take(tmp_path):
+    checkout = _fake_nvidia_checkout(tmp_path / "stylegan3")
+    stdout = _run([str(REPO / "benchmarks" / "peer_nvidia.py"), "--nvidia-path", str(checkout),
+                   "--prepare", "--device", "cpu", "--outdir", str(tmp_path / "results")],
+                  tmp_path)
+    assert "NVIDIA bias_act: ref (CPU tensors" in stdout
+    assert "NVIDIA upfirdn2d: ref (CPU tensors" in stdout
+    assert not (tmp_path / "results").exists()  # nothing measured, nothing written
+
+
+def test_peer_prepare_fails_on_a_gpu_when_a_plugin_did_not_build(monkeypatch):
+    """gpu_check.sh marks the plugins ready only on success: a failed build must not pass."""
+    from benchmarks import common, peer_nvidia
+
+    class PartlyBuilt:
+        flavour = "stylegan3"
+        paths = {"bias_act": ("cuda", "CUDA plugin loaded"),
+                 "upfirdn2d": ("ref", "plugin build failed: RuntimeError: nvcc")}
+
+        def __init__(self, path, device):
+            pass
+    monkeypatch.setattr(peer_nvidia, "Nvidia", PartlyBuilt)
+    monkeypatch.setattr(common, "chosen_device", lambda name: torch.device("cuda"))
+    with pytest.raises(SystemExit, match="not all usable"):
+        peer_nvidia.main(["--nvidia-path", ".", "--prepare"])
+    PartlyBuilt.paths["upfirdn2d"] = ("cuda", "CUDA plugin loaded")
+    assert peer_nvidia.main(["--nvidia-path", ".", "--prepare"])["nvidia_flavour"] == "stylegan3"
+
+
+def _gpu_check_with_a_recording_python(tmp_path, steps, extensions_dir):
+    """gpu_check.sh run with a stand-in for python that only records how it is called."""
+    import shutil
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils timeout")
+    calls = tmp_path / "calls.txt"
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{calls}"\n')
+    python.chmod(0o755)
+    checkout = _fake_nvidia_checkout(tmp_path / "stylegan3")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), RESULTS_DIR=str(tmp_path / "results"),
+               PYTHON=str(python), NVIDIA_PATH=str(checkout),
+               TORCH_EXTENSIONS_DIR=str(extensions_dir))
+    subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), *steps], cwd=tmp_path,
+                   env=env, capture_output=True, text=True, timeout=120)
+    return [line for line in calls.read_text().splitlines() if "peer_nvidia.py" in line]
+
+
+def test_gpu_check_build_compiles_nvidias_plugins_so_the_peer_step_measures_sooner(tmp_path):
+    """With a NVIDIA checkout, the build step compiles their plugins; a peer step after it, in
+    the same call or the next, keeps 40 s for loading them instead of 150 s for compiling."""
+    extensions = tmp_path / "torch_extensions"
+    prepare, peer = _gpu_check_with_a_recording_python(tmp_path, ["build", "peer"], extensions)
+    assert prepare.endswith("--prepare") and "--budget" not in prepare
+    assert "--budget 260 " in peer  # min(300 s, time left - networks' share) - 40 s
+    assert (extensions / "nvidia_plugins.ready").exists()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    [peer] = _gpu_check_with_a_recording_python(fresh, ["peer"], fresh / "torch_extensions")
+    assert "--budget 150 " in peer  # their plugins still to compile
