@@ -232,10 +232,11 @@ fi
 
 if want train; then
     budget=$(allot "${TRAIN_SECONDS:-90}" 70)
-    # Mixed precision first: the paper's setting. Each setup runs 16 warm-up + 32 timed steps.
+    # Mixed precision first: the paper's setting. Each setup runs 16 warm-up + 32 timed steps,
+    # then one profiled cycle: the kernels that take the step's time, for the analysis.
     # shellcheck disable=SC2086
     run_step train $((budget + 60)) "$PYTHON" benchmarks/train_step.py --budget "$budget" \
-        --precision mixed fp32 --cycles 2 --outdir "$RESULTS_DIR" ${TRAIN_ARGS:-}
+        --precision mixed fp32 --cycles 2 --profile --outdir "$RESULTS_DIR" ${TRAIN_ARGS:-}
 fi
 
 if want codegen; then

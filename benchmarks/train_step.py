@@ -29,7 +29,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, profiling  # noqa: E402
 from benchmarks.common import describe_error  # noqa: E402
 from benchmarks.textfmt import fmt_float, fmt_speedup  # noqa: E402
 
@@ -67,6 +67,13 @@ def parse_args(argv=None):
                         help="seconds after which no new setup starts")
     parser.add_argument("--no-phase-breakdown", action="store_true",
                         help="skip the extra cycle that times each phase separately")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more cycle per setup under torch.profiler: its top GPU kernels "
+                             "(CPU operators on the CPU) and launches per step, in the JSON and "
+                             "the markdown")
+    parser.add_argument("--trace-dir", default=None,
+                        help="with --profile, also write each setup's Chrome / Perfetto trace "
+                             "there (trace-<setup>.json.gz)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", type=common.device_arg, default=None)
     parser.add_argument("--outdir", default=None)
@@ -145,6 +152,10 @@ def measure_setup(args, device, backend, compile_mode, precision, workdir,
         phases = None
         if not args.no_phase_breakdown:
             phases = phase_breakdown(trainer, loader, device, 1 if args.quick else cycle)
+        profile = None
+        if args.profile:
+            profile = _profile(args, trainer, loader, device, 1 if args.quick else cycle,
+                               f"{backend}-{compile_mode}-{precision}")
     finally:
         batikfast.set_backend(None)
     images = steps * trainer.batch
@@ -152,7 +163,18 @@ def measure_setup(args, device, backend, compile_mode, precision, workdir,
                 seconds=seconds, images_per_s=images / seconds,
                 sec_per_kimg=seconds / (images / 1000), peak_gpu_mem_gib=peak,
                 batch=trainer.batch, batch_gpu=trainer.batch_gpu, phase_fractions=phases,
-                compile_note=getattr(trainer.parts, "compile_note", None))
+                profile=profile, compile_note=getattr(trainer.parts, "compile_note", None))
+
+
+def _profile(args, trainer, loader, device, steps: int, setup: str) -> dict:
+    """profiling.profile_top of ``steps`` more steps; a profiler that fails (no CUPTI, say)
+    costs the setup its profile, not its measurement."""
+    trace = Path(args.trace_dir) / f"trace-{setup}.json.gz" if args.trace_dir else None
+    try:
+        return profiling.profile_top(lambda: [trainer.train_step(loader) for _ in range(steps)],
+                                     device, steps, trace_path=trace)
+    except Exception as error:
+        return dict(error=describe_error(error))
 
 
 def phase_breakdown(trainer, loader, device, steps: int) -> dict | None:
@@ -310,6 +332,13 @@ def markdown(payload) -> str:
             shares = row["phase_fractions"]
             out.append(f"| {row['config']} | " + " | ".join(
                 f"{100 * shares[n]:.0f}%" if n in shares else "-" for n in names) + " |")
+    profiled = [r for r in rows if r.get("profile") and "top" in r["profile"]]
+    if profiled:
+        out += ["", "Where the time goes (one more cycle under torch.profiler):"]
+        for row in profiled:
+            out += [""] + profiling.markdown(row["config"], row["profile"])
+    out += [f"- {row['config']}: no profile ({row['profile']['error']})" for row in rows
+            if row.get("profile") and "error" in row["profile"]]
     notes = sorted({r["compile_note"] for r in rows if r.get("compile_note")})
     out += [""] + [f"- {note}" for note in notes]
     return "\n".join(out) + "\n"

@@ -1066,3 +1066,63 @@ def test_gpu_check_build_compiles_nvidias_plugins_so_the_peer_step_measures_soon
     fresh.mkdir()
     [peer] = _gpu_check_with_a_recording_python(fresh, ["peer"], fresh / "torch_extensions")
     assert "--budget 150 " in peer  # their plugins still to compile
+
+
+def test_profile_top_ranks_cpu_operators_by_self_time_per_step(tmp_path):
+    import gzip
+    from benchmarks import profiling
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+
+    def two_steps():
+        for _ in range(2):
+            torch.mm(a, b).add_(1.0)
+    profile = profiling.profile_top(two_steps, torch.device("cpu"), steps=2,
+                                    trace_path=tmp_path / "trace.json.gz")
+    assert profile["unit"] == "CPU operator"
+    top = {event["name"]: event for event in profile["top"]}
+    assert top["aten::mm"]["calls_per_step"] == 1 and top["aten::add_"]["calls_per_step"] == 1
+    times = [event["ms_per_step"] for event in profile["top"]]
+    assert times == sorted(times, reverse=True) and sum(times) <= profile["ms_per_step"] + 1e-9
+    assert abs(sum(e["share"] for e in profile["top"]) - sum(times) / profile["ms_per_step"]) < 1e-9
+    trace = json.loads(gzip.decompress((tmp_path / "trace.json.gz").read_bytes()))
+    assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
+
+
+def test_profile_summary_on_a_gpu_counts_kernels_only_by_their_device_time():
+    """On a GPU the CPU operators that launch kernels also carry device time: counting them
+    too would give each kernel's time twice."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks import profiling
+
+    def event(key, count, device_type, device_us, cpu_us=5):
+        return SimpleNamespace(key=key, count=count, device_type=device_type,
+                               self_device_time_total=device_us, self_cpu_time_total=cpu_us)
+    averages = [event("aten::conv2d", 8, DeviceType.CPU, 4000),
+                event("sm90_xmma_fprop_" + "x" * 200, 8, DeviceType.CUDA, 3000),
+                event("_modulated_conv2d_fwd_kernel", 4, DeviceType.CUDA, 1000),
+                event("cudaLaunchKernel", 12, DeviceType.CPU, 0)]
+    profile = profiling.summarise(averages, on_gpu=True, steps=4, top=12)
+    assert profile["unit"] == "GPU kernel" and profile["per_step"] == 3
+    assert profile["ms_per_step"] == 1.0
+    first, second = profile["top"]
+    assert first["name"].startswith("sm90_xmma_fprop_") and len(first["name"]) == 90
+    assert (first["calls_per_step"], first["ms_per_step"], first["share"]) == (2, 0.75, 0.75)
+    assert second["name"] == "_modulated_conv2d_fwd_kernel" and second["share"] == 0.25
+
+
+def test_train_step_profile_names_where_the_step_spends_its_time(tmp_path):
+    from benchmarks import train_step
+    payload = train_step.main(["--quick", "--device", "cpu", "--backends", "ref",
+                               "--precision", "fp32", "--no-phase-breakdown", "--profile",
+                               "--trace-dir", str(tmp_path / "traces"),
+                               "--outdir", str(tmp_path)])
+    (row,) = payload["results"]
+    assert row["status"] == "ok" and row["profile"]["unit"] == "CPU operator"
+    names = [event["name"] for event in row["profile"]["top"]]
+    assert any("conv" in name for name in names), names
+    text = (tmp_path / "train_step.md").read_text()
+    assert "Where the time goes" in text and "| `aten::" in text
+    assert (tmp_path / "traces" / "trace-ref-eager-fp32.json.gz").stat().st_size > 1000
