@@ -246,7 +246,8 @@ Prepared prepare(const char* op, const at::Tensor& x, const c10::optional<at::Te
     BF_CHECK_FLOAT_DTYPE(*b, "b");
     TORCH_CHECK(b->dim() == 1 && b->size(0) == r.p.channels, op, ": b must be 1-D with x.shape[",
                 dim, "] = ", r.p.channels, " elements, got shape ", b->sizes());
-    // As the reference: the bias is added in x's dtype.
+    // b is rounded to x's dtype as the reference rounds it; x + b is then taken in float32, as
+    // NVIDIA's plugin takes it (the reference's 16-bit sum may differ by an ulp of x's dtype).
     r.b = b->to(x.scalar_type()).contiguous();
   }
   // Only now, with every argument checked, is x read (made dense, possibly copied).

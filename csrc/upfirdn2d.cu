@@ -237,6 +237,9 @@ at::Tensor upfirdn2d(const at::Tensor& x, const at::Tensor& f, int64_t upx, int6
   if (y.numel() == 0) return y;
   const at::Tensor filter = f.contiguous();
 
+  // Coordinates are int (checked above), offsets int64 (strides times coordinates): a plane of
+  // any size, in any layout, is addressed exactly.
+  TORCH_CHECK(x.size(1) <= INT32_MAX, "upfirdn2d: x has more than 2**31 - 1 channels");
   UfdParams p{};
   p.stride_n = x.stride(0);
   p.stride_c = x.stride(1);
@@ -260,10 +263,6 @@ at::Tensor upfirdn2d(const at::Tensor& x, const at::Tensor& f, int64_t upx, int6
   p.fh = static_cast<int>(fh);
   p.flip = flip_filter;
   p.gain = static_cast<float>(gain);
-  TORCH_CHECK(x.size(1) <= INT32_MAX, "upfirdn2d: too many channels");
-  // Spatial offsets are int; a plane larger than 2**31 elements would overflow them.
-  TORCH_CHECK(std::abs(p.stride_h) * p.in_h + std::abs(p.stride_w) * p.in_w < INT32_MAX,
-              "upfirdn2d: one image plane of x spans more than 2**31 elements");
 
   const auto stream = current_stream();
   BF_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "upfirdn2d", [&] {

@@ -263,3 +263,24 @@ def test_modulated_conv2d_reads_and_writes_the_last_rows_of_a_sample_past_2_31_e
                                        "linear", 0.0, 1.0, None, 0)
     torch.testing.assert_close(y[:, :, -2:].double(), truth, rtol=2e-3, atol=5e-2)
     assert not y[:, :, :-2].any()
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (and 9 GB): an image of 2**31 "
+                                        "elements")
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_upfirdn2d_filters_the_last_rows_of_a_channels_last_image_past_2_31_elements(impl):
+    # The CUDA op refused any plane whose strides spanned 2**31 elements (every channels-last
+    # image that large) though its offsets are 64-bit.
+    from batikfast import ops
+    if impl == "cuda" and not _cuda.available()[0]:
+        pytest.skip(f"batikfast._C is not available: {_cuda.available()[1]}")
+    height, width, channels = 2048, 2056, 512
+    x = torch.zeros(1, channels, height, width, device="cuda", dtype=torch.half,
+                    memory_format=torch.channels_last)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x[:, :, -2:] = torch.randn(1, channels, 2, width, device="cuda", generator=gen).half()
+    f = torch.tensor([[1.0, 2.0], [3.0, 4.0]], device="cuda")
+    y = ops.upfirdn2d(x, f, impl=impl)
+    truth = ops.upfirdn2d(x[:, :, -3:].float(), f, impl="ref").double()
+    torch.testing.assert_close(y[:, :, -2:].double(), truth, rtol=2e-3, atol=2e-2)
+    assert not y[:, :, :-2].any()
