@@ -21,11 +21,13 @@
 # the machine code; it runs nothing on the GPU). Each step runs under its
 # own time limit and a failing step never stops the next one; the exit status is that of the
 # worst step. Everything is tee'd into $OUT/gpu_check.log as it happens, so a timeout loses
-# nothing already printed. $OUT ends up with at most 11 files:
-#   gpu_check.log  test_logs.tar.gz  results.tar.gz (benchmarks/results/<device>-<date>/)
-#   targets.md  ops.md  networks.md  train_step.md  peer_nvidia.md  peer_networks.md
-#   codegen.md  summary.txt
+# nothing already printed. $OUT ends up with at most 12 files:
+#   gpu_check.log  test_logs.tar.gz  gpu_tests.json  results.tar.gz (benchmarks/results/
+#   <device>-<date>/, gpu_tests.json included)  targets.md  ops.md  networks.md  train_step.md
+#   peer_nvidia.md  peer_networks.md  codegen.md  summary.txt
 # Knobs (environment): GPU_CHECK_SECONDS (total, default 560), TESTS_SECONDS (default 200),
+# TEST_PROCESSES (test processes at a time, default twice the cores), TEST_FILES (default:
+# every tests/test_*.py but the codegen checks), TESTS_PER_SHARD (default 40),
 # BENCH_SECONDS (op benchmark budget, default 180), NETWORKS_SECONDS (default 60),
 # TRAIN_SECONDS (default 90), CODEGEN_SECONDS (default 240), PEER_NETWORKS_SECONDS (the peer
 # step's share for NVIDIA's whole networks, default 180), BENCH_ARGS / NETWORKS_ARGS /
@@ -112,6 +114,13 @@ if [[ $("$PYTHON" -c "import torch; print(torch.cuda.is_available())" 2>/dev/nul
     echo "no GPU visible: CPU timings (not comparable), no target judged" >>"$SUMMARY"
 fi
 
+TEST_FILES=${TEST_FILES:-$(ls tests/test_*.py | grep -v "tests/test_kernel_codegen.py")}
+COLLECTED=$OUT/tests/collected.txt  # packed with the test logs
+rm -rf "$OUT/tests"
+mkdir -p "$OUT/tests"
+# shellcheck disable=SC2086
+collect_tests() { "$PYTHON" -m pytest --collect-only -q -p no:cacheprovider $TEST_FILES >"$COLLECTED" 2>&1; }
+
 NVIDIA_PATH=${NVIDIA_PATH:-}
 if [[ -z "$NVIDIA_PATH" ]]; then
     for candidate in .peer/stylegan3 .peer/stylegan2-ada-pytorch; do
@@ -141,6 +150,8 @@ if want build; then
         run_step build "$(allot 300 240)" "$PYTHON" setup.py build_ext --inplace
     fi
     "$PYTHON" -m batikfast.info 2>&1 | tee -a "$LOG"
+    # The tests step's plan needs the suite's test ids: listed now, while the plugins compile.
+    want tests && collect_tests &
     if [[ -n "$plugins_pid" ]]; then
         wait "$plugins_pid"
         rc=$?
@@ -150,32 +161,46 @@ if want build; then
         cat "$OUT/nvidia_plugins.log" >>"$LOG" && rm "$OUT/nvidia_plugins.log"
         echo "nvidia plugins: exit $rc" >>"$SUMMARY"
     fi
+    wait  # the test listing
 fi
 
 if want tests; then
-    # One pytest process per test file, all at once: a crash (segfault) in one file cannot hide
-    # the others' results (and faulthandler names the test that crashed), and 16 cores compile
-    # the Triton kernels in parallel. Benchmarks run only after every test process has ended,
-    # so they are not disturbed.
+    # Processes run at once, up to twice the cores: one per test file, and a file of many tests
+    # split into shards (benchmarks/gpu_tests.py plan; pytest --shard I/N), largest first. On a
+    # GPU each distinct Triton specialisation a file launches compiles (hundreds for bias_act),
+    # a CPU-bound second or so each: one process per file left those files compiling on one
+    # core past the time limit while the other cores idled. A crash (segfault) in one process
+    # cannot hide the others' results, and faulthandler names the test that crashed.
+    # Benchmarks run only after every test process has ended, so they are not disturbed.
     # Not test_kernel_codegen: it compiles for sm_80 / sm_90 without using the GPU (minutes of
     # CPU work that CI does on every commit); here it would only take cores from the GPU tests.
+    [[ -s "$COLLECTED" ]] || collect_tests
     seconds=$(allot "${TESTS_SECONDS:-200}" 150)
-    log "step tests: one process per file, limit ${seconds}s each (CPU-only codegen checks left to CI)"
-    mkdir -p "$OUT/tests"
-    test_files=$(ls tests/test_*.py | grep -v "tests/test_kernel_codegen.py")
-    for file in $test_files; do
-        name=$(basename "$file" .py)
-        timeout --signal=INT --kill-after=20 "$seconds" "$PYTHON" -X faulthandler -m pytest -q -ra \
-            -p no:cacheprovider "$file" >"$OUT/tests/$name.log" 2>&1 &
-    done
+    step_end=$(($(date +%s) + seconds))
+    # shellcheck disable=SC2086
+    "$PYTHON" benchmarks/gpu_tests.py plan "$COLLECTED" $TEST_FILES \
+        --per-shard "${TESTS_PER_SHARD:-40}" >"$OUT/tests/plan.txt"
+    parallel=${TEST_PROCESSES:-$((2 * $(nproc)))}
+    log "step tests: $(wc -l <"$OUT/tests/plan.txt") processes for $(echo $TEST_FILES | wc -w) files, $parallel at a time, all ended by ${seconds}s (CPU-only codegen checks left to CI)"
+    running=0
+    while read -r file index count; do
+        shard_log="$OUT/tests/$(basename "$file" .py).$index-of-$count.log"
+        remain=$((step_end - $(date +%s)))
+        if ((remain < 10)); then
+            echo "not started: the step's time was up" >"$shard_log"
+            continue
+        fi
+        timeout --signal=INT --kill-after=20 "$remain" "$PYTHON" -X faulthandler -m pytest -q -ra \
+            -p no:cacheprovider "$file" --shard "$index/$count" >"$shard_log" 2>&1 &
+        running=$((running + 1))
+        if ((running >= parallel)); then
+            wait -n
+            running=$((running - 1))
+        fi
+    done <"$OUT/tests/plan.txt"
     wait
-    for file in $test_files; do
-        name=$(basename "$file" .py)
-        summary=$(grep -E "passed|failed|error|Segmentation|Fatal Python" "$OUT/tests/$name.log" | tail -1)
-        grep -q KeyboardInterrupt "$OUT/tests/$name.log" && summary="$summary (STOPPED at the time limit)"
-        echo "$name: ${summary:-no summary (killed at the time limit?)}" | tee -a "$LOG" "$SUMMARY"
-        grep -E "^(FAILED|ERROR) " "$OUT/tests/$name.log" | cut -c1-220 | head -15 | tee -a "$LOG"
-    done
+    "$PYTHON" benchmarks/gpu_tests.py summarise "$OUT/tests" --json "$OUT/gpu_tests.json" |
+        tee -a "$LOG" "$SUMMARY"
     tar -czf "$OUT/test_logs.tar.gz" -C "$OUT" tests && rm -r "$OUT/tests"
 fi
 
@@ -184,6 +209,7 @@ if [[ -z "${RESULTS_DIR:-}" ]]; then
 fi
 mkdir -p "$RESULTS_DIR"
 log "results folder: $RESULTS_DIR"
+[[ -f "$OUT/gpu_tests.json" ]] && cp "$OUT/gpu_tests.json" "$RESULTS_DIR/gpu_tests.json"
 
 if want bench; then
     budget=$(allot "${BENCH_SECONDS:-180}" 110)
@@ -258,6 +284,7 @@ if [[ -d "$RESULTS_DIR" ]]; then
         [[ -f "$RESULTS_DIR/$name" ]] && cp "$RESULTS_DIR/$name" "$OUT/$name"
     done
 fi
+rmdir "$OUT/tests" 2>/dev/null
 log "done in $(($(date +%s) - START)) s; worst exit status $WORST"
 cat "$SUMMARY" | tee -a "$LOG"
 exit "$WORST"

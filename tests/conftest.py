@@ -100,3 +100,32 @@ def one_thread():
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_GPU else "cpu")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--shard", default=None, metavar="I/N",
+        help="run only every N-th test from the I-th (0-based) in collection order: "
+             "benchmarks/gpu_check.sh spreads a large test file over several processes so "
+             "that the Triton kernels it compiles on a GPU compile on several cores")
+
+
+def pytest_collection_modifyitems(config, items):
+    spec = config.getoption("--shard")
+    if spec is None:
+        return
+    index, count = _parse_shard(spec)
+    kept = items[index::count]
+    kept_ids = {id(item) for item in kept}
+    config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
+    items[:] = kept
+
+
+def _parse_shard(spec: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise pytest.UsageError(f"--shard takes I/N with 0 <= I < N, got {spec!r}")
+    return index, count

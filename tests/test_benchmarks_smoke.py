@@ -1126,3 +1126,68 @@ def test_train_step_profile_names_where_the_step_spends_its_time(tmp_path):
     text = (tmp_path / "train_step.md").read_text()
     assert "Where the time goes" in text and "| `aten::" in text
     assert (tmp_path / "traces" / "trace-ref-eager-fp32.json.gz").stat().st_size > 1000
+
+
+def test_gpu_test_plan_splits_large_files_largest_first_and_runs_every_file():
+    from benchmarks import gpu_tests
+    collected = ([f"tests/test_big.py::test_case[{i}]" for i in range(100)]
+                 + [f"tests/test_small.py::test_{i}" for i in range(5)]
+                 + ["", "105 tests collected in 3.0s"])
+    jobs = gpu_tests.plan(["tests/test_small.py", "tests/test_broken.py", "tests/test_big.py"],
+                          collected, per_shard=40, max_shards=8)
+    assert jobs[:3] == [("tests/test_big.py", 0, 3), ("tests/test_big.py", 1, 3),
+                        ("tests/test_big.py", 2, 3)]
+    # a file that did not collect still runs, to report its error
+    assert set(jobs[3:]) == {("tests/test_small.py", 0, 1), ("tests/test_broken.py", 0, 1)}
+    capped = gpu_tests.plan(["tests/test_big.py"], collected, per_shard=1, max_shards=8)
+    assert [job for job in capped if job[0] == "tests/test_big.py"] == [
+        ("tests/test_big.py", index, 8) for index in range(8)]
+
+
+@pytest.mark.parametrize("log, counts, ending", [
+    ("..F\nFAILED tests/test_x.py::test_a - assert 1 == 2\n1 failed, 2 passed, 4 deselected in 3.1s\n",
+     {"failed": 1, "passed": 2}, "finished"),
+    ("..\n!!!!!!!!!!!! KeyboardInterrupt !!!!!!!!!!!!\n2 passed in 150.02s\n", {"passed": 2}, "stopped"),
+    ("...\nFatal Python error: Segmentation fault\n\nCurrent thread 0x1 (most recent call first):\n",
+     {}, "crashed"),
+    ("E\n1 error in 0.51s\n", {"errors": 1}, "finished"),
+    ("not started: the step's time was up\n", {}, "not started"),
+])
+def test_gpu_test_shard_outcome_reads_pytests_closing_line(log, counts, ending):
+    from benchmarks import gpu_tests
+    outcome = gpu_tests.shard_outcome(log)
+    assert (outcome["counts"], outcome["ending"]) == (counts, ending)
+
+
+def test_gpu_test_summary_adds_up_shards_and_says_which_did_not_finish(tmp_path):
+    from benchmarks import gpu_tests
+    (tmp_path / "test_big.0-of-2.log").write_text(
+        "F.\nFAILED tests/test_big.py::test_a[1] - boom\n1 failed, 1 passed in 9.0s\n")
+    (tmp_path / "test_big.1-of-2.log").write_text(
+        "...\n!!! KeyboardInterrupt !!!\n3 passed, 1 skipped in 150.0s\n")
+    (tmp_path / "test_small.0-of-1.log").write_text("not started: the step's time was up\n")
+    (tmp_path / "plan.txt").write_text("tests/test_big.py 0 2\n")  # not a shard log
+    files = gpu_tests.summarise(tmp_path)
+    assert files["test_big"]["counts"] == {"failed": 1, "passed": 4, "skipped": 1}
+    assert files["test_big"]["failures"] == ["FAILED tests/test_big.py::test_a[1] - boom"]
+    assert gpu_tests.summary_line("test_big", files["test_big"]) == (
+        "test_big: 1 failed, 4 passed, 1 skipped (2 processes; 1 STOPPED at the time limit)")
+    assert gpu_tests.summary_line("test_small", files["test_small"]) == (
+        "test_small: no test result (1 process; 1 NOT STARTED)")
+
+
+def test_pytest_shard_option_splits_a_file_into_disjoint_parts_that_cover_it(tmp_path):
+    def collected(*extra):
+        result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                                 "-p", "no:cacheprovider", "tests/test_backends.py", *extra],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return [line for line in result.stdout.splitlines() if "::" in line]
+    everything = collected()
+    parts = [collected("--shard", f"{index}/3") for index in range(3)]
+    assert sorted(sum(parts, [])) == sorted(everything) and len(everything) > 3
+    assert all(parts) and sum(map(len, parts)) == len(everything)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_backends.py",
+                             "--shard", "3/3"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and "--shard takes I/N with 0 <= I < N" in result.stderr
