@@ -673,19 +673,29 @@ def test_images_deleted_or_truncated_after_the_scan_are_skipped_naming_them_in_w
     assert sorted(re.findall(r"skipping image '([^']*)'", read)) == ["2.png", "4.png"], read
 
 
-def _read_item_in_another_process(ds, index, start_method):
-    """``ds[index]`` in a new process started as loader workers are ("spawn" pickles ``ds``)."""
-    process = multiprocessing.get_context(start_method).Process(target=ds.__getitem__,
-                                                                 args=(index,))
+def _read_item(ds, index, results):
+    """In a worker-like process: ``ds[index]``'s first pixel and the warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image, _ = ds[index]
+    results.put((int(image[0, 0, 0]), [str(warning.message) for warning in caught]))
+
+
+def _read_in_a_new_process(ds, index, start_method):
+    """``ds[index]`` in a process started as loader workers are ("spawn" pickles ``ds``)."""
+    context = multiprocessing.get_context(start_method)
+    results = context.Queue()
+    process = context.Process(target=_read_item, args=(ds, index, results))
     process.start()
-    process.join(timeout=120)
-    assert process.exitcode == 0
+    outcome = results.get(timeout=120)
+    process.join(timeout=60)
+    return outcome
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the fork start method is Linux's")
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
-def test_an_image_one_process_found_unreadable_is_skipped_quietly_by_the_others(tmp_path,
-                                                                                start_method):
+def test_an_image_one_worker_found_unreadable_is_skipped_quietly_by_the_others(tmp_path,
+                                                                             start_method):
     """Loader workers share what they learn: the worker that meets a corrupt file first warns
     and the others (and later epochs) skip it without decoding it again or a second warning."""
     folder = tmp_path / "photos"
@@ -693,12 +703,28 @@ def test_an_image_one_process_found_unreadable_is_skipped_quietly_by_the_others(
         _png(folder / f"{index}.png", size=(16, 16), colour=index * 10)
     ds = ImageFolderDataset(folder)
     _truncate(folder / "1.png")
-    _read_item_in_another_process(ds, 1, start_method)  # warns on its own stderr
-    _png(folder / "1.png", size=(16, 16), colour=99)  # readable again: no one reads it now
+    pixel, said = _read_in_a_new_process(ds, 1, start_method)
+    assert pixel == 20 and len(said) == 1 and "skipping image '1.png'" in said[0]
+    _png(folder / "1.png", size=(16, 16), colour=99)  # readable again: no worker reads it now
+    assert _read_in_a_new_process(ds, 1, start_method) == (20, [])
+
+
+def test_the_training_process_keeps_its_own_record_of_unreadable_images(tmp_path):
+    """Its reads (image grids, metric statistics) warn on its stderr only: taking a bad file
+    from the workers' record would silence the worker's warning, the one log.txt receives."""
+    folder = tmp_path / "photos"
+    for index in range(3):
+        _png(folder / f"{index}.png", size=(16, 16), colour=index * 10)
+    ds = ImageFolderDataset(folder)
+    _truncate(folder / "1.png")
+    with pytest.warns(RuntimeWarning, match="'1.png'"):
+        assert ds[1][0][0, 0, 0] == 20
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        image, _ = ds[1]
-    assert caught == [] and image[0, 0, 0] == 20  # the next image, as in the other process
+        assert ds[1][0][0, 0, 0] == 20  # known here: skipped without decoding or warning
+    assert caught == []
+    pixel, said = _read_in_a_new_process(ds, 1, "fork")
+    assert pixel == 20 and len(said) == 1 and "skipping image '1.png'" in said[0]
 
 
 def test_a_copy_of_a_dataset_remembers_its_unreadable_images_but_shares_nothing(tmp_path):

@@ -92,11 +92,15 @@ def _unreadable_reason(error: Exception) -> str:
 
 
 class UnreadableImages:
-    """The indices of the images found unreadable when read, one set for every process that
-    reads the dataset: a loader's worker processes (forked or spawned) share it, so that a bad
-    file is reported once per run and decoded once, not once by each worker."""
+    """The indices of the images found unreadable when read. A loader's worker processes
+    (forked or spawned) share one set, so that a bad file is reported once per run, by the
+    first worker to meet it, and decoded once, not once by each worker. The process that made
+    the set keeps its own: its reads (image grids, metric statistics) warn on its stderr only,
+    and must not take away the worker's warning, which is the one the run's log receives."""
 
     def __init__(self, count: int):
+        self._owner = os.getpid()
+        self._own = bytearray(count)
         # A spawn-context lock, because one made in the fork context refuses to be passed to a
         # spawned or forkserver worker; forked workers inherit either kind.
         context = multiprocessing.get_context("spawn")
@@ -106,27 +110,33 @@ class UnreadableImages:
             self._flags, self._lock = bytearray(count), contextlib.nullcontext()
 
     def __contains__(self, index: int) -> bool:
-        return bool(self._flags[index])  # a byte read needs no lock
+        return bool(self._record()[index])  # a byte read needs no lock
 
     def claim(self, index: int) -> bool:
         """Marks ``index`` unreadable; True in the one process that marked it first."""
-        with self._lock:
-            first = not self._flags[index]
-            self._flags[index] = 1
+        record = self._record()
+        with self._lock if record is self._flags else contextlib.nullcontext():
+            first = not record[index]
+            record[index] = 1
         return first
+
+    def _record(self):
+        return self._own if os.getpid() == self._owner else self._flags
 
     def __getstate__(self):
         if multiprocessing.context.get_spawning_popen() is not None \
                 and not isinstance(self._flags, bytearray):
-            return {"flags": self._flags, "lock": self._lock}  # a worker being started: shared
-        return {"known": bytes(self._flags)}  # a copy (pickle, deepcopy): its own set
+            # a worker being started: it shares the workers' set
+            return {"owner": self._owner, "flags": self._flags, "lock": self._lock}
+        return {"known": bytes(self._record())}  # a copy (pickle, deepcopy): its own set
 
     def __setstate__(self, state):
         if "flags" in state:
+            self._owner, self._own = state["owner"], bytearray(0)
             self._flags, self._lock = state["flags"], state["lock"]
             return
         self.__init__(len(state["known"]))
-        self._flags[:] = state["known"]
+        self._own[:] = state["known"]
 
 
 class Dataset:
