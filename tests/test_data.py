@@ -673,6 +673,14 @@ def test_images_deleted_or_truncated_after_the_scan_are_skipped_naming_them_in_w
     assert sorted(re.findall(r"skipping image '([^']*)'", read)) == ["2.png", "4.png"], read
 
 
+def _three_shades(tmp_path):
+    """A folder of 0.png, 1.png, 2.png, solid red 0, 10 and 20, and its dataset."""
+    folder = tmp_path / "photos"
+    for index in range(3):
+        _png(folder / f"{index}.png", size=(16, 16), colour=index * 10)
+    return folder, ImageFolderDataset(folder)
+
+
 def _read_item(ds, index, results):
     """In a worker-like process: ``ds[index]``'s first pixel and the warnings it gave."""
     with warnings.catch_warnings(record=True) as caught:
@@ -698,10 +706,7 @@ def test_an_image_one_worker_found_unreadable_is_skipped_quietly_by_the_others(t
                                                                              start_method):
     """Loader workers share what they learn: the worker that meets a corrupt file first warns
     and the others (and later epochs) skip it without decoding it again or a second warning."""
-    folder = tmp_path / "photos"
-    for index in range(3):
-        _png(folder / f"{index}.png", size=(16, 16), colour=index * 10)
-    ds = ImageFolderDataset(folder)
+    folder, ds = _three_shades(tmp_path)
     _truncate(folder / "1.png")
     pixel, said = _read_in_a_new_process(ds, 1, start_method)
     assert pixel == 20 and len(said) == 1 and "skipping image '1.png'" in said[0]
@@ -712,10 +717,7 @@ def test_an_image_one_worker_found_unreadable_is_skipped_quietly_by_the_others(t
 def test_the_training_process_keeps_its_own_record_of_unreadable_images(tmp_path):
     """Its reads (image grids, metric statistics) warn on its stderr only: taking a bad file
     from the workers' record would silence the worker's warning, the one log.txt receives."""
-    folder = tmp_path / "photos"
-    for index in range(3):
-        _png(folder / f"{index}.png", size=(16, 16), colour=index * 10)
-    ds = ImageFolderDataset(folder)
+    folder, ds = _three_shades(tmp_path)
     _truncate(folder / "1.png")
     with pytest.warns(RuntimeWarning, match="'1.png'"):
         assert ds[1][0][0, 0, 0] == 20
@@ -730,10 +732,7 @@ def test_the_training_process_keeps_its_own_record_of_unreadable_images(tmp_path
 def test_a_copy_of_a_dataset_remembers_its_unreadable_images_but_shares_nothing(tmp_path):
     """A pickled copy (not a worker being started) keeps the set as it was; a file found bad
     in the copy later is not marked in the original."""
-    folder = tmp_path / "photos"
-    for index in range(3):
-        _png(folder / f"{index}.png", size=(16, 16), colour=index * 10)
-    ds = ImageFolderDataset(folder)
+    folder, ds = _three_shades(tmp_path)
     _truncate(folder / "0.png")
     with pytest.warns(RuntimeWarning, match="'0.png'"):
         assert ds[0][0][0, 0, 0] == 10
