@@ -729,6 +729,26 @@ def test_the_training_process_keeps_its_own_record_of_unreadable_images(tmp_path
     assert pixel == 20 and len(said) == 1 and "skipping image '1.png'" in said[0]
 
 
+def test_without_posix_semaphores_a_dataset_still_skips_unreadable_images(tmp_path,
+                                                                          monkeypatch):
+    """Some sandboxes have no sem_open: the workers then keep a set each, as before."""
+    import multiprocessing as mp
+
+    class NoSemaphores:
+        def RawArray(self, *args):
+            raise ImportError("This platform lacks a functioning sem_open implementation")
+    real_context = mp.get_context
+    monkeypatch.setattr(mp, "get_context", lambda method=None: NoSemaphores()
+                        if method == "spawn" else real_context(method))
+    folder, ds = _three_shades(tmp_path)
+    monkeypatch.undo()
+    _truncate(folder / "1.png")
+    pixel, said = _read_in_a_new_process(ds, 1, "fork")
+    assert pixel == 20 and "skipping image '1.png'" in said[0]
+    with pytest.warns(RuntimeWarning, match="'1.png'"):
+        assert pickle.loads(pickle.dumps(ds))[1][0][0, 0, 0] == 20
+
+
 def test_a_copy_of_a_dataset_remembers_its_unreadable_images_but_shares_nothing(tmp_path):
     """A pickled copy (not a worker being started) keeps the set as it was; a file found bad
     in the copy later is not marked in the original."""

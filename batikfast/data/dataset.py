@@ -106,7 +106,8 @@ class UnreadableImages:
         context = multiprocessing.get_context("spawn")
         try:
             self._flags, self._lock = context.RawArray("B", count), context.Lock()  # zeroed
-        except OSError:  # no POSIX semaphores (some sandboxes): each worker keeps its own set
+        except (OSError, ImportError):  # no POSIX semaphores (some sandboxes, AWS Lambda):
+            # each worker keeps its own set
             self._flags, self._lock = bytearray(count), contextlib.nullcontext()
 
     def __contains__(self, index: int) -> bool:
