@@ -181,7 +181,11 @@ if want tests; then
     "$PYTHON" benchmarks/gpu_tests.py plan "$COLLECTED" $TEST_FILES \
         --per-shard "${TESTS_PER_SHARD:-40}" >"$OUT/tests/plan.txt"
     parallel=${TEST_PROCESSES:-$((2 * $(nproc)))}
-    log "step tests: $(wc -l <"$OUT/tests/plan.txt") processes for $(echo $TEST_FILES | wc -w) files, $parallel at a time, all ended by ${seconds}s (CPU-only codegen checks left to CI)"
+    # torch's CPU threads split among the processes: 32 processes of 16 threads each only
+    # contend (the CPU-bound tests: training loops, DDP over gloo, the references).
+    threads=$(($(nproc) / parallel))
+    ((threads < 1)) && threads=1
+    log "step tests: $(wc -l <"$OUT/tests/plan.txt") processes for $(echo $TEST_FILES | wc -w) files, $parallel at a time, OMP_NUM_THREADS=$threads each, all ended by ${seconds}s (CPU-only codegen checks left to CI)"
     running=0
     while read -r file index count; do
         shard_log="$OUT/tests/$(basename "$file" .py).$index-of-$count.log"
@@ -190,8 +194,9 @@ if want tests; then
             echo "not started: the step's time was up" >"$shard_log"
             continue
         fi
-        timeout --signal=INT --kill-after=20 "$remain" "$PYTHON" -X faulthandler -m pytest -q -ra \
-            -p no:cacheprovider "$file" --shard "$index/$count" >"$shard_log" 2>&1 &
+        OMP_NUM_THREADS=$threads timeout --signal=INT --kill-after=20 "$remain" "$PYTHON" \
+            -X faulthandler -m pytest -q -ra -p no:cacheprovider "$file" --shard "$index/$count" \
+            >"$shard_log" 2>&1 &
         running=$((running + 1))
         if ((running >= parallel)); then
             wait -n
