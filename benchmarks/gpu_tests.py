@@ -53,7 +53,7 @@ def shard_outcome(text: str) -> dict:
     SIGINT), "crashed" (no closing line: a segfault or the kill after the limit) or
     "not started"."""
     if text.startswith(NOT_STARTED):
-        return dict(counts={}, ending="not started", failures=[])
+        return dict(counts={}, ending="not started", failures=[], fatal=None)
     closing = [line for line in text.splitlines() if _COUNT.search(line) and " in " in line]
     counts = Counter()
     if closing:
@@ -86,7 +86,7 @@ def summarise(log_dir: Path) -> dict:
         entry["shards"] += 1
         entry["endings"][outcome["ending"]] += 1
         entry["failures"] += outcome["failures"]
-        if outcome.get("fatal"):
+        if outcome["fatal"]:
             entry["fatal"].append(f"shard {match['index']}: {outcome['fatal']}")
     return {name: dict(entry, counts=dict(entry["counts"]), endings=dict(entry["endings"]))
             for name, entry in files.items()}

@@ -161,6 +161,11 @@ class Nvidia:
         raise ValueError(f"NVIDIA has no counterpart of {case.op}")
 
 
+def describe_paths(paths: dict) -> str:
+    """One line per plugin op of ``Nvidia.paths``: the path it takes and why."""
+    return "\n".join(f"  NVIDIA {op}: {kind} ({why})" for op, (kind, why) in paths.items())
+
+
 # --------------------------------------------------------------------------- run
 
 def parse_args(argv=None):
@@ -334,8 +339,7 @@ def prepare(args) -> dict:
     started = time.perf_counter()
     nvidia = Nvidia(args.nvidia_path, device)
     print(f"NVIDIA {nvidia.flavour} plugins on {device} ({time.perf_counter() - started:.0f} s):")
-    for op, (kind, why) in nvidia.paths.items():
-        print(f"  NVIDIA {op}: {kind} ({why})")
+    print(describe_paths(nvidia.paths))
     if device.type == "cuda" and any(kind != "cuda" for kind, _ in nvidia.paths.values()):
         raise SystemExit("NVIDIA's CUDA plugins are not all usable: the peer benchmarks will "
                          "time their reference for those ops (see above)")
@@ -354,8 +358,7 @@ def main(argv=None) -> dict:
     meta.update(timing=timer.method, budget_s=args.budget, nvidia_path=str(args.nvidia_path),
                 nvidia_flavour=nvidia.flavour, nvidia_paths=nvidia.paths)
     print(f"batikfast vs NVIDIA {nvidia.flavour} on {meta['device']} ({meta['timing']})")
-    for op, (kind, why) in nvidia.paths.items():
-        print(f"  NVIDIA {op}: {kind} ({why})")
+    print(describe_paths(nvidia.paths))
     rows = []
     common.run_until_interrupted(lambda: run(args, nvidia, device, timer, rows), meta, rows)
     payload = dict(meta=meta, results=rows)
