@@ -282,7 +282,7 @@ def output_dir(outdir: str | None, device: torch.device) -> Path:
 
 
 RESULT_FILES = ("ops.json", "networks.json", "train_step.json", "peer_nvidia.json",
-                "peer_networks.json")
+                "peer_networks.json", "host_overhead.json")
 
 
 def _refuse_other_device(path: Path, device: torch.device) -> None:

@@ -18,22 +18,23 @@
 #
 # Steps: build tests bench networks train peer (default: all, in that order), and the opt-in
 # codegen (this machine's Triton compiles the kernels for sm_90 and benchmarks/codegen.py reads
-# the machine code; it runs nothing on the GPU). Each step runs under its
-# own time limit and a failing step never stops the next one; the exit status is that of the
-# worst step. Everything is tee'd into $OUT/gpu_check.log as it happens, so a timeout loses
-# nothing already printed. $OUT ends up with at most 12 files:
+# the machine code; it runs nothing on the GPU) and host (benchmarks/host_overhead.py: host
+# time per eager call of each fast op, through the dispatcher and directly). Each step runs
+# under its own time limit and a failing step never stops the next one; the exit status is
+# that of the worst step. Everything is tee'd into $OUT/gpu_check.log as it happens, so a
+# timeout loses nothing already printed. $OUT ends up with at most 13 files:
 #   gpu_check.log  test_logs.tar.gz  gpu_tests.json  results.tar.gz (benchmarks/results/
 #   <device>-<date>/, gpu_tests.json included)  targets.md  ops.md  networks.md  train_step.md
-#   peer_nvidia.md  peer_networks.md  codegen.md  summary.txt
+#   peer_nvidia.md  peer_networks.md  codegen.md  host_overhead.md  summary.txt
 # Knobs (environment): GPU_CHECK_SECONDS (total, default 560), TESTS_SECONDS (default 200),
 # TEST_PROCESSES (test processes at a time, default twice the cores), TEST_FILES (default:
 # every tests/test_*.py but the codegen checks), TESTS_PER_SHARD (default 40),
 # BENCH_SECONDS (op benchmark budget, default 180), NETWORKS_SECONDS (default 60),
-# TRAIN_SECONDS (default 90), CODEGEN_SECONDS (default 240), PEER_NETWORKS_SECONDS (the peer
-# step's share for NVIDIA's whole networks, default 180), BENCH_ARGS / NETWORKS_ARGS /
-# TRAIN_ARGS / PEER_ARGS / PEER_NETWORKS_ARGS (extra arguments), NVIDIA_PATH (default:
-# .peer/stylegan3 or .peer/stylegan2-ada-pytorch), RESULTS_DIR (default
-# benchmarks/results/<device>-<date>), PYTHON (default python3).
+# TRAIN_SECONDS (default 90), CODEGEN_SECONDS (default 240), HOST_SECONDS (default 90),
+# PEER_NETWORKS_SECONDS (the peer step's share for NVIDIA's whole networks, default 180),
+# BENCH_ARGS / NETWORKS_ARGS / HOST_ARGS / TRAIN_ARGS / PEER_ARGS / PEER_NETWORKS_ARGS (extra
+# arguments), NVIDIA_PATH (default: .peer/stylegan3 or .peer/stylegan2-ada-pytorch),
+# RESULTS_DIR (default benchmarks/results/<device>-<date>), PYTHON (default python3).
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -41,9 +42,9 @@ STEPS=${*:-build tests bench networks train peer}
 # A mistyped step ("bnech") used to match nothing: the script ran no step and exited 0.
 for step in $STEPS; do
     case $step in
-    build | tests | bench | networks | train | peer | codegen) ;;
+    build | tests | bench | networks | train | peer | codegen | host) ;;
     *)
-        echo "gpu_check.sh: unknown step '$step'; steps: build tests bench networks train peer codegen" >&2
+        echo "gpu_check.sh: unknown step '$step'; steps: build tests bench networks train peer codegen host" >&2
         exit 2
         ;;
     esac
@@ -279,13 +280,21 @@ if want codegen; then
         --outdir "$RESULTS_DIR" ${CODEGEN_ARGS:-}
 fi
 
+if want host; then
+    # Opt-in: tiny shapes, so each figure is host time; the first calls compile the Triton
+    # specialisations of the tiny cases.
+    # shellcheck disable=SC2086
+    run_step host "$(allot "${HOST_SECONDS:-90}" 20)" "$PYTHON" benchmarks/host_overhead.py \
+        --outdir "$RESULTS_DIR" ${HOST_ARGS:-}
+fi
+
 if [[ -d "$RESULTS_DIR" ]]; then
     # The three targets' verdicts from the JSON just written (GPU results only).
     "$PYTHON" benchmarks/targets.py "$RESULTS_DIR" >/dev/null 2>>"$LOG" ||
         log "targets.py failed (see above); the JSON is intact"
     tar -czf "$OUT/results.tar.gz" -C "$(dirname "$RESULTS_DIR")" "$(basename "$RESULTS_DIR")"
     for name in targets.md ops.md networks.md train_step.md peer_nvidia.md peer_networks.md \
-        codegen.md; do
+        codegen.md host_overhead.md; do
         [[ -f "$RESULTS_DIR/$name" ]] && cp "$RESULTS_DIR/$name" "$OUT/$name"
     done
 fi

@@ -714,7 +714,7 @@ def test_a_selection_that_names_no_case_is_an_error_that_writes_nothing(tmp_path
 
 
 @pytest.mark.parametrize("script", ["run", "networks", "train_step", "peer_nvidia",
-                                    "peer_networks", "codegen"])
+                                    "peer_networks", "codegen", "host_overhead"])
 def test_an_unwritable_outdir_stops_the_script_before_it_measures_anything(
         script, tmp_path, monkeypatch):
     """The folder was created only after the last measurement: a path under a file (or a
@@ -737,7 +737,7 @@ def test_an_unwritable_outdir_stops_the_script_before_it_measures_anything(
             "networks": ["--quick"], "train_step": ["--quick"],
             "peer_nvidia": ["--quick", "--nvidia-path", str(tmp_path)],
             "peer_networks": ["--quick", "--nvidia-path", str(tmp_path)],
-            "codegen": ["--shapes", "tiny", "--no-cuda"]}[script]
+            "codegen": ["--shapes", "tiny", "--no-cuda"], "host_overhead": []}[script]
     with pytest.raises(SystemExit) as stopped:
         module.main(argv + ["--outdir", str(blocker / "results")])
     assert "--outdir" in str(stopped.value.code) and "cannot be created" in str(stopped.value.code)
@@ -779,6 +779,8 @@ def test_gpu_check_script_refuses_an_unknown_step_before_doing_anything(tmp_path
     ("peer_networks", ["--quick", "--nvidia-path", ".", "--precision", "bf16"]),  # not theirs
     ("peer_networks", ["--quick", "--nvidia-path", ".", "--measure", "G:fwd", "G"]),
     ("codegen", ["--batch", "0"]),
+    ("host_overhead", ["--calls", "0"]),
+    ("host_overhead", ["--rounds", "-1"]),
 ])
 def test_a_batch_budget_repeat_time_or_device_that_cannot_work_is_an_argument_error(
         script, argv, capsys):
@@ -1191,3 +1193,20 @@ def test_pytest_shard_option_splits_a_file_into_disjoint_parts_that_cover_it(tmp
                              "--shard", "3/3"], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode != 0 and "--shard takes I/N with 0 <= I < N" in result.stderr
+
+
+def test_host_overhead_times_both_roads_of_the_stubbed_op_and_pairs_them(tmp_path):
+    """Host time per eager call: bias_act with its kernel stubbed through the dispatcher and
+    directly, forward and forward+backward; the real kernels' rows only on a GPU."""
+    from benchmarks import host_overhead
+    payload = host_overhead.main(["--rounds", "2", "--calls", "3", "--outdir", str(tmp_path)])
+    stubbed = [row for row in payload["results"] if row["section"] == "stubbed"]
+    assert {(row["mode"], row["road"]) for row in stubbed} == {
+        (mode, road) for mode in ("fwd", "fwd+bwd") for road in ("dispatcher", "direct")}
+    assert all(row["status"] == "ok" and row["host_us"] > 0 and row["rounds"] == 2
+               for row in stubbed)
+    kernels = [row for row in payload["results"] if row["section"] == "kernels"]
+    assert bool(kernels) == torch.cuda.is_available()
+    table = (tmp_path / "host_overhead.md").read_text()
+    assert table.count("| stubbed | tiny.act | triton |") == 2
+    assert json.loads((tmp_path / "host_overhead.json").read_text())["meta"]["calls"] == 3
