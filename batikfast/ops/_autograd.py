@@ -46,7 +46,9 @@ def differentiable(op, setup_fn: Callable, backward_fn: Callable) -> Callable:
     # Dynamo traces an OpOverload inside an autograd.Function, not the CustomOpDef wrapper.
     name = op._name
     overload = getattr(getattr(torch.ops, op._namespace), name).default
-    implementation = op._init_fn  # the function the custom op was made from
+    # The function the custom op was made from (a private attribute of torch 2.11 to 2.14; a
+    # torch without it keeps every call on the dispatcher's road).
+    implementation = getattr(op, "_init_fn", overload)
 
     def run(*args):
         if _needs_dispatcher(args):
