@@ -7,11 +7,12 @@ generated autograd.Function does not support torch.func transforms (torch 2.14 r
 autograd.Function of the setup_context form, built from the same setup and backward functions
 that are also registered on the custom op (for direct calls of ``torch.ops.batikfast.*``).
 
-Plain eager calls take a cheaper road to the same kernels. On this project's CPU a custom op's
-dispatch (its Python autograd and backend wrappers) cost ~30 us per call and a setup_context
-autograd.Function's ``apply`` ~25 us more (it binds the arguments with ``inspect.signature`` on
-every call), around a kernel whose own Python wrapper takes a few microseconds: most of the host
-time of an eager training step. So in eager mode, with no torch.func transform, no tensor
+Plain eager calls take a cheaper road to the same kernels. Most of an eager call's host time
+went to a custom op's Python dispatch (its autograd and backend wrappers) and to a setup_context
+autograd.Function's ``apply``, which binds the arguments with ``inspect.signature`` on every
+call: with bias_act's kernel stubbed, a forward call took 187 us through the registered op and
+53 us directly on this project's CPU (``benchmarks/results/host-overhead-cpu-2026-12-08/``).
+So in eager mode, with no torch.func transform, no tensor
 subclass or torch dispatch mode (fake and distributed tensors, flop counters: they dispatch
 through the op), the op's implementation runs directly inside a ctx-in-forward
 autograd.Function, which profiler traces show as ``<op>_function``.
