@@ -12,11 +12,10 @@ went to a custom op's Python dispatch (its autograd and backend wrappers) and to
 autograd.Function's ``apply``, which binds the arguments with ``inspect.signature`` on every
 call: with bias_act's kernel stubbed, a forward call took 187 us through the registered op and
 53 us directly on this project's CPU (``benchmarks/results/host-overhead-cpu-2026-12-08/``).
-So in eager mode, with no torch.func transform, no tensor
-subclass or torch dispatch mode (fake and distributed tensors, flop counters: they dispatch
-through the op), the op's implementation runs directly inside a ctx-in-forward
-autograd.Function, which profiler traces show as ``<op>_function``.
-``benchmarks/host_overhead.py`` measures both roads.
+So in eager mode, with no torch.func transform, no tensor subclass and no torch dispatch mode
+(fake and distributed tensors, flop counters: they dispatch through the op), the op's
+implementation runs directly inside a ctx-in-forward autograd.Function, which profiler traces
+show as ``<op>_function``. ``benchmarks/host_overhead.py`` measures both roads.
 """
 import contextlib
 from typing import Callable, Iterator
