@@ -7,9 +7,10 @@ Eager training is host-bound wherever kernels take less time than the Python tha
 op's implementation directly instead of through its registered torch.library op
 (``batikfast.ops._autograd``); this times both roads, per call:
 
-- ``stubbed``: bias_act with its kernel replaced by an allocation, on whatever device: the row
-  is batikfast's own host time (argument checks, backend choice, autograd, dispatch), so it is
-  measured on any machine, CPU included;
+- ``stubbed``: every fast op at the tiny shapes with its kernels replaced by an allocation of
+  their output, on whatever device: the row is batikfast's own host time (argument checks,
+  backend choice, autograd, dispatch, and the torch ops around the kernels, which run for real:
+  on the CPU their compute is tiny at these shapes), so it is measured on any machine;
 - ``kernels`` (GPU only): every op's real Triton and CUDA kernels at the tiny benchmark shapes,
   host time per call: the wall clock of a round of calls before one synchronise (at that size
   the GPU keeps up, so the host sets the pace).
@@ -66,14 +67,34 @@ def road(name: str):
     return _autograd.through_the_dispatcher() if name == "dispatcher" else contextlib.nullcontext()
 
 
+def _upfirdn2d_stub(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, *rest):
+    fh, fw = f.shape
+    out_h = (x.shape[2] * upy + pady0 + pady1 - fh) // downy + 1
+    out_w = (x.shape[3] * upx + padx0 + padx1 - fw) // downx + 1
+    return x.new_zeros([x.shape[0], x.shape[1], out_h, out_w])
+
+
+def _modulated_conv2d_stub(x, weight, in_scale, out_scale, noise, bias, act, alpha, gain, clamp,
+                           padding):
+    out_h = x.shape[2] + 2 * padding - weight.shape[2] + 1
+    out_w = x.shape[3] + 2 * padding - weight.shape[3] + 1
+    return x.new_zeros([x.shape[0], weight.shape[0], out_h, out_w])
+
+
+# The kernel-level API of every fast op, each function returning zeros of its output's shape.
+STUB_KERNELS = types.SimpleNamespace(
+    bias_act_forward=lambda x, *rest: torch.zeros_like(x),
+    bias_act_backward=lambda dy, x, *rest: torch.zeros_like(x),
+    upfirdn2d=_upfirdn2d_stub,
+    modulated_conv2d_forward=_modulated_conv2d_stub,
+    diffusion_noise_forward=lambda x, *rest: torch.zeros_like(x))
+
+
 @contextlib.contextmanager
-def stubbed_bias_act_kernels():
-    """bias_act's kernels replaced by an allocation of the output, for every implementation."""
-    stub = types.SimpleNamespace(
-        bias_act_forward=lambda x, *rest: torch.empty_like(x),
-        bias_act_backward=lambda dy, x, *rest: torch.empty_like(x))
+def stubbed_kernels():
+    """Every fast op's kernels replaced by STUB_KERNELS, for every implementation."""
     original = backends.kernels
-    backends.kernels = lambda op, impl: stub
+    backends.kernels = lambda op, impl: STUB_KERNELS
     try:
         yield
     finally:
@@ -119,15 +140,14 @@ def measure_case(section, case, impl, dtype, device, args, rows) -> None:
 
 
 def run(args, device, dtype, rows) -> None:
-    bias_act_case = next(case for case in tiny_cases() if case.op == "bias_act")
-    with stubbed_bias_act_kernels():
-        measure_case("stubbed", bias_act_case, "triton", dtype, device, args, rows)
+    cases = [case for case in tiny_cases() if case.op in FAST_OPS]
+    with stubbed_kernels():
+        for case in cases:
+            measure_case("stubbed", case, "triton", dtype, device, args, rows)
     if device.type != "cuda":
         print("kernels section skipped: it times real kernels, which need a GPU")
         return
-    for case in tiny_cases():
-        if case.op not in FAST_OPS:
-            continue
+    for case in cases:
         for impl in args.impls:
             reason = common.unavailable_reason(impl, device, dtype)
             if reason is not None:
@@ -164,8 +184,9 @@ def markdown(payload: dict) -> str:
         f"{meta['calls']} calls, wall clock per call (p20-p80)",
         "- dispatcher: through the registered torch.library op (what compiled graphs call); "
         "direct: the implementation called directly (batikfast's eager road)",
-        "- stubbed: bias_act's kernel replaced by an allocation (batikfast's own host time, "
-        "measured on the CPU that runs the Python, GPU or not)"]
+        "- stubbed: each op's kernels replaced by an allocation of their output (batikfast's own "
+        "host time with the torch ops around the kernels, measured on the CPU that runs the "
+        "Python, GPU or not)"]
     if meta.get("interrupted"):
         out.append("- **interrupted (Ctrl-C or a time limit): the run is incomplete**")
     out.append("")

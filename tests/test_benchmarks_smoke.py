@@ -1195,9 +1195,9 @@ def test_pytest_shard_option_splits_a_file_into_disjoint_parts_that_cover_it(tmp
     assert result.returncode != 0 and "--shard takes I/N with 0 <= I < N" in result.stderr
 
 
-def test_host_overhead_times_both_roads_of_the_stubbed_op_and_pairs_them(tmp_path):
-    """Host time per eager call: bias_act with its kernel stubbed through the dispatcher and
-    directly, forward and forward+backward; the real kernels' rows only on a GPU."""
+def test_host_overhead_times_both_roads_of_every_stubbed_op_and_pairs_them(tmp_path):
+    """Host time per eager call: every fast op with its kernels stubbed, through the dispatcher
+    and directly, forward and forward+backward; the real kernels' rows only on a GPU."""
     from benchmarks import host_overhead
     payload = host_overhead.main(["--rounds", "2", "--calls", "3", "--outdir", str(tmp_path)])
     stubbed = [row for row in payload["results"] if row["section"] == "stubbed"]
@@ -1205,6 +1205,7 @@ def test_host_overhead_times_both_roads_of_the_stubbed_op_and_pairs_them(tmp_pat
         (mode, road) for mode in ("fwd", "fwd+bwd") for road in ("dispatcher", "direct")}
     assert all(row["status"] == "ok" and row["host_us"] > 0 and row["rounds"] == 2
                for row in stubbed)
+    assert {row["op"] for row in stubbed} == set(host_overhead.FAST_OPS)
     kernels = [row for row in payload["results"] if row["section"] == "kernels"]
     assert bool(kernels) == torch.cuda.is_available()
     table = (tmp_path / "host_overhead.md").read_text()
