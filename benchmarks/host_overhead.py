@@ -177,13 +177,15 @@ def paired(rows: list[dict]) -> list[tuple[dict, dict]]:
 
 def markdown(payload: dict) -> str:
     meta = payload["meta"]
-    out = ["# batikfast: host time per eager call", "",
+    out = [
+        "# batikfast: host time per eager call", "",
         f"- device: {meta['device']}; torch {meta['torch']}, Triton {meta['triton']}; "
         f"{meta['date']}; commit {meta['git_commit']}",
         f"- {meta['dtype']}, batch 2, tiny shapes; median of {meta['rounds']} rounds of "
         f"{meta['calls']} calls, wall clock per call (p20-p80)",
-        "- dispatcher: through the registered torch.library op (what compiled graphs call); "
-        "direct: the implementation called directly (batikfast's eager road)",
+        "- dispatcher: an autograd.Function around the registered torch.library op (every eager "
+        "call's road before 9ffd675); direct: the implementation called directly (the eager "
+        "road since)",
         "- stubbed: each op's kernels replaced by an allocation of their output (batikfast's own "
         "host time with the torch ops around the kernels, measured on the CPU that runs the "
         "Python, GPU or not)"]
