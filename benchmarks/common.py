@@ -414,7 +414,7 @@ class Timer:
             ends[i].record()
         torch.cuda.synchronize(self.device)
         times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-        return _summary(times, self.method)
+        return summarise_times(times, self.method)
 
     def _time_cpu(self, fn) -> Timing:
         # No warm-up call here: the benchmark scripts have run fn once already (for its
@@ -428,10 +428,11 @@ class Timer:
             times.append((time.perf_counter() - begin) * 1000)
             if len(times) >= self.min_repeats and time.perf_counter() > budget_end:
                 break
-        return _summary(times, self.method)
+        return summarise_times(times, self.method)
 
 
-def _summary(times: list[float], method: str) -> Timing:
+def summarise_times(times: list[float], method: str) -> Timing:
+    """Median and 20th / 80th percentiles of ``times`` (milliseconds) as a Timing."""
     ordered = sorted(times)
 
     def quantile(q: float) -> float:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 import time
 import types
@@ -106,20 +105,16 @@ def host_microseconds(fn, device: torch.device, rounds: int, calls: int) -> dict
     for _ in range(3):  # compiles a Triton specialisation, loads the extension, warms caches
         fn()
     common.synchronize(device)
-    per_call = []
+    per_call_ms = []
     for _ in range(rounds):
         begin = time.perf_counter()
         for _ in range(calls):
             fn()
-        per_call.append((time.perf_counter() - begin) / calls * 1e6)
+        per_call_ms.append((time.perf_counter() - begin) / calls * 1000)
         common.synchronize(device)  # outside the clock: the GPU's own time is not host time
-    ordered = sorted(per_call)
-
-    def quantile(q: float) -> float:
-        return ordered[round(q * (len(ordered) - 1))]
-
-    return dict(host_us=statistics.median(ordered), p20_us=quantile(0.2), p80_us=quantile(0.8),
-                rounds=rounds, calls=calls)
+    timing = common.summarise_times(per_call_ms, "host wall clock")
+    return dict(host_us=timing.median_ms * 1000, p20_us=timing.p20_ms * 1000,
+                p80_us=timing.p80_ms * 1000, rounds=rounds, calls=calls)
 
 
 def measure_case(section, case, impl, dtype, device, args, rows) -> None:

@@ -31,6 +31,19 @@ def fresh_generator(*salt):
     return torch.Generator().manual_seed(zlib.crc32(repr((SESSION_SEED,) + salt).encode()))
 
 
+def rand(*shape, seed, dtype=torch.float32, scale=1.0):
+    """Seeded normal values on DEVICE, drawn in float64 and rounded to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+
+def schedule(steps=20):
+    """(sqrt(alpha_bar), sqrt(1 - alpha_bar)) of a linear beta schedule, t = 0..steps."""
+    betas = torch.linspace(1e-4, 2e-2, steps, dtype=torch.float64)
+    alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
+    return alpha_bar.sqrt().float().to(DEVICE), (1 - alpha_bar).sqrt().float().to(DEVICE)
+
+
 def require(impl, op, dtype=torch.float32):
     """Skip, saying why, when ``impl`` cannot run ``op`` on this machine."""
     reason = backends.unavailable_reason(impl, DEVICE, dtype)

@@ -311,8 +311,8 @@ def telling_apart_the_torch_func_refusal():
 # cuda (its fp32 layers convolve in cuDNN: TF32 is off).
 REFUSED = pytest.mark.xfail(
     strict=True, raises=TorchFuncRefusesTheFastOps,
-    reason="torch 2.14.1 and 2.11: Dynamo refuses the fast ops under torch.func.grad ('In order to use "
-           "an autograd.Function with functorch transforms ..., it must override the "
+    reason="torch 2.14.1 and 2.11: Dynamo refuses the fast ops under torch.func.grad ('In order "
+           "to use an autograd.Function with functorch transforms ..., it must override the "
            "setup_context staticmethod'); R1 and path length run eagerly")
 FAST_REFUSED = [pytest.param("triton", marks=REFUSED), pytest.param("cuda", marks=REFUSED)]
 

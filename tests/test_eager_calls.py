@@ -14,40 +14,34 @@ import torch
 
 from batikfast import ops
 from batikfast.ops._autograd import differentiable, through_the_dispatcher
-from tests._support import DEVICE, FAST_IMPLS, require
+from tests._support import DEVICE, FAST_IMPLS, rand, require, schedule
 
 
-def rand(*shape, seed, requires_grad=True):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(DEVICE).requires_grad_(requires_grad)
-
-
-def schedule(steps=10):
-    alpha_bar = torch.cat([torch.ones(1), torch.cumprod(1 - torch.linspace(1e-4, 2e-2, steps), 0)])
-    return alpha_bar.sqrt().to(DEVICE), (1 - alpha_bar).sqrt().to(DEVICE)
+def leaf(*shape, seed):
+    return rand(*shape, seed=seed).requires_grad_()
 
 
 def bias_act_call(impl):
-    x, b = rand(2, 5, 3, 7, seed=1), rand(5, seed=2)
+    x, b = leaf(2, 5, 3, 7, seed=1), leaf(5, seed=2)
     return (x, b), lambda: ops.bias_act(x, b, act="swish", clamp=2.0, impl=impl)
 
 
 def upfirdn2d_call(impl):
-    x = rand(2, 3, 5, 6, seed=3)
+    x = leaf(2, 3, 5, 6, seed=3)
     f = torch.tensor([1.0, 3.0, 3.0, 1.0], device=DEVICE)
     return (x,), lambda: ops.upfirdn2d(x, f, up=2, padding=[2, 1, 2, 1], impl=impl).square()
 
 
 def modulated_conv2d_call(impl):
-    x, weight = rand(2, 3, 6, 5, seed=4), rand(4, 3, 3, 3, seed=5)
-    styles, bias = rand(2, 3, seed=6), rand(4, seed=7)
-    noise = rand(2, 1, 6, 5, seed=8, requires_grad=False)
+    x, weight = leaf(2, 3, 6, 5, seed=4), leaf(4, 3, 3, 3, seed=5)
+    styles, bias = leaf(2, 3, seed=6), leaf(4, seed=7)
+    noise = rand(2, 1, 6, 5, seed=8)
     return (x, weight, styles, bias), lambda: ops.modulated_conv2d(
         x, weight, styles, noise=noise, padding=1, bias=bias, act="lrelu", impl=impl)
 
 
 def diffusion_noise_call(impl):
-    x = rand(3, 3, 5, 4, seed=9)
+    x = leaf(3, 3, 5, 4, seed=9)
     sab, s1mab = schedule()
     sab.requires_grad_(True)
     t = torch.tensor([0, 4, 9], device=DEVICE)

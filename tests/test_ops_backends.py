@@ -15,18 +15,14 @@ import pytest
 import torch
 
 from batikfast import backends, ops
-from tests._support import DEVICE, FAST_IMPLS as FAST, HAS_GPU, REPLAY, fresh_generator, require
+from tests._support import (DEVICE, FAST_IMPLS as FAST, HAS_GPU, REPLAY, fresh_generator, rand,
+                            require, schedule)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # The convolution kernels multiply fp32 on tensor cores in TF32 (10-bit mantissa), as cuDNN
 # does by default; the interpreter multiplies in full fp32.
 TF32_FLOOR = 4e-3 if HAS_GPU else FLOOR[torch.float32]
 OP_FILES = {"bias_act", "upfirdn2d", "modulated_conv2d", "diffusion_noise"}
-
-
-def rand(*shape, seed, dtype=torch.float32, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
 
 
 def assert_matches_truth(fast, ref_lowp, truth, factor=4.0, what="output", tf32=False,
@@ -497,12 +493,6 @@ def test_modulated_conv2d_kernels_accept_non_contiguous_input(impl, dtype):
 
 
 # ----------------------------------------------------------------------------- diffusion_noise
-
-def schedule(steps=20):
-    betas = torch.linspace(1e-4, 2e-2, steps, dtype=torch.float64)
-    alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
-    return alpha_bar.sqrt().float().to(DEVICE), (1 - alpha_bar).sqrt().float().to(DEVICE)
-
 
 @pytest.mark.parametrize("impl", FAST)
 def test_diffusion_noise_kernels_match_the_reference_with_given_noise(impl, dtype):
